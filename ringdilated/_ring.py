@@ -1,0 +1,290 @@
+"""The ring schedule and the ``custom_vjp`` that runs every branch.
+
+For each branch of the plan, every device compacts its local tensors to the
+positions the branch keeps (``[B * pieces, T, K_b, G_b, D]``), attends its own
+chunk, then -- when a segment spans ``g > 1`` devices -- passes its compacted
+K/V chunk around the sub-ring of the ``g`` devices of its segment with
+``jax.lax.ppermute``. Step ``s``: device ``d`` (position ``c = d mod g`` in
+its group) holds the chunk of group position ``(c - s) mod g``. Each visit is
+a block of one global softmax, merged with :func:`_blocks.merge`.
+
+The backward pass recomputes every block from the saved local ``q, k, v`` and
+the global ``(out, lse)``; the K/V chunks travel again, together with their
+``dK/dV`` accumulators, which after ``g`` hops are back on their owner. Nothing
+is saved per ring step, so memory does not grow with the ring size.
+
+With ``axis_name=None`` the same code runs on one device (every ``g`` is 1).
+
+Shape legend: B batch, L local sequence length, H query heads,
+K kv heads, D head dim; per branch X = B * pieces, T kept tokens per piece,
+K_b kv slots, G_b query heads per slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Hashable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _blocks
+from ._plan import Branch, Plan
+
+Array = jax.Array
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """Everything static about one call: the ``nondiff`` argument of the vjp."""
+
+  plan: Plan
+  scale: float
+  dropout_rate: float
+  axis_name: Hashable | None
+
+
+# ----------------------------------------------------------------------------
+# Compaction: the positions and heads a branch keeps, as dense blocks.
+# ----------------------------------------------------------------------------
+
+
+def _take_heads(x: Array, heads: tuple[int, ...]) -> Array:
+  """``x[:, :, heads]`` as a slice when ``heads`` is a range, else a gather."""
+  start = heads[0]
+  if heads == tuple(range(start, start + len(heads))):
+    return x[:, :, start:start + len(heads)]
+  return x[:, :, np.asarray(heads)]
+
+
+def _take_offsets(x: Array, br: Branch) -> Array:
+  """[B, L, K_b, ...] -> [B * pieces, T, K_b, ...]: slot j keeps ``offsets[j]``."""
+  b, length = x.shape[:2]
+  rest = x.shape[3:]
+  x = x.reshape(b * (length // br.piece), br.kept, br.rate, br.num_kv, *rest)
+  if len(set(br.offsets)) == 1:
+    return x[:, :, br.offsets[0]]
+  idx = np.asarray(br.offsets).reshape((1, 1, 1, br.num_kv) + (1,) * len(rest))
+  return jnp.take_along_axis(x, idx, axis=2, mode="clip")[:, :, 0]
+
+
+def _put_offsets(xc: Array, br: Branch, fill: float, batch: int) -> Array:
+  """Inverse of :func:`_take_offsets`: [X, T, K_b, ...] -> [B, L, K_b, ...]."""
+  rest = xc.shape[3:]
+  hit = np.arange(br.rate)[:, None] == np.asarray(br.offsets)[None, :]
+  hit = hit.reshape((1, 1, br.rate, br.num_kv) + (1,) * len(rest))
+  full = jnp.where(hit, xc[:, :, None], jnp.asarray(fill, xc.dtype))
+  return full.reshape(batch, -1, br.num_kv, *rest)
+
+
+def _compact_q(br: Branch, x: Array) -> Array:
+  """Query-side [B, L, H, ...] -> [X, T, K_b, G_b, ...]."""
+  a, b = br.q_heads
+  x = x[:, :, a:b]
+  x = x.reshape(*x.shape[:2], br.num_kv, br.group, *x.shape[3:])
+  return _take_offsets(x, br)
+
+
+def _expand_q(br: Branch, xc: Array, fill: float, batch: int) -> Array:
+  """[X, T, K_b, G_b, ...] -> [B, L, H_b, ...] with ``fill`` where not kept."""
+  full = _put_offsets(xc, br, fill, batch)
+  return full.reshape(*full.shape[:2], br.num_kv * br.group, *full.shape[4:])
+
+
+def _compact_kv(br: Branch, x: Array) -> Array:
+  """Key-side [B, L, K, ...] -> [X, T, K_b, ...]."""
+  return _take_offsets(_take_heads(x, br.kv_heads), br)
+
+
+def _compact_token(br: Branch, x: Array | None) -> Array | None:
+  """Per-token [B, L] (mask or ids) -> [X, T, K_b], or None."""
+  if x is None:
+    return None
+  x = jnp.broadcast_to(x[:, :, None], (*x.shape, br.num_kv))
+  return _take_offsets(x, br)
+
+
+# ----------------------------------------------------------------------------
+# The ring.
+# ----------------------------------------------------------------------------
+
+
+def _ring_position(static: Static, br: Branch):
+  """(position ``c`` of this device in its segment group, sub-ring permutation)."""
+  g, p = br.ring_size, static.plan.num_shards
+  perm = [(d, d - d % g + (d % g + 1) % g) for d in range(p)]
+  return jax.lax.axis_index(static.axis_name) % g, perm
+
+
+def _dropout(static: Static, rng, br: Branch, src) -> Any:
+  """Dropout for the block (branch, query device, key chunk ``src``); same in bwd."""
+  if rng is None:
+    return None
+  key = jax.random.fold_in(rng, br.index)
+  if static.axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(static.axis_name))
+    key = jax.random.fold_in(key, src)
+  return static.dropout_rate, key
+
+
+def _visit(block, causal: bool, c, src, zero):
+  """Runs ``block`` on a remote chunk: skipped when causal and it is later."""
+  if not causal:
+    return block()
+  return jax.lax.cond(src < c, block, lambda: zero)
+
+
+def _branch_forward(static, br, rng, qc, q_seg, travel):
+  """Forward of one branch: (out, lse) for the local compacted queries."""
+  plan = static.plan
+  causal = plan.config.causal
+  t = br.kept
+
+  def block(kv, diagonal, src):
+    k, v, kv_valid, kv_seg = kv
+    mask = _blocks.visibility(kv_valid, q_seg, kv_seg, diagonal, t, t)
+    return _blocks.block_forward(qc, k, v, mask, scale=static.scale,
+                                 dropout=_dropout(static, rng, br, src))
+
+  if br.ring_size == 1:
+    return block(travel, causal, 0)
+  c, perm = _ring_position(static, br)
+  rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name, perm=perm)
+  g = br.ring_size
+  # step 0: the own chunk, causal diagonal.
+  out, lse = block(travel, causal, c)
+  zero = (jnp.zeros_like(out), jnp.full_like(lse, -jnp.inf))
+
+  def step(s, kv, out, lse):
+    src = (c - s) % g
+    ob, lb = _visit(lambda: block(kv, False, src), causal, c, src, zero)
+    return _blocks.merge(out, lse, ob, lb)
+
+  def body(carry, s):
+    kv, out, lse = carry
+    nxt = rotate(kv)  # in flight while this step computes
+    out, lse = step(s, kv, out, lse)
+    return (nxt, out, lse), None
+
+  kv = rotate(travel)
+  (kv, out, lse), _ = jax.lax.scan(body, (kv, out, lse), jnp.arange(1, g - 1))
+  return step(g - 1, kv, out, lse)
+
+
+def _branch_backward(static, br, rng, qc, q_seg, travel, dout, lse, delta):
+  """Backward of one branch: (dq, dk, dv) of the compacted local tensors."""
+  plan = static.plan
+  causal = plan.config.causal
+  t = br.kept
+
+  def block(kv, diagonal, src):
+    k, v, kv_valid, kv_seg = kv
+    mask = _blocks.visibility(kv_valid, q_seg, kv_seg, diagonal, t, t)
+    return _blocks.block_backward(qc, k, v, mask, dout, lse, delta,
+                                  scale=static.scale,
+                                  dropout=_dropout(static, rng, br, src))
+
+  if br.ring_size == 1:
+    return block(travel, causal, 0)
+  c, perm = _ring_position(static, br)
+  rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name, perm=perm)
+  g = br.ring_size
+  dq, dk, dv = block(travel, causal, c)
+  zero = (jnp.zeros_like(dq), jnp.zeros_like(dk), jnp.zeros_like(dv))
+
+  def step(s, kv, acc, dq):
+    # The dK/dV accumulator of the chunk held here travels on with it.
+    src = (c - s) % g
+    dqb, dkb, dvb = _visit(lambda: block(kv, False, src), causal, c, src, zero)
+    return rotate((acc[0] + dkb, acc[1] + dvb)), dq + dqb
+
+  def body(carry, s):
+    kv, acc, dq = carry
+    nxt = rotate(kv)
+    acc, dq = step(s, kv, acc, dq)
+    return (nxt, acc, dq), None
+
+  kv, acc = rotate((travel, (dk, dv)))
+  (kv, acc, dq), _ = jax.lax.scan(body, (kv, acc, dq), jnp.arange(1, g - 1))
+  (dk, dv), dq = step(g - 1, kv, acc, dq)
+  return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------
+# All branches, one softmax, one custom_vjp.
+# ----------------------------------------------------------------------------
+
+
+def _compact_inputs(br, q, k, v, key_padding_mask, segment_ids):
+  """The branch's compacted queries, query segment ids and travelling K/V."""
+  seg = _compact_token(br, segment_ids)
+  travel = (_compact_kv(br, k), _compact_kv(br, v),
+            _compact_token(br, key_padding_mask), seg)
+  return _compact_q(br, q), seg, travel
+
+
+def _forward(static, q, k, v, key_padding_mask, segment_ids, rng):
+  b, length, h, d = q.shape
+  out = jnp.zeros((b, length, h, d), _F32)
+  lse = jnp.full((b, length, h), -jnp.inf, _F32)
+  for br in static.plan.branches:
+    ob, lb = _branch_forward(
+        static, br, rng, *_compact_inputs(br, q, k, v, key_padding_mask, segment_ids))
+    a, z = br.q_heads
+    merged = _blocks.merge(out[:, :, a:z], lse[:, :, a:z],
+                           _expand_q(br, ob, 0.0, b), _expand_q(br, lb, -jnp.inf, b))
+    out = out.at[:, :, a:z].set(merged[0])
+    lse = lse.at[:, :, a:z].set(merged[1])
+  return out.astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attention(static: Static, q: Array, k: Array, v: Array,
+              key_padding_mask: Array | None, segment_ids: Array | None,
+              rng: Array | None) -> Array:
+  """All branches of the plan on local tensors; see the module docstring.
+
+  Args:
+    static: the plan and scalar options.
+    q: shape [B, L, H, D].
+    k: shape [B, L, K, D].
+    v: shape [B, L, K, D].
+    key_padding_mask: shape [B, L] bool or None.
+    segment_ids: shape [B, L] int or None.
+    rng: dropout key (used iff ``static.dropout_rate > 0``) or None.
+
+  Returns:
+    shape [B, L, H, D] in ``q.dtype``.
+  """
+  return _forward(static, q, k, v, key_padding_mask, segment_ids, rng)[0]
+
+
+def _attention_fwd(static, q, k, v, key_padding_mask, segment_ids, rng):
+  out, lse = _forward(static, q, k, v, key_padding_mask, segment_ids, rng)
+  return out, (q, k, v, key_padding_mask, segment_ids, rng, out, lse)
+
+
+def _attention_bwd(static, res, dout):
+  q, k, v, key_padding_mask, segment_ids, rng, out, lse = res
+  delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1)
+  # Compaction is linear: its transpose scatters (and, for kv heads read by
+  # several slots, adds) compacted float32 gradients back to the local layout.
+  grads = [jnp.zeros(x.shape, _F32) for x in (q, k, v)]
+  for br in static.plan.branches:
+    dqc, dkc, dvc = _branch_backward(
+        static, br, rng,
+        *_compact_inputs(br, q, k, v, key_padding_mask, segment_ids),
+        _compact_q(br, dout), _compact_q(br, lse), _compact_q(br, delta))
+    pull_q = jax.vjp(functools.partial(_compact_q, br), q.astype(_F32))[1]
+    pull_kv = jax.vjp(functools.partial(_compact_kv, br), k.astype(_F32))[1]
+    grads = [grads[0] + pull_q(dqc)[0], grads[1] + pull_kv(dkc)[0],
+             grads[2] + pull_kv(dvc)[0]]
+  dq, dk, dv = (g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
+  return dq, dk, dv, None, None, None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
