@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _ring
+from . import _blocks, _ring
 from ._plan import DilatedConfig, make_plan
 
 Array = jax.Array
@@ -80,6 +80,7 @@ def dilated_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     axis_name: Hashable | None = None,
+    backend: str = "auto",
 ) -> Array:
   """Exact dilated (LongNet-style) attention, on one device or as a ring.
 
@@ -112,6 +113,9 @@ def dilated_attention(
     dropout_rate: probability of dropping an attention weight.
     dropout_rng: PRNG key, required when ``dropout_rate > 0``.
     axis_name: mesh axis the sequence is sharded over, or None.
+    backend: block implementation: ``"xla"`` (portable einsums), ``"cudnn"``
+      (fused GPU attention; bfloat16/float16 without masks or dropout) or
+      ``"auto"`` (cuDNN where it applies, else XLA; decided at trace time).
 
   Returns:
     shape [B, L, H, D] in ``q.dtype``. A query that sees no key gets 0.
@@ -144,6 +148,11 @@ def dilated_attention(
   num_shards = _axis_size(axis_name)
   b, local_len, h, _ = q.shape
   plan = make_plan(config, local_len * num_shards, h, k.shape[2], num_shards)
-  static = _ring.Static(plan, float(softmax_scale), float(dropout_rate), axis_name)
   rng = dropout_rng if dropout_rate > 0 else None
+  blocks = _blocks.select_backend(
+      backend, dtype=q.dtype, head_dim=q.shape[-1],
+      has_masks=key_padding_mask is not None or segment_ids is not None,
+      dropout=rng is not None)
+  static = _ring.Static(plan, float(softmax_scale), float(dropout_rate), axis_name,
+                        blocks)
   return _ring.attention(static, q, k, v, key_padding_mask, segment_ids, rng)

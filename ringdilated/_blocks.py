@@ -16,6 +16,13 @@ All statistics are float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -24,35 +31,41 @@ Array = jax.Array
 _F32 = jnp.float32
 
 
-def visibility(kv_valid: Array | None, q_seg: Array | None,
-               kv_seg: Array | None, diagonal: bool,
-               num_queries: int, num_keys: int) -> Array | None:
-  """Which key each query may see, or ``None`` when it sees all of them.
+class Visibility(NamedTuple):
+  """Which key of a block each query may see.
 
-  Args:
-    kv_valid: shape [X, S, K] bool, False for padding keys.
-    q_seg: shape [X, T, K] int, segment id of each query.
-    kv_seg: shape [X, S, K] int, segment id of each key.
-    diagonal: query ``t`` sees only keys ``s <= t`` (a causal diagonal block;
+  Attributes:
+    kv_valid: shape [X, S, K] bool, False for padding keys, or None.
+    q_seg: shape [X, T, K] int, segment id of each query, or None.
+    kv_seg: shape [X, S, K] int, segment id of each key (None iff q_seg is).
+    diagonal: query ``t`` sees only keys ``s <= t`` (a causal diagonal block:
       query and key chunks hold the same positions).
-    num_queries: T.
-    num_keys: S.
-
-  Returns:
-    shape [X, K, 1, T, S] bool (broadcast over G), or None.
   """
+
+  kv_valid: Array | None
+  q_seg: Array | None
+  kv_seg: Array | None
+  diagonal: bool
+
+  @property
+  def has_arrays(self) -> bool:
+    return self.kv_valid is not None or self.q_seg is not None
+
+
+def _mask(vis: Visibility, num_queries: int, num_keys: int) -> Array | None:
+  """shape [X, K, 1, T, S] bool (broadcast over G), or None when all visible."""
   mask = None
 
   def _and(a, b):
     return b if a is None else a & b
 
-  if kv_valid is not None:
-    mask = _and(mask, jnp.moveaxis(kv_valid, 1, 2)[:, :, None, None, :])
-  if q_seg is not None:
-    same = (jnp.moveaxis(q_seg, 1, 2)[:, :, :, None]
-            == jnp.moveaxis(kv_seg, 1, 2)[:, :, None, :])
+  if vis.kv_valid is not None:
+    mask = _and(mask, jnp.moveaxis(vis.kv_valid, 1, 2)[:, :, None, None, :])
+  if vis.q_seg is not None:
+    same = (jnp.moveaxis(vis.q_seg, 1, 2)[:, :, :, None]
+            == jnp.moveaxis(vis.kv_seg, 1, 2)[:, :, None, :])
     mask = _and(mask, same[:, :, None])
-  if diagonal:
+  if vis.diagonal:
     tril = jnp.tril(jnp.ones((num_queries, num_keys), bool))
     mask = _and(mask, tril[None, None, None])
   return mask
@@ -73,15 +86,20 @@ def _scores(q, k, scale, mask):
   return s
 
 
-def block_forward(q: Array, k: Array, v: Array, mask: Array | None, *,
-                  scale: float, dropout=None) -> tuple[Array, Array]:
+# ----------------------------------------------------------------------------
+# The portable block: XLA einsums, float32 softmax. Any platform, any mask.
+# ----------------------------------------------------------------------------
+
+
+def xla_forward(q: Array, k: Array, v: Array, vis: Visibility, *,
+                scale: float, dropout=None) -> tuple[Array, Array]:
   """One block of attention.
 
   Args:
     q: shape [X, T, K, G, D].
     k: shape [X, S, K, D].
     v: shape [X, S, K, D].
-    mask: shape broadcastable to [X, K, G, T, S] bool, or None.
+    vis: which keys each query sees.
     scale: logit scale.
     dropout: ``(rate, key)`` to drop attention probabilities, or None.
 
@@ -89,6 +107,7 @@ def block_forward(q: Array, k: Array, v: Array, mask: Array | None, *,
     ``out`` shape [X, T, K, G, D] float32 (0 for a row with no visible key)
     and ``lse`` shape [X, T, K, G] float32 (``-inf`` for such a row).
   """
+  mask = _mask(vis, q.shape[1], k.shape[1])
   s = _scores(q, k, scale, mask)
   m = jnp.max(s, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -106,21 +125,22 @@ def block_forward(q: Array, k: Array, v: Array, mask: Array | None, *,
   return o, jnp.moveaxis(lse, -1, 1)
 
 
-def block_backward(q: Array, k: Array, v: Array, mask: Array | None,
-                   dout: Array, lse: Array, delta: Array, *, scale: float,
-                   dropout=None) -> tuple[Array, Array, Array]:
+def xla_backward(q: Array, k: Array, v: Array, vis: Visibility, dout: Array,
+                 out: Array, lse: Array, *, scale: float,
+                 dropout=None) -> tuple[Array, Array, Array]:
   """Gradients of one block given the **global** softmax statistics.
 
   Args:
-    q, k, v, mask, scale, dropout: as in :func:`block_forward`.
+    q, k, v, vis, scale, dropout: as in :func:`xla_forward`.
     dout: shape [X, T, K, G, D], cotangent of the global output.
+    out: shape [X, T, K, G, D], the global output of the query rows.
     lse: shape [X, T, K, G] float32, global log-sum-exp of the query rows.
-    delta: shape [X, T, K, G] float32, ``rowsum(dout * out)`` of the global
-      output.
 
   Returns:
     ``dq`` [X, T, K, G, D], ``dk`` and ``dv`` [X, S, K, D], all float32.
   """
+  mask = _mask(vis, q.shape[1], k.shape[1])
+  delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1)
   s = _scores(q, k, scale, mask)
   lse_t = jnp.moveaxis(lse, 1, -1)[..., None]
   p = jnp.exp(s - jnp.where(jnp.isfinite(lse_t), lse_t, 0.0))
@@ -157,3 +177,147 @@ def merge(out: Array, lse: Array, out_b: Array, lse_b: Array) -> tuple[Array, Ar
   new = jnp.logaddexp(lse, lse_b)
   weight = jnp.where(jnp.isneginf(new), 0.0, jnp.exp(lse_b - new))
   return out - weight[..., None] * (out - out_b), new
+
+
+# ----------------------------------------------------------------------------
+# cuDNN fused attention (GPU). jax's public ``dot_product_attention`` returns
+# its log-sum-exp in the input dtype and without gradient, so the block calls
+# jax's internal cuDNN rules: the forward gives float32 statistics, and the
+# backward is fed the merged *global* output and log-sum-exp. Internal APIs
+# can change between jax releases: `cudnn_unavailable` checks them (at trace
+# time, never at import) and the caller falls back to the XLA block.
+# ----------------------------------------------------------------------------
+
+_EMPTY_ARGS = 7  # bias, q/kv seqlen, q/kv offsets, page tables k/v: unused
+
+
+def _fused_attention():
+  from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=g-import-not-at-top
+  return fa
+
+
+@functools.lru_cache(maxsize=None)
+def _internal_api_problem() -> str | None:
+  """Why jax's internal cuDNN rules can't be used, or None. Cached: pure."""
+  try:
+    fa = _fused_attention()
+  except ImportError as e:
+    return f"cannot import jax's cuDNN attention ({e})"
+  want = {
+      "_dot_product_attention_fwd_rule": (
+          "query", "key", "value", "bias", "q_seqlen", "kv_seqlen", "q_offsets",
+          "kv_offsets", "page_table_k", "page_table_v", "scale", "seed",
+          "dropout_rate", "variadic_args", "mask_type", "layout",
+          "sliding_window_length", "cudnn_version", "return_residual"),
+      "_dot_product_attention_bwd_rule": (
+          "scale", "seed", "dropout_rate", "variadic_args", "mask_type", "layout",
+          "sliding_window_length", "is_training", "return_residual", "res",
+          "grad_output"),
+  }
+  for name, params in want.items():
+    fn = getattr(fa, name, None)
+    if fn is None:
+      return f"jax {jax.__version__} has no {name}"
+    if tuple(inspect.signature(fn).parameters) != params:
+      return f"jax {jax.__version__} changed the signature of {name}"
+  for name in ("MaskType", "AttentionLayout", "check_cudnn_version"):
+    if not hasattr(fa, name):
+      return f"jax {jax.__version__} has no {name}"
+  return None
+
+
+def cudnn_unavailable(dtype, head_dim: int, has_masks: bool, dropout: bool) -> str | None:
+  """Why the cuDNN block can't run these blocks here, or None if it can."""
+  if jax.default_backend() != "gpu":
+    return f"backend is {jax.default_backend()!r}, not 'gpu'"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(dtype).name} (cuDNN needs bfloat16 or float16)"
+  if head_dim % 8 or head_dim > 128:
+    return f"head dim {head_dim} (cuDNN needs a multiple of 8, at most 128)"
+  if has_masks:
+    return "key_padding_mask/segment_ids (cuDNN blocks support causal only)"
+  if dropout:
+    return "dropout (not reproducible between the cuDNN forward and backward)"
+  return _internal_api_problem()
+
+
+def _cudnn_static(vis: Visibility, scale: float):
+  fa = _fused_attention()
+  if vis.has_arrays:
+    raise ValueError("the cuDNN block supports causal masking only")
+  mask = fa.MaskType.CAUSAL if vis.diagonal else fa.MaskType.NO_MASK
+  return dict(scale=scale, seed=0, dropout_rate=0.0, variadic_args=(False, False),
+              mask_type=mask, layout=fa.AttentionLayout.BTNH.value,
+              sliding_window_length=None)
+
+
+def cudnn_forward(q: Array, k: Array, v: Array, vis: Visibility, *,
+                  scale: float, dropout=None) -> tuple[Array, Array]:
+  """:func:`xla_forward` through cuDNN flash attention (no masks, no dropout)."""
+  del dropout  # excluded by `cudnn_unavailable`
+  fa = _fused_attention()
+  x, t, kh, g, d = q.shape
+  empty = jnp.zeros((0,), q.dtype)
+  (out, stat), _ = fa._dot_product_attention_fwd_rule(  # pylint: disable=protected-access
+      q.reshape(x, t, kh * g, d), k, v, *(empty,) * _EMPTY_ARGS,
+      cudnn_version=fa.check_cudnn_version(), return_residual=True,
+      **_cudnn_static(vis, scale))
+  lse = jnp.moveaxis(stat.astype(_F32), 1, 2).reshape(x, t, kh, g)
+  return out.reshape(q.shape), lse
+
+
+def cudnn_backward(q: Array, k: Array, v: Array, vis: Visibility, dout: Array,
+                   out: Array, lse: Array, *, scale: float,
+                   dropout=None) -> tuple[Array, Array, Array]:
+  """:func:`xla_backward` through cuDNN, fed the global ``out`` and ``lse``."""
+  del dropout
+  fa = _fused_attention()
+  x, t, kh, g, d = q.shape
+  empty = jnp.zeros((0,), q.dtype)
+  heads = lambda a: a.reshape(x, t, kh * g, d).astype(q.dtype)  # noqa: E731
+  stat = jnp.moveaxis(lse.reshape(x, t, kh * g), 1, 2)
+  res = (heads(q), k, v, *(empty,) * _EMPTY_ARGS, stat, heads(out))
+  dq, dk, dv, *_ = fa._dot_product_attention_bwd_rule(  # pylint: disable=protected-access
+      is_training=True, return_residual=False, res=res, grad_output=heads(dout),
+      **_cudnn_static(vis, scale))
+  return dq.reshape(q.shape), dk, dv
+
+
+# ----------------------------------------------------------------------------
+# Backend selection.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """A block implementation: ``forward -> (out, lse)``, ``backward -> grads``."""
+
+  name: str
+  forward: Callable[..., tuple[Array, Array]]
+  backward: Callable[..., tuple[Array, Array, Array]]
+
+
+XLA = Backend("xla", xla_forward, xla_backward)
+CUDNN = Backend("cudnn", cudnn_forward, cudnn_backward)
+BACKENDS = ("auto", "xla", "cudnn")
+
+
+def select_backend(name: str, *, dtype, head_dim: int, has_masks: bool,
+                   dropout: bool) -> Backend:
+  """Resolves ``backend=`` at trace time.
+
+  ``"auto"`` takes cuDNN where it can run these blocks and XLA elsewhere. An
+  explicit ``"cudnn"`` that can't run falls back to XLA with a logged warning
+  saying why (the results are the same; only speed differs).
+  """
+  if name not in BACKENDS:
+    raise ValueError(f"backend={name!r} must be one of {BACKENDS}")
+  if name == "xla":
+    return XLA
+  problem = cudnn_unavailable(dtype, head_dim, has_masks, dropout)
+  if problem is None:
+    return CUDNN
+  if name == "cudnn":
+    logging.getLogger("ringdilated").warning(
+        "backend='cudnn' unavailable (%s); using the XLA block", problem)
+  return XLA

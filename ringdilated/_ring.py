@@ -46,6 +46,7 @@ class Static:
   scale: float
   dropout_rate: float
   axis_name: Hashable | None
+  backend: _blocks.Backend = _blocks.XLA
 
 
 # ----------------------------------------------------------------------------
@@ -140,15 +141,13 @@ def _visit(block, causal: bool, c, src, zero):
 
 def _branch_forward(static, br, rng, qc, q_seg, travel):
   """Forward of one branch: (out, lse) for the local compacted queries."""
-  plan = static.plan
-  causal = plan.config.causal
-  t = br.kept
+  causal = static.plan.config.causal
 
   def block(kv, diagonal, src):
     k, v, kv_valid, kv_seg = kv
-    mask = _blocks.visibility(kv_valid, q_seg, kv_seg, diagonal, t, t)
-    return _blocks.block_forward(qc, k, v, mask, scale=static.scale,
-                                 dropout=_dropout(static, rng, br, src))
+    vis = _blocks.Visibility(kv_valid, q_seg, kv_seg, diagonal)
+    return static.backend.forward(qc, k, v, vis, scale=static.scale,
+                                  dropout=_dropout(static, rng, br, src))
 
   if br.ring_size == 1:
     return block(travel, causal, 0)
@@ -175,18 +174,16 @@ def _branch_forward(static, br, rng, qc, q_seg, travel):
   return step(g - 1, kv, out, lse)
 
 
-def _branch_backward(static, br, rng, qc, q_seg, travel, dout, lse, delta):
+def _branch_backward(static, br, rng, qc, q_seg, travel, dout, out, lse):
   """Backward of one branch: (dq, dk, dv) of the compacted local tensors."""
-  plan = static.plan
-  causal = plan.config.causal
-  t = br.kept
+  causal = static.plan.config.causal
 
   def block(kv, diagonal, src):
     k, v, kv_valid, kv_seg = kv
-    mask = _blocks.visibility(kv_valid, q_seg, kv_seg, diagonal, t, t)
-    return _blocks.block_backward(qc, k, v, mask, dout, lse, delta,
-                                  scale=static.scale,
-                                  dropout=_dropout(static, rng, br, src))
+    vis = _blocks.Visibility(kv_valid, q_seg, kv_seg, diagonal)
+    return static.backend.backward(qc, k, v, vis, dout, out, lse,
+                                   scale=static.scale,
+                                   dropout=_dropout(static, rng, br, src))
 
   if br.ring_size == 1:
     return block(travel, causal, 0)
@@ -270,7 +267,6 @@ def _attention_fwd(static, q, k, v, key_padding_mask, segment_ids, rng):
 
 def _attention_bwd(static, res, dout):
   q, k, v, key_padding_mask, segment_ids, rng, out, lse = res
-  delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1)
   # Compaction is linear: its transpose scatters (and, for kv heads read by
   # several slots, adds) compacted float32 gradients back to the local layout.
   grads = [jnp.zeros(x.shape, _F32) for x in (q, k, v)]
@@ -278,7 +274,7 @@ def _attention_bwd(static, res, dout):
     dqc, dkc, dvc = _branch_backward(
         static, br, rng,
         *_compact_inputs(br, q, k, v, key_padding_mask, segment_ids),
-        _compact_q(br, dout), _compact_q(br, lse), _compact_q(br, delta))
+        _compact_q(br, dout), _compact_q(br, out), _compact_q(br, lse))
     pull_q = jax.vjp(functools.partial(_compact_q, br), q.astype(_F32))[1]
     pull_kv = jax.vjp(functools.partial(_compact_kv, br), k.astype(_F32))[1]
     grads = [grads[0] + pull_q(dqc)[0], grads[1] + pull_kv(dkc)[0],
