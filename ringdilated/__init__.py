@@ -6,9 +6,13 @@ ring, with memory linear in the sequence length.
 
 from ._attention import dilated_attention as dilated_attention
 from ._plan import DilatedConfig as DilatedConfig
+from .linen import DilatedAttention as DilatedAttention
+from .linen import MultiHeadDilatedAttention as MultiHeadDilatedAttention
 
 __all__ = [
+    "DilatedAttention",
     "DilatedConfig",
+    "MultiHeadDilatedAttention",
     "dilated_attention",
 ]
 
