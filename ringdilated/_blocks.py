@@ -269,7 +269,11 @@ def cudnn_forward(q: Array, k: Array, v: Array, vis: Visibility, *,
 def cudnn_backward(q: Array, k: Array, v: Array, vis: Visibility, dout: Array,
                    out: Array, lse: Array, *, scale: float,
                    dropout=None) -> tuple[Array, Array, Array]:
-  """:func:`xla_backward` through cuDNN, fed the global ``out`` and ``lse``."""
+  """:func:`xla_backward` through cuDNN, fed the global ``out`` and ``lse``.
+
+  Returns the gradients in ``q.dtype`` (cuDNN's); callers accumulate them in
+  float32.
+  """
   del dropout
   fa = _fused_attention()
   x, t, kh, g, d = q.shape

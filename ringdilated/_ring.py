@@ -69,16 +69,22 @@ def _take_offsets(x: Array, br: Branch) -> Array:
   x = x.reshape(b * (length // br.piece), br.kept, br.rate, br.num_kv, *rest)
   if len(set(br.offsets)) == 1:
     return x[:, :, br.offsets[0]]
-  idx = np.asarray(br.offsets).reshape((1, 1, 1, br.num_kv) + (1,) * len(rest))
-  return jnp.take_along_axis(x, idx, axis=2, mode="clip")[:, :, 0]
+  # A masked sum rather than a gather: elementwise, so XLA fuses it, and its
+  # transpose (the backward scatter) is elementwise too: no full-size buffer.
+  zero = jnp.zeros((), x.dtype)
+  return jnp.sum(jnp.where(_hits(br, len(rest)), x, zero), axis=2, dtype=x.dtype)
+
+
+def _hits(br: Branch, rest: int) -> np.ndarray:
+  """[1, 1, r, K_b, 1...] bool: slot j keeps position ``offsets[j]`` mod r."""
+  hit = np.arange(br.rate)[:, None] == np.asarray(br.offsets)[None, :]
+  return hit.reshape((1, 1, br.rate, br.num_kv) + (1,) * rest)
 
 
 def _put_offsets(xc: Array, br: Branch, fill: float, batch: int) -> Array:
   """Inverse of :func:`_take_offsets`: [X, T, K_b, ...] -> [B, L, K_b, ...]."""
   rest = xc.shape[3:]
-  hit = np.arange(br.rate)[:, None] == np.asarray(br.offsets)[None, :]
-  hit = hit.reshape((1, 1, br.rate, br.num_kv) + (1,) * len(rest))
-  full = jnp.where(hit, xc[:, :, None], jnp.asarray(fill, xc.dtype))
+  full = jnp.where(_hits(br, len(rest)), xc[:, :, None], jnp.asarray(fill, xc.dtype))
   return full.reshape(batch, -1, br.num_kv, *rest)
 
 
@@ -132,6 +138,10 @@ def _dropout(static: Static, rng, br: Branch, src) -> Any:
   return static.dropout_rate, key
 
 
+def _f32(arrays):
+  return tuple(x.astype(_F32) for x in arrays)
+
+
 def _visit(block, causal: bool, c, src, zero):
   """Runs ``block`` on a remote chunk: skipped when causal and it is later."""
   if not causal:
@@ -154,13 +164,13 @@ def _branch_forward(static, br, rng, qc, q_seg, travel):
   c, perm = _ring_position(static, br)
   rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name, perm=perm)
   g = br.ring_size
-  # step 0: the own chunk, causal diagonal.
-  out, lse = block(travel, causal, c)
+  # step 0: the own chunk, causal diagonal. The running output is float32.
+  out, lse = _f32(block(travel, causal, c))
   zero = (jnp.zeros_like(out), jnp.full_like(lse, -jnp.inf))
 
   def step(s, kv, out, lse):
     src = (c - s) % g
-    ob, lb = _visit(lambda: block(kv, False, src), causal, c, src, zero)
+    ob, lb = _visit(lambda: _f32(block(kv, False, src)), causal, c, src, zero)
     return _blocks.merge(out, lse, ob, lb)
 
   def body(carry, s):
@@ -190,13 +200,14 @@ def _branch_backward(static, br, rng, qc, q_seg, travel, dout, out, lse):
   c, perm = _ring_position(static, br)
   rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name, perm=perm)
   g = br.ring_size
-  dq, dk, dv = block(travel, causal, c)
+  # Float32 accumulators: the error must not grow with the number of steps.
+  dq, dk, dv = _f32(block(travel, causal, c))
   zero = (jnp.zeros_like(dq), jnp.zeros_like(dk), jnp.zeros_like(dv))
 
   def step(s, kv, acc, dq):
     # The dK/dV accumulator of the chunk held here travels on with it.
     src = (c - s) % g
-    dqb, dkb, dvb = _visit(lambda: block(kv, False, src), causal, c, src, zero)
+    dqb, dkb, dvb = _visit(lambda: _f32(block(kv, False, src)), causal, c, src, zero)
     return rotate((acc[0] + dkb, acc[1] + dvb)), dq + dqb
 
   def body(carry, s):
@@ -225,18 +236,19 @@ def _compact_inputs(br, q, k, v, key_padding_mask, segment_ids):
 
 
 def _forward(static, q, k, v, key_padding_mask, segment_ids, rng):
-  b, length, h, d = q.shape
-  out = jnp.zeros((b, length, h, d), _F32)
-  lse = jnp.full((b, length, h), -jnp.inf, _F32)
+  """(out [B, L, H, D] in q.dtype, lse [B, L, H] float32) over all branches."""
+  b = q.shape[0]
+  merged = {}  # query-head range -> (out, lse): one range in "mix" mode
   for br in static.plan.branches:
     ob, lb = _branch_forward(
         static, br, rng, *_compact_inputs(br, q, k, v, key_padding_mask, segment_ids))
-    a, z = br.q_heads
-    merged = _blocks.merge(out[:, :, a:z], lse[:, :, a:z],
-                           _expand_q(br, ob, 0.0, b), _expand_q(br, lb, -jnp.inf, b))
-    out = out.at[:, :, a:z].set(merged[0])
-    lse = lse.at[:, :, a:z].set(merged[1])
-  return out.astype(q.dtype), lse
+    ob, lb = _expand_q(br, ob, 0.0, b), _expand_q(br, lb, -jnp.inf, b)
+    if br.q_heads in merged:
+      ob, lb = _blocks.merge(*merged[br.q_heads], ob, lb)
+    merged[br.q_heads] = ob, lb
+  heads = sorted(merged)
+  out = jnp.concatenate([merged[h][0].astype(q.dtype) for h in heads], axis=2)
+  return out, jnp.concatenate([merged[h][1] for h in heads], axis=2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -277,8 +289,9 @@ def _attention_bwd(static, res, dout):
         _compact_q(br, dout), _compact_q(br, out), _compact_q(br, lse))
     pull_q = jax.vjp(functools.partial(_compact_q, br), q.astype(_F32))[1]
     pull_kv = jax.vjp(functools.partial(_compact_kv, br), k.astype(_F32))[1]
-    grads = [grads[0] + pull_q(dqc)[0], grads[1] + pull_kv(dkc)[0],
-             grads[2] + pull_kv(dvc)[0]]
+    grads = [grads[0] + pull_q(dqc.astype(_F32))[0],
+             grads[1] + pull_kv(dkc.astype(_F32))[0],
+             grads[2] + pull_kv(dvc.astype(_F32))[0]]
   dq, dk, dv = (g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
   return dq, dk, dv, None, None, None
 
