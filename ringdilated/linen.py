@@ -86,6 +86,8 @@ class DilatedAttention(nn.Module):
     dropout_rate: probability of dropping an attention weight.
     axis_name: mesh axis the sequence is sharded over (ring execution inside
       ``jax.shard_map`` / ``jax.pmap``), or None for one device.
+    backend: attention block implementation, ``"auto"``, ``"xla"`` or
+      ``"cudnn"`` (see :func:`ringdilated.dilated_attention`).
 
   Example:
     >>> import jax, jax.numpy as jnp, ringdilated as rd
@@ -102,6 +104,7 @@ class DilatedAttention(nn.Module):
   softmax_scale: float | None = None
   dropout_rate: float = 0.0
   axis_name: Hashable | None = None
+  backend: str = "auto"
 
   def __call__(
       self,
@@ -152,6 +155,7 @@ class DilatedAttention(nn.Module):
         dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
         dropout_rng=dropout_rng,
         axis_name=self.axis_name,
+        backend=self.backend,
     )
 
 
@@ -196,6 +200,8 @@ class MultiHeadDilatedAttention(nn.Module):
     param_dtype: dtype of every parameter.
     axis_name: mesh axis the sequence is sharded over (ring execution inside
       ``jax.shard_map`` / ``jax.pmap``), or None for one device.
+    backend: attention block implementation, ``"auto"``, ``"xla"`` or
+      ``"cudnn"`` (see :func:`ringdilated.dilated_attention`).
     deterministic: default of the call argument (merged as in Flax).
 
   Example:
@@ -227,6 +233,7 @@ class MultiHeadDilatedAttention(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   axis_name: Hashable | None = None
+  backend: str = "auto"
   deterministic: bool | None = None
 
   def _check_fields(self, x: Array) -> tuple[int, int, int, int]:
@@ -316,6 +323,7 @@ class MultiHeadDilatedAttention(nn.Module):
         softmax_scale=self.softmax_scale,
         dropout_rate=self.dropout_rate,
         axis_name=self.axis_name,
+        backend=self.backend,
         name="attention",
     )(q, k, v, key_padding_mask=key_padding_mask, segment_ids=segment_ids,
       deterministic=deterministic)  # [B, T, H, D]
