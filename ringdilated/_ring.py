@@ -149,45 +149,69 @@ def _visit(block, causal: bool, c, src, zero):
   return jax.lax.cond(src < c, block, lambda: zero)
 
 
+def _ring(static, br, block, travel, first, add, skipped):
+  """Runs the blocks of one branch: the own chunk, then the sub-ring.
+
+  Args:
+    static, br: the call and the branch.
+    block: ``(kv, diagonal, src) -> result``, the block on chunk ``kv`` that
+      belongs to group position ``src``.
+    travel: the local compacted K/V chunk (with its masks).
+    first: ``result -> (local, acc)`` from the own (diagonal) block; ``acc``
+      travels with the K/V chunk it belongs to and ends on its owner.
+    add: ``(local, acc, result) -> (local, acc)``.
+    skipped: ``result -> result`` of a block skipped by causality.
+
+  Returns:
+    ``(local, acc)``; results are float32 whatever the backend returns, so the
+    error does not grow with the number of steps.
+  """
+  causal = static.plan.config.causal
+  if br.ring_size == 1:
+    return first(block(travel, causal, 0))
+  c, perm = _ring_position(static, br)
+  rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name, perm=perm)
+  g = br.ring_size
+  own = _f32(block(travel, causal, c))
+  local, acc = first(own)
+  zero = skipped(own)
+
+  def step(s, kv, local, acc):
+    # step s: this device holds the chunk of group position (c - s) mod g.
+    src = (c - s) % g
+    result = _visit(lambda: _f32(block(kv, False, src)), causal, c, src, zero)
+    local, acc = add(local, acc, result)
+    return local, rotate(acc) if acc else acc
+
+  def body(carry, s):
+    kv, local, acc = carry
+    nxt = rotate(kv)  # in flight while this step computes
+    local, acc = step(s, kv, local, acc)
+    return (nxt, local, acc), None
+
+  kv, acc = rotate((travel, acc)) if acc else (rotate(travel), acc)
+  (kv, local, acc), _ = jax.lax.scan(body, (kv, local, acc), jnp.arange(1, g - 1))
+  return step(g - 1, kv, local, acc)
+
+
 def _branch_forward(static, br, rng, qc, q_seg, travel):
   """Forward of one branch: (out, lse) for the local compacted queries."""
-  causal = static.plan.config.causal
-
   def block(kv, diagonal, src):
     k, v, kv_valid, kv_seg = kv
     vis = _blocks.Visibility(kv_valid, q_seg, kv_seg, diagonal)
     return static.backend.forward(qc, k, v, vis, scale=static.scale,
                                   dropout=_dropout(static, rng, br, src))
 
-  if br.ring_size == 1:
-    return block(travel, causal, 0)
-  c, perm = _ring_position(static, br)
-  rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name, perm=perm)
-  g = br.ring_size
-  # step 0: the own chunk, causal diagonal. The running output is float32.
-  out, lse = _f32(block(travel, causal, c))
-  zero = (jnp.zeros_like(out), jnp.full_like(lse, -jnp.inf))
-
-  def step(s, kv, out, lse):
-    src = (c - s) % g
-    ob, lb = _visit(lambda: _f32(block(kv, False, src)), causal, c, src, zero)
-    return _blocks.merge(out, lse, ob, lb)
-
-  def body(carry, s):
-    kv, out, lse = carry
-    nxt = rotate(kv)  # in flight while this step computes
-    out, lse = step(s, kv, out, lse)
-    return (nxt, out, lse), None
-
-  kv = rotate(travel)
-  (kv, out, lse), _ = jax.lax.scan(body, (kv, out, lse), jnp.arange(1, g - 1))
-  return step(g - 1, kv, out, lse)
+  return _ring(
+      static, br, block, travel,
+      first=lambda res: (res, ()),
+      add=lambda acc_out, _, res: (_blocks.merge(*acc_out, *res), ()),
+      skipped=lambda res: (jnp.zeros_like(res[0]), jnp.full_like(res[1], -jnp.inf)),
+  )[0]
 
 
 def _branch_backward(static, br, rng, qc, q_seg, travel, dout, out, lse):
   """Backward of one branch: (dq, dk, dv) of the compacted local tensors."""
-  causal = static.plan.config.causal
-
   def block(kv, diagonal, src):
     k, v, kv_valid, kv_seg = kv
     vis = _blocks.Visibility(kv_valid, q_seg, kv_seg, diagonal)
@@ -195,30 +219,13 @@ def _branch_backward(static, br, rng, qc, q_seg, travel, dout, out, lse):
                                    scale=static.scale,
                                    dropout=_dropout(static, rng, br, src))
 
-  if br.ring_size == 1:
-    return block(travel, causal, 0)
-  c, perm = _ring_position(static, br)
-  rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name, perm=perm)
-  g = br.ring_size
-  # Float32 accumulators: the error must not grow with the number of steps.
-  dq, dk, dv = _f32(block(travel, causal, c))
-  zero = (jnp.zeros_like(dq), jnp.zeros_like(dk), jnp.zeros_like(dv))
-
-  def step(s, kv, acc, dq):
-    # The dK/dV accumulator of the chunk held here travels on with it.
-    src = (c - s) % g
-    dqb, dkb, dvb = _visit(lambda: _f32(block(kv, False, src)), causal, c, src, zero)
-    return rotate((acc[0] + dkb, acc[1] + dvb)), dq + dqb
-
-  def body(carry, s):
-    kv, acc, dq = carry
-    nxt = rotate(kv)
-    acc, dq = step(s, kv, acc, dq)
-    return (nxt, acc, dq), None
-
-  kv, acc = rotate((travel, (dk, dv)))
-  (kv, acc, dq), _ = jax.lax.scan(body, (kv, acc, dq), jnp.arange(1, g - 1))
-  (dk, dv), dq = step(g - 1, kv, acc, dq)
+  # dK/dV accumulators travel with their K/V chunk; dQ stays.
+  dq, (dk, dv) = _ring(
+      static, br, block, travel,
+      first=lambda res: (res[0], res[1:]),
+      add=lambda dq, acc, res: (dq + res[0], (acc[0] + res[1], acc[1] + res[2])),
+      skipped=lambda res: tuple(jnp.zeros_like(x) for x in res),
+  )
   return dq, dk, dv
 
 
