@@ -8,6 +8,7 @@ P devices on ``axis_name``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Hashable, Sequence
 
 import jax
@@ -138,10 +139,10 @@ def dilated_attention(
   config = DilatedConfig(segment_lengths, dilation_rates, mode, causal)
   if softmax_scale is None:
     softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-  if not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
+  if not (isinstance(softmax_scale, numbers.Real) and math.isfinite(softmax_scale)
           and softmax_scale > 0):
     raise ValueError(f"softmax_scale={softmax_scale!r} must be a positive finite number")
-  if not (isinstance(dropout_rate, (int, float)) and 0.0 <= dropout_rate < 1.0):
+  if not (isinstance(dropout_rate, numbers.Real) and 0.0 <= dropout_rate < 1.0):
     raise ValueError(f"dropout_rate={dropout_rate!r} must be in [0, 1)")
   if dropout_rate > 0 and dropout_rng is None:
     raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")

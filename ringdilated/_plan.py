@@ -19,6 +19,8 @@ import functools
 import operator
 from collections.abc import Iterable
 
+import numpy as np
+
 MODES = ("mix", "partition")
 
 
@@ -74,8 +76,9 @@ class DilatedConfig:
                          f"dilation_rates[{i}]={ri}")
     if self.mode not in MODES:
       raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
-    if not isinstance(self.causal, bool):
+    if not isinstance(self.causal, (bool, np.bool_)):
       raise TypeError(f"causal={self.causal!r} must be a bool")
+    object.__setattr__(self, "causal", bool(self.causal))
 
 
 @dataclasses.dataclass(frozen=True)

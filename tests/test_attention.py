@@ -290,3 +290,14 @@ def test_validation_happens_before_tracing():
       q, k, v, segment_lengths=(8, 12), dilation_rates=(1, 1)))
   with pytest.raises(ValueError, match=r"segment_lengths\[1\]=12"):
     f(q, k, v)
+
+
+def test_numpy_scalars_are_accepted():
+  q, k, v, *_ = _inputs(14, b=1, n=32, h=4, hkv=2)
+  kw = dict(segment_lengths=np.array([8, 16]), dilation_rates=(np.int64(1), 2))
+  f = jax.jit(lambda q, k, v, **extra: rd.dilated_attention(q, k, v, **kw, **extra),
+              static_argnames=("softmax_scale", "causal"))
+  got = f(q, k, v, softmax_scale=np.float32(0.25), causal=np.bool_(True))
+  want = dilated_attention_reference(q, k, v, segment_lengths=(8, 16), dilation_rates=(1, 2),
+                                     softmax_scale=0.25, causal=True)
+  assert float(jnp.max(jnp.abs(got - want))) < 2e-5
