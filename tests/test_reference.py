@@ -393,7 +393,6 @@ def test_causal_with_padded_first_key_gives_zero_row():
 
 
 def test_segment_ids_isolate_documents():
-  n = 16
   q, k, v = _qkv(11)
   sid = jnp.array([[0] * 5 + [1] * 11] * 2)  # boundary not on a dilation segment
 
