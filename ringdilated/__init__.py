@@ -1,10 +1,12 @@
 """ringdilated: exact dilated (LongNet-style) attention for JAX and Flax.
 
 Runs on one device or sequence-parallel over a mesh axis as a ``ppermute``
-ring, with memory linear in the sequence length.
+ring, with memory linear in the sequence length. Flax NNX modules are in
+``ringdilated.nnx`` (``from ringdilated import nnx``; not imported here).
 """
 
 from ._attention import dilated_attention as dilated_attention
+from ._attention_fn import make_attention_fn as make_attention_fn
 from ._plan import DilatedConfig as DilatedConfig
 from .linen import DilatedAttention as DilatedAttention
 from .linen import MultiHeadDilatedAttention as MultiHeadDilatedAttention
@@ -14,6 +16,7 @@ __all__ = [
     "DilatedConfig",
     "MultiHeadDilatedAttention",
     "dilated_attention",
+    "make_attention_fn",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,339 @@
+"""Flax NNX modules: projections around :func:`ringdilated.dilated_attention`.
+
+The NNX counterparts of :mod:`ringdilated.linen`, with the same
+configuration, parameter shapes and names (``query``, ``key``, ``value`` or
+``qkv``, ``sub_ln``, ``out``) and the same computation; all attention math is
+in the function. Conventions follow ``flax.nnx.MultiHeadAttention``: the
+constructor takes ``in_features`` and ``rngs``, dropout keys come from a
+stream forked at construction (or from ``rngs`` passed to the call), and
+``deterministic`` is an attribute that ``module.eval()`` / ``module.train()``
+set and the call argument overrides.
+
+Shape legend: B batch, T tokens (the local shard ``T = N / P`` under
+``axis_name``), E input features, F output features, H query heads,
+K kv heads, D head dim.
+
+Example:
+  >>> from flax import nnx
+  >>> from ringdilated import nnx as rdnnx
+  >>> mha = rdnnx.MultiHeadDilatedAttention(
+  ...     2, 16, segment_lengths=(4, 8), dilation_rates=(1, 2), rngs=nnx.Rngs(0))
+  >>> mha.query.kernel.shape
+  (16, 2, 8)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype, Initializer
+
+from ._attention import dilated_attention
+from ._plan import MODES, DilatedConfig
+from .linen import _check_dropout_rate, _is_positive_int, _stacked_init, _xavier_normal
+
+Array = jax.Array
+
+__all__ = ["DilatedAttention", "MultiHeadDilatedAttention"]
+
+
+class DilatedAttention(nnx.Module):
+  """Dilated attention as a parameter-free NNX module, called like the function.
+
+  Args (constructor):
+    segment_lengths: ``w_i``, tokens per segment of branch ``i`` (global).
+    dilation_rates: ``r_i``, keep every ``r_i``-th token of a segment.
+    mode: ``"mix"`` or ``"partition"``, see the function.
+    causal: a query sees only keys at positions ``<=`` its own.
+    softmax_scale: logit scale, default ``1 / sqrt(D)``.
+    dropout_rate: probability of dropping an attention weight.
+    deterministic: default of the call argument; set by ``eval()`` /
+      ``train()``.
+    axis_name: mesh axis the sequence is sharded over, or None.
+    backend: ``"auto"``, ``"xla"`` or ``"cudnn"``.
+    rngs: its ``dropout`` stream (or default stream) is forked and kept
+      when ``dropout_rate > 0``; may be None if keys are passed at call.
+
+  Raises:
+    ValueError: an invalid pattern or ``dropout_rate``, at construction.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from ringdilated import nnx as rdnnx
+    >>> attn = rdnnx.DilatedAttention(segment_lengths=(4, 8), dilation_rates=(1, 2))
+    >>> q = k = v = jnp.ones((1, 16, 2, 8))
+    >>> jax.jit(attn)(q, k, v).shape
+    (1, 16, 2, 8)
+  """
+
+  def __init__(
+      self,
+      segment_lengths: Sequence[int],
+      dilation_rates: Sequence[int],
+      *,
+      mode: str = "mix",
+      causal: bool = False,
+      softmax_scale: float | None = None,
+      dropout_rate: float = 0.0,
+      deterministic: bool | None = None,
+      axis_name: Hashable | None = None,
+      backend: str = "auto",
+      rngs: nnx.Rngs | None = None,
+  ):
+    config = DilatedConfig(segment_lengths, dilation_rates, mode, causal)  # validates
+    _check_dropout_rate(dropout_rate)
+    self.segment_lengths = config.segment_lengths
+    self.dilation_rates = config.dilation_rates
+    self.mode = mode
+    self.causal = causal
+    self.softmax_scale = softmax_scale
+    self.dropout_rate = dropout_rate
+    self.deterministic = deterministic
+    self.axis_name = axis_name
+    self.backend = backend
+    self.rngs = (rngs.dropout.fork() if rngs is not None and dropout_rate > 0
+                 else nnx.data(None))
+
+  def __call__(
+      self,
+      q: Array,
+      k: Array,
+      v: Array,
+      *,
+      key_padding_mask: Array | None = None,
+      segment_ids: Array | None = None,
+      deterministic: bool | None = None,
+      rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ) -> Array:
+    """Attends ``q`` to ``k, v`` with the module's dilation pattern.
+
+    Args:
+      q: shape [B, T, H, D] queries.
+      k: shape [B, T, K, D] keys, ``H % K == 0``.
+      v: shape [B, T, K, D] values.
+      key_padding_mask: shape [B, T] bool, True for real tokens.
+      segment_ids: shape [B, T] int; tokens attend only within equal ids.
+      deterministic: no dropout if True; overrides the attribute. One of
+        them is required when ``dropout_rate > 0``.
+      rngs: dropout keys (its ``dropout`` stream); default the stream kept
+        at construction.
+
+    Returns:
+      shape [B, T, H, D] in ``q.dtype``.
+
+    Raises:
+      ValueError: ``deterministic`` missing or no dropout key while
+        ``dropout_rate > 0``, or any error of
+        :func:`ringdilated.dilated_attention`.
+    """
+    dropout_rng = None
+    if self.dropout_rate > 0:
+      if deterministic is None:
+        deterministic = self.deterministic
+      if deterministic is None:
+        raise ValueError(
+            f"deterministic=None: pass deterministic=True or False (call or "
+            f"constructor) when dropout_rate={self.dropout_rate} > 0")
+      if not deterministic:
+        stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
+        if stream is None:
+          stream = self.rngs
+        if stream is None:
+          raise ValueError(
+              "deterministic=False needs dropout keys: pass rngs to the "
+              "constructor or to the call")
+        dropout_rng = stream()
+    return dilated_attention(
+        q, k, v,
+        segment_lengths=self.segment_lengths,
+        dilation_rates=self.dilation_rates,
+        mode=self.mode,
+        causal=self.causal,
+        key_padding_mask=key_padding_mask,
+        segment_ids=segment_ids,
+        softmax_scale=self.softmax_scale,
+        dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
+        dropout_rng=dropout_rng,
+        axis_name=self.axis_name,
+        backend=self.backend,
+    )
+
+
+class MultiHeadDilatedAttention(nnx.Module):
+  """Multi-head self-attention with dilated (LongNet-style) attention, in NNX.
+
+  The same model as :class:`ringdilated.MultiHeadDilatedAttention` (Linen),
+  with the same parameters: ``nnx.LinearGeneral`` projections ``query``
+  ``[E, H, D]``, ``key`` and ``value`` ``[E, K, D]`` (or ``qkv``
+  ``[E, H + 2K, D]``, query heads first, when ``fused_qkv``), an optional
+  ``sub_ln`` LayerNorm over ``[H, D]`` (scale and bias ``[H, D]``), ``out``
+  ``[H, D, F]``, and the parameter-free ``attention``
+  (:class:`DilatedAttention`). Initialization as in Linen: Xavier-normal,
+  gain 1 on query/key and ``gamma_init`` on value/out, unless
+  ``kernel_init``.
+
+  Args (constructor):
+    num_heads: ``H``, query heads.
+    in_features: ``E``.
+    segment_lengths, dilation_rates, mode, causal: the pattern, see
+      :func:`ringdilated.dilated_attention`.
+    num_kv_heads: ``K`` (grouped-query attention), default ``num_heads``.
+    qkv_features: ``H * D``, default ``E``.
+    out_features: ``F``, default ``E``.
+    use_bias, fused_qkv, sub_layer_norm, gamma_init, kernel_init, bias_init,
+      softmax_scale, dropout_rate, dtype, param_dtype, axis_name, backend:
+      as in the Linen module.
+    deterministic: default of the call argument; set by ``eval()`` /
+      ``train()``.
+    rngs: ``params`` keys for initialization; the ``dropout`` stream is
+      forked and kept when ``dropout_rate > 0``.
+
+  Raises:
+    ValueError: naming the argument and value, at construction.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from ringdilated import nnx as rdnnx
+    >>> mha = rdnnx.MultiHeadDilatedAttention(
+    ...     4, 32, segment_lengths=(4, 8), dilation_rates=(1, 2),
+    ...     num_kv_heads=2, fused_qkv=True, rngs=nnx.Rngs(0))
+    >>> mha.qkv.kernel.shape, mha.out.kernel.shape
+    ((32, 8, 8), (4, 8, 32))
+    >>> forward = nnx.jit(lambda mha, x: mha(x))
+    >>> forward(mha, jnp.ones((2, 16, 32))).shape
+    (2, 16, 32)
+  """
+
+  def __init__(
+      self,
+      num_heads: int,
+      in_features: int,
+      *,
+      segment_lengths: Sequence[int],
+      dilation_rates: Sequence[int],
+      mode: str = "mix",
+      causal: bool = False,
+      num_kv_heads: int | None = None,
+      qkv_features: int | None = None,
+      out_features: int | None = None,
+      use_bias: bool = True,
+      fused_qkv: bool = False,
+      sub_layer_norm: bool = False,
+      gamma_init: float = 1.0,
+      kernel_init: Initializer | None = None,
+      bias_init: Initializer = nnx.initializers.zeros,
+      softmax_scale: float | None = None,
+      dropout_rate: float = 0.0,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      axis_name: Hashable | None = None,
+      backend: str = "auto",
+      deterministic: bool | None = None,
+      rngs: nnx.Rngs,
+  ):
+    if not _is_positive_int(num_heads):
+      raise ValueError(f"num_heads={num_heads!r} must be a positive int")
+    if not _is_positive_int(in_features):
+      raise ValueError(f"in_features={in_features!r} must be a positive int")
+    kv = num_heads if num_kv_heads is None else num_kv_heads
+    if not _is_positive_int(kv):
+      raise ValueError(f"num_kv_heads={num_kv_heads!r} must be a positive int")
+    if num_heads % kv:
+      raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={kv}")
+    for name, value in (("qkv_features", qkv_features), ("out_features", out_features)):
+      if value is not None and not _is_positive_int(value):
+        raise ValueError(f"{name}={value!r} must be a positive int or None")
+    if mode not in MODES:
+      raise ValueError(f"mode={mode!r} must be one of {MODES}")
+    if not (isinstance(gamma_init, (int, float)) and math.isfinite(gamma_init)
+            and gamma_init > 0):
+      raise ValueError(f"gamma_init={gamma_init!r} must be a positive finite number")
+    qkv_features = qkv_features or in_features
+    if qkv_features % num_heads:
+      raise ValueError(f"qkv_features={qkv_features} must be divisible by "
+                       f"num_heads={num_heads}")
+    h, d = num_heads, qkv_features // num_heads
+    features = out_features or in_features
+
+    self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
+    self.in_features, self.out_features = in_features, features
+    self.fused_qkv, self.sub_layer_norm = fused_qkv, sub_layer_norm
+    self.dtype, self.param_dtype = dtype, param_dtype
+
+    # Built first so that an invalid pattern raises before any initialization.
+    self.attention = DilatedAttention(
+        segment_lengths, dilation_rates, mode=mode, causal=causal,
+        softmax_scale=softmax_scale, dropout_rate=dropout_rate,
+        deterministic=deterministic, axis_name=axis_name, backend=backend, rngs=rngs)
+
+    if kernel_init is None:
+      qk_init, vo_init = _xavier_normal(1.0), _xavier_normal(gamma_init)
+    else:
+      qk_init = vo_init = kernel_init
+    dense = functools.partial(
+        nnx.LinearGeneral, use_bias=use_bias, bias_init=bias_init, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs)
+    if fused_qkv:
+      self.qkv = dense(in_features, (h + 2 * kv, d),
+                       kernel_init=_stacked_init((qk_init, qk_init, vo_init),
+                                                 (h * d, kv * d, kv * d)))
+    else:
+      self.query = dense(in_features, (h, d), kernel_init=qk_init)
+      self.key = dense(in_features, (kv, d), kernel_init=qk_init)
+      self.value = dense(in_features, (kv, d), kernel_init=vo_init)
+    if sub_layer_norm:
+      ln = nnx.LayerNorm(h * d, reduction_axes=(-2, -1), feature_axes=(-2, -1),
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      # nnx.LayerNorm stores [H * D] and reshapes at call; keep Linen's [H, D].
+      ln.scale = nnx.Param(ln.scale[...].reshape(h, d))
+      ln.bias = nnx.Param(ln.bias[...].reshape(h, d))
+      self.sub_ln = ln
+    self.out = dense((h, d), features, axis=(-2, -1), kernel_init=vo_init)
+
+  def __call__(
+      self,
+      x: Array,
+      *,
+      key_padding_mask: Array | None = None,
+      segment_ids: Array | None = None,
+      deterministic: bool | None = None,
+      rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ) -> Array:
+    """Dilated multi-head self-attention of ``x``.
+
+    Args:
+      x: shape [B, T, E] inputs.
+      key_padding_mask: shape [B, T] bool, True for real tokens.
+      segment_ids: shape [B, T] int; tokens attend only within equal ids.
+      deterministic: no dropout if True; overrides the attribute (needed
+        from one of them only when ``dropout_rate > 0``).
+      rngs: dropout keys; default the stream kept at construction.
+
+    Returns:
+      shape [B, T, F].
+
+    Raises:
+      ValueError: ``x`` not [B, T, E], or any error of
+        :meth:`DilatedAttention.__call__`.
+    """
+    if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.in_features:
+      raise ValueError(f"x must have shape [B, T, E={self.in_features}], got shape "
+                       f"{getattr(x, 'shape', x)}")
+    h, kv = self.num_heads, self.num_kv_heads
+    if self.fused_qkv:
+      # [B, T, H + 2K, D]: query heads, then key heads, then value heads.
+      q, k, v = jnp.split(self.qkv(x), (h, h + kv), axis=-2)
+    else:
+      q, k, v = self.query(x), self.key(x), self.value(x)
+    y = self.attention(q, k, v, key_padding_mask=key_padding_mask,
+                       segment_ids=segment_ids, deterministic=deterministic,
+                       rngs=rngs)  # [B, T, H, D]
+    if self.sub_layer_norm:
+      y = self.sub_ln(y)
+    return self.out(y)
