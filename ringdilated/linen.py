@@ -70,6 +70,29 @@ def _is_positive_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
+def _attend(m, q: Array, k: Array, v: Array, key_padding_mask: Array | None,
+           segment_ids: Array | None, dropout_rng: Array | None) -> Array:
+  """:func:`ringdilated.dilated_attention` with the attention fields of ``m``.
+
+  Shared by the Linen and NNX ``DilatedAttention``; dropout applies iff a
+  ``dropout_rng`` is given.
+  """
+  return dilated_attention(
+      q, k, v,
+      segment_lengths=m.segment_lengths,
+      dilation_rates=m.dilation_rates,
+      mode=m.mode,
+      causal=m.causal,
+      key_padding_mask=key_padding_mask,
+      segment_ids=segment_ids,
+      softmax_scale=m.softmax_scale,
+      dropout_rate=m.dropout_rate if dropout_rng is not None else 0.0,
+      dropout_rng=dropout_rng,
+      axis_name=m.axis_name,
+      backend=m.backend,
+  )
+
+
 class DilatedAttention(nn.Module):
   """Dilated attention as a parameter-free module, called like the function.
 
@@ -143,20 +166,7 @@ class DilatedAttention(nn.Module):
             f"dropout_rate={self.dropout_rate} > 0")
       if not deterministic:
         dropout_rng = self.make_rng("dropout")
-    return dilated_attention(
-        q, k, v,
-        segment_lengths=self.segment_lengths,
-        dilation_rates=self.dilation_rates,
-        mode=self.mode,
-        causal=self.causal,
-        key_padding_mask=key_padding_mask,
-        segment_ids=segment_ids,
-        softmax_scale=self.softmax_scale,
-        dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
-        dropout_rng=dropout_rng,
-        axis_name=self.axis_name,
-        backend=self.backend,
-    )
+    return _attend(self, q, k, v, key_padding_mask, segment_ids, dropout_rng)
 
 
 class MultiHeadDilatedAttention(nn.Module):

@@ -33,9 +33,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from ._attention import dilated_attention
 from ._plan import MODES, DilatedConfig
-from .linen import _check_dropout_rate, _is_positive_int, _stacked_init, _xavier_normal
+from .linen import (_check_dropout_rate, _is_positive_int, _stacked_init,
+                    _xavier_normal, _attend)
 
 Array = jax.Array
 
@@ -148,20 +148,7 @@ class DilatedAttention(nnx.Module):
               "deterministic=False needs dropout keys: pass rngs to the "
               "constructor or to the call")
         dropout_rng = stream()
-    return dilated_attention(
-        q, k, v,
-        segment_lengths=self.segment_lengths,
-        dilation_rates=self.dilation_rates,
-        mode=self.mode,
-        causal=self.causal,
-        key_padding_mask=key_padding_mask,
-        segment_ids=segment_ids,
-        softmax_scale=self.softmax_scale,
-        dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
-        dropout_rng=dropout_rng,
-        axis_name=self.axis_name,
-        backend=self.backend,
-    )
+    return _attend(self, q, k, v, key_padding_mask, segment_ids, dropout_rng)
 
 
 class MultiHeadDilatedAttention(nnx.Module):
