@@ -70,6 +70,31 @@ def _is_positive_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
+def _head_layout(num_heads, num_kv_heads, qkv_features, out_features, mode,
+                 gamma_init, in_features: int) -> tuple[int, int, int, int]:
+  """Validates the multi-head fields (Linen and NNX); returns ``(H, K, D, F)``."""
+  if not _is_positive_int(num_heads):
+    raise ValueError(f"num_heads={num_heads!r} must be a positive int")
+  kv = num_heads if num_kv_heads is None else num_kv_heads
+  if not _is_positive_int(kv):
+    raise ValueError(f"num_kv_heads={num_kv_heads!r} must be a positive int")
+  if num_heads % kv:
+    raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={kv}")
+  for name, value in (("qkv_features", qkv_features), ("out_features", out_features)):
+    if value is not None and not _is_positive_int(value):
+      raise ValueError(f"{name}={value!r} must be a positive int or None")
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r} must be one of {MODES}")
+  if not (isinstance(gamma_init, (int, float)) and math.isfinite(gamma_init)
+          and gamma_init > 0):
+    raise ValueError(f"gamma_init={gamma_init!r} must be a positive finite number")
+  qkv_features = qkv_features or in_features
+  if qkv_features % num_heads:
+    raise ValueError(f"qkv_features={qkv_features} must be divisible by "
+                     f"num_heads={num_heads}")
+  return num_heads, kv, qkv_features // num_heads, out_features or in_features
+
+
 def _attend(m, q: Array, k: Array, v: Array, key_padding_mask: Array | None,
            segment_ids: Array | None, dropout_rng: Array | None) -> Array:
   """:func:`ringdilated.dilated_attention` with the attention fields of ``m``.
@@ -248,32 +273,11 @@ class MultiHeadDilatedAttention(nn.Module):
 
   def _check_fields(self, x: Array) -> tuple[int, int, int, int]:
     """Validates fields against ``x``; returns ``(H, K, D, F)``."""
-    if not _is_positive_int(self.num_heads):
-      raise ValueError(f"num_heads={self.num_heads!r} must be a positive int")
-    num_kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-    if not _is_positive_int(num_kv):
-      raise ValueError(f"num_kv_heads={self.num_kv_heads!r} must be a positive int")
-    if self.num_heads % num_kv:
-      raise ValueError(f"num_heads={self.num_heads} must be divisible by "
-                       f"num_kv_heads={num_kv}")
-    for name in ("qkv_features", "out_features"):
-      value = getattr(self, name)
-      if value is not None and not _is_positive_int(value):
-        raise ValueError(f"{name}={value!r} must be a positive int or None")
-    if self.mode not in MODES:
-      raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
     _check_dropout_rate(self.dropout_rate)
-    if not (isinstance(self.gamma_init, (int, float)) and math.isfinite(self.gamma_init)
-            and self.gamma_init > 0):
-      raise ValueError(f"gamma_init={self.gamma_init!r} must be a positive finite number")
     if getattr(x, "ndim", None) != 3:
       raise ValueError(f"x must have shape [B, T, E], got shape {getattr(x, 'shape', x)}")
-    qkv_features = self.qkv_features or x.shape[-1]
-    if qkv_features % self.num_heads:
-      raise ValueError(f"qkv_features={qkv_features} must be divisible by "
-                       f"num_heads={self.num_heads}")
-    return (self.num_heads, num_kv, qkv_features // self.num_heads,
-            self.out_features or x.shape[-1])
+    return _head_layout(self.num_heads, self.num_kv_heads, self.qkv_features,
+                        self.out_features, self.mode, self.gamma_init, x.shape[-1])
 
   @nn.compact
   def __call__(

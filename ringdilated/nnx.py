@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Hashable, Sequence
 
 import jax
@@ -33,9 +32,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from ._plan import MODES, DilatedConfig
+from ._plan import DilatedConfig
 from .linen import (_check_dropout_rate, _is_positive_int, _stacked_init,
-                    _xavier_normal, _attend)
+                    _xavier_normal, _attend, _head_layout)
 
 Array = jax.Array
 
@@ -224,29 +223,10 @@ class MultiHeadDilatedAttention(nnx.Module):
       deterministic: bool | None = None,
       rngs: nnx.Rngs,
   ):
-    if not _is_positive_int(num_heads):
-      raise ValueError(f"num_heads={num_heads!r} must be a positive int")
     if not _is_positive_int(in_features):
       raise ValueError(f"in_features={in_features!r} must be a positive int")
-    kv = num_heads if num_kv_heads is None else num_kv_heads
-    if not _is_positive_int(kv):
-      raise ValueError(f"num_kv_heads={num_kv_heads!r} must be a positive int")
-    if num_heads % kv:
-      raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={kv}")
-    for name, value in (("qkv_features", qkv_features), ("out_features", out_features)):
-      if value is not None and not _is_positive_int(value):
-        raise ValueError(f"{name}={value!r} must be a positive int or None")
-    if mode not in MODES:
-      raise ValueError(f"mode={mode!r} must be one of {MODES}")
-    if not (isinstance(gamma_init, (int, float)) and math.isfinite(gamma_init)
-            and gamma_init > 0):
-      raise ValueError(f"gamma_init={gamma_init!r} must be a positive finite number")
-    qkv_features = qkv_features or in_features
-    if qkv_features % num_heads:
-      raise ValueError(f"qkv_features={qkv_features} must be divisible by "
-                       f"num_heads={num_heads}")
-    h, d = num_heads, qkv_features // num_heads
-    features = out_features or in_features
+    h, kv, d, features = _head_layout(num_heads, num_kv_heads, qkv_features,
+                                      out_features, mode, gamma_init, in_features)
 
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
     self.in_features, self.out_features = in_features, features
