@@ -81,6 +81,7 @@ def dilated_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     axis_name: Hashable | None = None,
+    layout: str = "contiguous",
     backend: str = "auto",
 ) -> Array:
   """Exact dilated (LongNet-style) attention, on one device or as a ring.
@@ -94,11 +95,11 @@ def dilated_attention(
   formed unless a branch has ``segment_length = N, rate = 1``.
 
   Inside ``jax.shard_map`` or ``jax.pmap`` with ``axis_name`` set, ``q, k, v``
-  (and the masks) are the local shards of a sequence split in ``P`` equal
-  contiguous pieces, ``segment_lengths`` refer to the global sequence, and
-  the result is the local shard of the single-device result. Segments longer
-  than a shard are computed by passing compacted K/V around the devices of the
-  segment with ``jax.lax.ppermute``.
+  (and the masks) are the local shards of a sequence laid out over ``P``
+  devices as ``layout`` says, ``segment_lengths`` refer to the global
+  sequence, and the result is the local shard of the single-device result.
+  Segments longer than a shard are computed by passing compacted K/V around
+  the devices of the segment with ``jax.lax.ppermute``.
 
   Args:
     q: shape [B, L, H, D] queries (``L = N`` on one device).
@@ -114,6 +115,10 @@ def dilated_attention(
     dropout_rate: probability of dropping an attention weight.
     dropout_rng: PRNG key, required when ``dropout_rate > 0``.
     axis_name: mesh axis the sequence is sharded over, or None.
+    layout: ``"contiguous"`` (device ``d`` holds tokens ``[d L, (d+1) L)``)
+      or ``"zigzag"`` (the order of :func:`ringdilated.to_layout`: device
+      ``d`` holds half-chunks ``d`` and ``2P - 1 - d``). Zigzag balances the
+      work of causal rings; on one device both are the same.
     backend: block implementation: ``"xla"`` (portable einsums), ``"cudnn"``
       (fused GPU attention; bfloat16/float16 without masks or dropout) or
       ``"auto"`` (cuDNN where it applies, else XLA; decided at trace time).
@@ -148,7 +153,7 @@ def dilated_attention(
     raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")
   num_shards = _axis_size(axis_name)
   b, local_len, h, _ = q.shape
-  plan = make_plan(config, local_len * num_shards, h, k.shape[2], num_shards)
+  plan = make_plan(config, local_len * num_shards, h, k.shape[2], num_shards, layout)
   rng = dropout_rng if dropout_rate > 0 else None
   blocks = _blocks.select_backend(
       backend, dtype=q.dtype, head_dim=q.shape[-1],

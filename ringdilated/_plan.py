@@ -22,6 +22,8 @@ from collections.abc import Iterable
 import numpy as np
 
 MODES = ("mix", "partition")
+LAYOUTS = ("contiguous", "zigzag")
+SCHEDULES = ("contiguous", "mirror", "zigzag")
 
 
 def _as_int_tuple(name: str, values: Iterable[int]) -> tuple[int, ...]:
@@ -92,6 +94,17 @@ class Branch:
   ``num_local_segments`` pieces of ``piece`` tokens; a piece holds
   ``piece // rate`` kept tokens. A segment spans ``ring_size`` consecutive
   devices (``1``: the segment is local and nothing is communicated).
+
+  ``schedule`` says how the chunks of a segment lie on its ring (it matters
+  only for causal rings, ``ring_size > 1``):
+
+  * ``"contiguous"``: device ``c`` of the group holds the ``c``-th chunk.
+  * ``"mirror"`` (zigzag layout, segment of a divisor of ``P`` half-chunks):
+    the two local halves belong to two segments laid over the same devices in
+    opposite orders, so device ``c`` holds half-chunk ``c`` of one segment and
+    half-chunk ``g - 1 - c`` of the other.
+  * ``"zigzag"`` (zigzag layout, segment of the whole sequence): device ``c``
+    holds half-chunks ``c`` and ``2g - 1 - c`` of the segment.
   """
 
   index: int
@@ -103,6 +116,7 @@ class Branch:
   offsets: tuple[int, ...]          # length K_b, each in [0, rate)
   piece: int                        # local tokens per piece: min(w, L)
   ring_size: int                    # g: devices per segment
+  schedule: str = "contiguous"      # one of SCHEDULES
 
   @property
   def num_kv(self) -> int:
@@ -113,6 +127,11 @@ class Branch:
     """Kept tokens per piece: the block length ``T``."""
     return self.piece // self.rate
 
+  @property
+  def half(self) -> int:
+    """Kept tokens per local half-chunk (zigzag schedules)."""
+    return self.kept // 2 if self.schedule == "zigzag" else self.kept
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -122,6 +141,7 @@ class Plan:
   num_kv_heads: int
   num_shards: int
   branches: tuple[Branch, ...]
+  layout: str = "contiguous"
 
   @property
   def local_len(self) -> int:
@@ -152,13 +172,17 @@ def _kv_layout(start: int, stop: int, num_heads: int, num_kv_heads: int):
   return tuple(h // g for h in range(start, stop)), 1
 
 
-def _check_layout(config: DilatedConfig, seq_len: int, num_shards: int) -> None:
+def _check_layout(config: DilatedConfig, seq_len: int, num_shards: int,
+                  layout: str) -> None:
   local = seq_len // num_shards
   for i, (w, r) in enumerate(zip(config.segment_lengths, config.dilation_rates)):
     if seq_len % w:
       raise ValueError(f"sequence length {seq_len} must be divisible by "
                        f"segment_lengths[{i}]={w}")
     if num_shards == 1:
+      continue
+    if layout == "zigzag":
+      _check_zigzag(i, w, r, seq_len, num_shards)
       continue
     if local % r:
       raise ValueError(
@@ -174,9 +198,46 @@ def _check_layout(config: DilatedConfig, seq_len: int, num_shards: int) -> None:
           f"length {local} spanning a divisor of the {num_shards} devices")
 
 
+def _check_zigzag(i: int, w: int, r: int, seq_len: int, num_shards: int) -> None:
+  """Branch ``i`` on the zigzag layout: device d holds half-chunks d, 2P-1-d."""
+  where = f"(= {seq_len} / (2 * {num_shards} devices)) of layout='zigzag'"
+  if seq_len % (2 * num_shards):
+    raise ValueError(f"sequence length {seq_len} must be divisible by 2 * "
+                     f"{num_shards} devices for layout='zigzag'")
+  chunk = seq_len // (2 * num_shards)
+  if w <= chunk:
+    if chunk % w:
+      raise ValueError(f"segment_lengths[{i}]={w} must divide the half-chunk "
+                       f"length {chunk} {where} or be a multiple of it")
+    return
+  if w % chunk:
+    raise ValueError(f"segment_lengths[{i}]={w} must be a multiple of the "
+                     f"half-chunk length {chunk} {where}")
+  if num_shards % (w // chunk) and w != seq_len:
+    raise ValueError(
+        f"segment_lengths[{i}]={w} spans {w // chunk} half-chunks {where}: "
+        f"segments of a divisor of {num_shards} half-chunks lie on a sub-ring "
+        "in mirrored pairs, a segment of the whole sequence on the whole ring; "
+        "other segments mix sub-rings of different sizes")
+  if chunk % r:
+    raise ValueError(f"the half-chunk length {chunk} {where} must be divisible "
+                     f"by dilation_rates[{i}]={r}")
+
+
+def _placement(w: int, seq_len: int, num_shards: int, layout: str):
+  """``(piece, ring_size, schedule)`` of a branch of segment length ``w``."""
+  local = seq_len // num_shards
+  if num_shards == 1 or layout == "contiguous" or w <= local // 2:
+    return min(w, local), max(1, w // local), "contiguous"
+  if w == seq_len:
+    return local, num_shards, "zigzag"
+  return local // 2, w // (local // 2), "mirror"
+
+
 @functools.lru_cache(maxsize=256)
 def make_plan(config: DilatedConfig, seq_len: int, num_heads: int,
-              num_kv_heads: int, num_shards: int = 1) -> Plan:
+              num_kv_heads: int, num_shards: int = 1,
+              layout: str = "contiguous") -> Plan:
   """Builds (and memoizes: it is pure and hashable) the static plan.
 
   Args:
@@ -185,6 +246,10 @@ def make_plan(config: DilatedConfig, seq_len: int, num_heads: int,
     num_heads: ``H``.
     num_kv_heads: ``K``; must divide ``H``.
     num_shards: ``P``, devices the sequence is split over; must divide ``N``.
+    layout: how the sequence lies on the devices: ``"contiguous"`` (device
+      ``d`` holds tokens ``[d L, (d+1) L)``) or ``"zigzag"`` (device ``d``
+      holds half-chunks ``d`` and ``2P - 1 - d`` of ``2P``; see
+      :func:`ringdilated.to_layout`).
 
   Raises:
     ValueError: naming the argument and value that make the layout impossible.
@@ -195,12 +260,13 @@ def make_plan(config: DilatedConfig, seq_len: int, num_heads: int,
   if num_shards <= 0 or seq_len % num_shards:
     raise ValueError(f"sequence length {seq_len} must be divisible by the "
                      f"number of devices {num_shards}")
-  _check_layout(config, seq_len, num_shards)
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+  _check_layout(config, seq_len, num_shards, layout)
   k = len(config.segment_lengths)
   if config.mode == "partition" and k > num_heads:
     raise ValueError(f"mode='partition' needs at least one head per branch: "
                      f"num_heads={num_heads} < {k} branches")
-  local = seq_len // num_shards
   group = num_heads // num_kv_heads
   branches = []
   for i, (w, r) in enumerate(zip(config.segment_lengths, config.dilation_rates)):
@@ -212,8 +278,10 @@ def make_plan(config: DilatedConfig, seq_len: int, num_heads: int,
       start, stop = partition_groups(num_heads, k)[i]
       kv_heads, g = _kv_layout(start, stop, num_heads, num_kv_heads)
       offsets = (i % r,) * len(kv_heads)
+    piece, ring_size, schedule = _placement(w, seq_len, num_shards, layout)
     branches.append(Branch(
         index=i, segment_length=w, rate=r, q_heads=(start, stop),
         kv_heads=kv_heads, group=g, offsets=offsets,
-        piece=min(w, local), ring_size=max(1, w // local)))
-  return Plan(config, seq_len, num_heads, num_kv_heads, num_shards, tuple(branches))
+        piece=piece, ring_size=ring_size, schedule=schedule))
+  return Plan(config, seq_len, num_heads, num_kv_heads, num_shards,
+              tuple(branches), layout)

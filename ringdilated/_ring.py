@@ -8,6 +8,15 @@ K/V chunk around the sub-ring of the ``g`` devices of its segment with
 its group) holds the chunk of group position ``(c - s) mod g``. Each visit is
 a block of one global softmax, merged with :func:`_blocks.merge`.
 
+With a causal mask a device skips chunks that come after its own; in the
+contiguous layout the last device of a ring then works at every step while
+the first idles (``max / mean`` work per step up to ``g``). In the zigzag
+layout (``rd.to_layout``) each device holds two half-chunks, and
+:func:`_pairs` picks per step the half-blocks that are visible: exactly the
+same amount of work on every device at every step, chosen by index
+arithmetic on ``axis_index`` (no data-dependent branches), see
+:func:`step_work`.
+
 The backward pass recomputes every block from the saved local ``q, k, v`` and
 the global ``(out, lse)``; the K/V chunks travel again, together with their
 ``dK/dV`` accumulators, which after ``g`` hops are back on their owner. Nothing
@@ -127,14 +136,90 @@ def _ring_position(static: Static, br: Branch):
   return jax.lax.axis_index(static.axis_name) % g, perm
 
 
-def _dropout(static: Static, rng, br: Branch, src) -> Any:
-  """Dropout for the block (branch, query device, key chunk ``src``); same in bwd."""
+def _pairs(br: Branch, causal: bool, c, src) -> list[tuple[Any, Any, Any]]:
+  """The blocks of a ring step: device ``c`` holds the chunk of ``src != c``.
+
+  Returns ``[(q_half, kv_half, when)]``: queries of local half ``q_half``
+  attend keys of half ``kv_half`` of the visiting chunk (``None``: the whole
+  chunk), iff ``when``. ``c`` and ``src`` are traced in the ring and Python
+  ints in :func:`step_work`, which counts the work from this same rule.
+  """
+  if not causal:
+    return [(None, None, True)]
+  if br.schedule == "contiguous":
+    return [(None, None, src < c)]  # a later chunk is invisible: idle device
+  later = src > c
+  # Half 0 runs in device order and sees earlier chunks; half 1 runs in the
+  # opposite order and sees later ones: one block per step on every device.
+  same = (later, later, True)
+  if br.schedule == "mirror":
+    return [same]
+  # "zigzag": half 1 (half-chunk 2g-1-c) also sees every other half 0.
+  return [(1, 0, True), same]
+
+
+def step_work(plan: Plan) -> tuple[np.ndarray, ...]:
+  """Attention work per ring step and device, for each branch of ``plan``.
+
+  Entry ``[s, d]`` of branch ``b``'s array is the work of device ``d`` at ring
+  step ``s`` (step 0: its own chunk), in query-key pairs of kept tokens per
+  batch row and kv slot; a causal diagonal block counts half. Wall time is
+  set by the busiest device of each step, so ``max / mean`` over devices is
+  the slowdown from imbalance (1 is perfect).
+  """
+  causal = plan.config.causal
+  work = []
+  for br in plan.branches:
+    whole = plan.local_len // br.piece * br.kept ** 2
+    w = np.zeros((br.ring_size, plan.num_shards))
+    w[0] = whole / 2 if causal else whole
+    for d in range(plan.num_shards):
+      c = d % br.ring_size
+      for s in range(1, br.ring_size):
+        for qi, _, when in _pairs(br, causal, c, (c - s) % br.ring_size):
+          w[s, d] += bool(when) * (whole if qi is None else br.half ** 2)
+    work.append(w)
+  return tuple(work)
+
+
+def _half(x: Array, i, half: int) -> Array:
+  """Local half ``i`` (int or traced) of compacted [X, T, ...]; all if None."""
+  if i is None:
+    return x
+  x = x.reshape(-1, 2, half, *x.shape[2:])
+  if isinstance(i, (bool, int, np.integer, np.bool_)):
+    return x[:, int(i)]
+  return jax.lax.dynamic_index_in_dim(x, i.astype(jnp.int32), 1, keepdims=False)
+
+
+def _put_half(x: Array, i, half: int, value: Array) -> Array:
+  view = x.reshape(-1, 2, half, *x.shape[2:])
+  if isinstance(i, (bool, int, np.integer, np.bool_)):
+    view = view.at[:, int(i)].set(value)
+  else:
+    view = jax.lax.dynamic_update_index_in_dim(view, value, i.astype(jnp.int32), 1)
+  return view.reshape(x.shape)
+
+
+def _at(tree, i, half: int):
+  return jax.tree.map(lambda x: _half(x, i, half), tree)
+
+
+def _with(tree, i, half: int, fn):
+  """``tree`` with local half ``i`` (all if None) replaced by ``fn`` of it."""
+  if i is None:
+    return fn(tree)
+  return jax.tree.map(lambda x, y: _put_half(x, i, half, y), tree, fn(_at(tree, i, half)))
+
+
+def _dropout(static: Static, rng, br: Branch, ids) -> Any:
+  """Dropout for the block (branch, query device, ``ids``); same in bwd."""
   if rng is None:
     return None
   key = jax.random.fold_in(rng, br.index)
   if static.axis_name is not None:
-    key = jax.random.fold_in(key, jax.lax.axis_index(static.axis_name))
-    key = jax.random.fold_in(key, src)
+    for i in (jax.lax.axis_index(static.axis_name), *ids):
+      key = jax.random.fold_in(key, i)
   return static.dropout_rate, key
 
 
@@ -142,45 +227,45 @@ def _f32(arrays):
   return tuple(x.astype(_F32) for x in arrays)
 
 
-def _visit(block, causal: bool, c, src, zero):
-  """Runs ``block`` on a remote chunk: skipped when causal and it is later."""
-  if not causal:
-    return block()
-  return jax.lax.cond(src < c, block, lambda: zero)
-
-
-def _ring(static, br, block, travel, first, add, skipped):
+def _ring(static, br, block, queries, travel, first, add):
   """Runs the blocks of one branch: the own chunk, then the sub-ring.
 
   Args:
     static, br: the call and the branch.
-    block: ``(kv, diagonal, src) -> result``, the block on chunk ``kv`` that
-      belongs to group position ``src``.
+    block: ``(queries, kv, diagonal, ids) -> result``, the block of
+      ``queries`` against chunk ``kv``; ``ids`` tell dropout keys apart.
+    queries: the query-side compacted arrays (they stay on the device).
     travel: the local compacted K/V chunk (with its masks).
     first: ``result -> (local, acc)`` from the own (diagonal) block; ``acc``
       travels with the K/V chunk it belongs to and ends on its owner.
-    add: ``(local, acc, result) -> (local, acc)``.
-    skipped: ``result -> result`` of a block skipped by causality.
+    add: ``(local, acc, result, q_half, kv_half) -> (local, acc)``, adding a
+      block of local query half ``q_half`` and key half ``kv_half`` (see
+      :func:`_pairs`).
 
   Returns:
-    ``(local, acc)``; results are float32 whatever the backend returns, so the
-    error does not grow with the number of steps.
+    ``(local, acc)``; on a ring, results are float32 whatever the backend
+    returns, so the error does not grow with the number of steps.
   """
   causal = static.plan.config.causal
   if br.ring_size == 1:
-    return first(block(travel, causal, 0))
+    return first(block(queries, travel, causal, (0,)))
   c, perm = _ring_position(static, br)
   rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name, perm=perm)
   g = br.ring_size
-  own = _f32(block(travel, causal, c))
-  local, acc = first(own)
-  zero = skipped(own)
+  local, acc = first(_f32(block(queries, travel, causal, (c,))))
 
   def step(s, kv, local, acc):
     # step s: this device holds the chunk of group position (c - s) mod g.
     src = (c - s) % g
-    result = _visit(lambda: _f32(block(kv, False, src)), causal, c, src, zero)
-    local, acc = add(local, acc, result)
+    for n, (qi, ki, when) in enumerate(_pairs(br, causal, c, src)):
+      def visit(local, acc, qi=qi, ki=ki, n=n):
+        res = _f32(block(_at(queries, qi, br.half), _at(kv, ki, br.half), False,
+                         (src, n)))
+        return add(local, acc, res, qi, ki)
+      if when is True:
+        local, acc = visit(local, acc)
+      else:
+        local, acc = jax.lax.cond(when, visit, lambda *a: a, local, acc)
     return local, rotate(acc) if acc else acc
 
   def body(carry, s):
@@ -196,36 +281,35 @@ def _ring(static, br, block, travel, first, add, skipped):
 
 def _branch_forward(static, br, rng, qc, q_seg, travel):
   """Forward of one branch: (out, lse) for the local compacted queries."""
-  def block(kv, diagonal, src):
-    k, v, kv_valid, kv_seg = kv
+  def block(queries, kv, diagonal, ids):
+    (qc, q_seg), (k, v, kv_valid, kv_seg) = queries, kv
     vis = _blocks.Visibility(kv_valid, q_seg, kv_seg, diagonal)
     return static.backend.forward(qc, k, v, vis, scale=static.scale,
-                                  dropout=_dropout(static, rng, br, src))
+                                  dropout=_dropout(static, rng, br, ids))
 
-  return _ring(
-      static, br, block, travel,
-      first=lambda res: (res, ()),
-      add=lambda acc_out, _, res: (_blocks.merge(*acc_out, *res), ()),
-      skipped=lambda res: (jnp.zeros_like(res[0]), jnp.full_like(res[1], -jnp.inf)),
-  )[0]
+  def add(out_lse, _, res, qi, ki):
+    return _with(out_lse, qi, br.half, lambda cur: _blocks.merge(*cur, *res)), ()
+
+  return _ring(static, br, block, (qc, q_seg), travel,
+               first=lambda res: (res, ()), add=add)[0]
 
 
 def _branch_backward(static, br, rng, qc, q_seg, travel, dout, out, lse):
   """Backward of one branch: (dq, dk, dv) of the compacted local tensors."""
-  def block(kv, diagonal, src):
-    k, v, kv_valid, kv_seg = kv
+  def block(queries, kv, diagonal, ids):
+    (qc, q_seg, dout, out, lse), (k, v, kv_valid, kv_seg) = queries, kv
     vis = _blocks.Visibility(kv_valid, q_seg, kv_seg, diagonal)
     return static.backend.backward(qc, k, v, vis, dout, out, lse,
                                    scale=static.scale,
-                                   dropout=_dropout(static, rng, br, src))
+                                   dropout=_dropout(static, rng, br, ids))
 
-  # dK/dV accumulators travel with their K/V chunk; dQ stays.
-  dq, (dk, dv) = _ring(
-      static, br, block, travel,
-      first=lambda res: (res[0], res[1:]),
-      add=lambda dq, acc, res: (dq + res[0], (acc[0] + res[1], acc[1] + res[2])),
-      skipped=lambda res: tuple(jnp.zeros_like(x) for x in res),
-  )
+  def add(dq, dkv, res, qi, ki):
+    # dK/dV accumulators travel with their K/V chunk; dQ stays.
+    return (_with(dq, qi, br.half, lambda cur: cur + res[0]),
+            _with(dkv, ki, br.half, lambda cur: (cur[0] + res[1], cur[1] + res[2])))
+
+  dq, (dk, dv) = _ring(static, br, block, (qc, q_seg, dout, out, lse), travel,
+                       first=lambda res: (res[0], res[1:]), add=add)
   return dq, dk, dv
 
 

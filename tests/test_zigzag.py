@@ -1,0 +1,297 @@
+"""The zigzag layout: load-balanced causal rings.
+
+Device ``d`` of ``P`` holds half-chunks ``d`` and ``2P - 1 - d`` of the
+global sequence (``rd.to_layout``). Every comparison runs the ring on the
+laid-out sequence, maps the result back with ``rd.from_layout`` and compares
+it with one device on the natural order, for outputs and ``jax.grad`` of
+q, k and v. The balance tests count the work of the static schedule
+(``_ring.step_work``, built from the same rule the ring executes).
+
+``tests/conftest.py`` provides 8 CPU devices. Shape legend: B batch,
+N global sequence length, P ring size, C = N / (2P) half-chunk length,
+H query heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as PS
+
+import ringdilated as rd
+from ringdilated import _plan, _ring
+
+TOL = 1e-5  # max abs error, ring vs one device, float32 (observed ~1e-6)
+
+N = 128
+B, H, K, D = 2, 4, 2, 8
+# For P = 2, 4, 8 these cover local branches (w <= C), mirrored sub-rings
+# (w = m C, m | P, m = 2..P) and the whole-sequence zigzag ring (w = N).
+MIX = dict(segment_lengths=(8, 16, 32, 64, 128), dilation_rates=(1, 2, 2, 4, 4))
+PARTITION = dict(segment_lengths=(8, 32, 64, 128), dilation_rates=(1, 2, 4, 4))
+CONFIG = {"mix": MIX, "partition": PARTITION}
+LONGNET = dict(segment_lengths=(2048, 4096, 8192, 16384), dilation_rates=(1, 2, 4, 8))
+
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+@pytest.fixture(autouse=True)
+def _exact_matmuls():
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+def _mesh(p):
+  return jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
+
+
+@functools.lru_cache(maxsize=None)
+def _inputs(seed=0):
+  """q, k, v, cotangent, key_padding_mask, segment_ids in natural order."""
+  rng = np.random.default_rng(seed)
+  q, k, v, cot = (jnp.asarray(rng.standard_normal((B, N, x, D)), jnp.float32)
+                  for x in (H, K, K, H))
+  kpm = jnp.asarray(rng.random((B, N)) > 0.25)
+  seg = jnp.asarray(np.sort(rng.integers(0, 3, (B, N)), axis=1), jnp.int32)
+  return q, k, v, cot, kpm, seg
+
+
+def _attend(axis_name, kw):
+  def f(q, k, v, kpm, seg):
+    return rd.dilated_attention(q, k, v, key_padding_mask=kpm, segment_ids=seg,
+                                axis_name=axis_name, **kw)
+  return f
+
+
+def _ring_in(p, layout, kw, data_layout=None):
+  """Natural order in and out; the ring sees the sequence in ``data_layout``."""
+  data_layout = data_layout or layout
+  ring = jax.shard_map(_attend("sp", dict(kw, layout=layout)), mesh=_mesh(p),
+                       in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
+
+  def f(*args):
+    out = ring(*(rd.to_layout(x, data_layout, p) for x in args))
+    return rd.from_layout(out, data_layout, p)
+  return f
+
+
+def _out_and_grads(fn, q, k, v, cot, kpm, seg):
+  @_jit
+  def run(q, k, v, cot, kpm, seg):
+    def loss(q, k, v):
+      out = fn(q, k, v, kpm, seg)
+      return jnp.sum(out * cot), out
+    grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return (out,) + grads
+  return run(q, k, v, cot, kpm, seg)
+
+
+@functools.lru_cache(maxsize=None)
+def _single_device(mode, causal):
+  return _out_and_grads(_attend(None, dict(CONFIG[mode], mode=mode, causal=causal)),
+                        *_inputs())
+
+
+def _max_errs(got, want):
+  return [float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want)]
+
+
+# ---------------------------------------------------------------------------
+# to_layout / from_layout.
+
+
+def test_to_layout_puts_half_chunks_d_and_2p_minus_1_minus_d_on_device_d():
+  x = np.arange(16)[None]
+  np.testing.assert_array_equal(
+      rd.to_layout(x, "zigzag", 2), [[0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11]])
+  for p in (1, 2, 4, 8):
+    laid = rd.to_layout(np.arange(32), "zigzag", p, axis=0).reshape(p, 2, -1)
+    chunks = laid[:, :, 0] // (32 // (2 * p))  # half-chunk index of each half
+    np.testing.assert_array_equal(chunks[:, 0], np.arange(p))
+    np.testing.assert_array_equal(chunks[:, 1], 2 * p - 1 - np.arange(p))
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_from_layout_inverts_to_layout(axis):
+  x = np.random.default_rng(0).standard_normal((16, 16, 16)).astype(np.float32)
+  for p in (1, 2, 4, 8):
+    for layout in ("contiguous", "zigzag"):
+      y = rd.to_layout(jnp.asarray(x), layout, p, axis=axis)
+      assert isinstance(y, jax.Array)
+      np.testing.assert_array_equal(np.asarray(rd.from_layout(y, layout, p, axis=axis)), x)
+  # numpy in, numpy out; contiguous is the identity
+  assert isinstance(rd.to_layout(x, "zigzag", 2), np.ndarray)
+  assert rd.to_layout(x, "contiguous", 4) is x
+  assert not np.array_equal(rd.to_layout(x, "zigzag", 2, axis=axis), x)
+
+
+@pytest.mark.parametrize("args,error,match", [
+    ((np.zeros((1, 8)), "striped", 2), ValueError, r"layout='striped' must be one of"),
+    ((np.zeros((1, 12)), "zigzag", 4), ValueError,
+     r"to_layout: x.shape\[1\]=12 must be divisible by 8"),
+    ((np.zeros((1, 8)), "zigzag", 0), ValueError, r"axis_size=0 must be positive"),
+    ((np.zeros((1, 8)), "zigzag", 2.0), TypeError, r"axis_size=2.0 must be an int"),
+    ((np.zeros((1, 8)), "zigzag", 2, 2), ValueError, r"axis=2 is out of range"),
+    (([0, 1, 2, 3], "zigzag", 2), TypeError, r"x must be an array, got list"),
+])
+def test_to_layout_rejects_bad_arguments(args, error, match):
+  with pytest.raises(error, match=match):
+    rd.to_layout(*args)
+
+
+# ---------------------------------------------------------------------------
+# The zigzag ring equals one device.
+
+
+def test_config_covers_every_zigzag_schedule():
+  for p in (2, 4, 8):
+    plan = _plan.make_plan(rd.DilatedConfig(**MIX), N, H, K, p, "zigzag")
+    kinds = {(br.schedule, br.ring_size) for br in plan.branches}
+    assert ("contiguous", 1) in kinds and ("zigzag", p) in kinds
+    assert {g for s, g in kinds if s == "mirror"} == {g for g in (2, 4, 8) if g <= p}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mode", ["mix", "partition"])
+@pytest.mark.parametrize("p", [2, 4, 8])
+def test_zigzag_ring_matches_single_device(p, mode, causal):
+  """GQA (H=4, K=2), key padding and packed segments; outputs and grads."""
+  kw = dict(CONFIG[mode], mode=mode, causal=causal)
+  got = _out_and_grads(_ring_in(p, "zigzag", kw), *_inputs())
+  want = _single_device(mode, causal)
+  assert all(float(jnp.max(jnp.abs(w))) > 0.1 for w in want)
+  errs = _max_errs(got, want)
+  assert max(errs) < TOL, dict(zip(("out", "dq", "dk", "dv"), errs))
+
+
+def test_negative_control_zigzag_data_run_as_contiguous_fails():
+  kw = dict(MIX, causal=True)
+  q, k, v, _, kpm, seg = _inputs()
+  wrong = _jit(_ring_in(4, "contiguous", kw, data_layout="zigzag"))(q, k, v, kpm, seg)
+  want = _single_device("mix", True)[0]
+  assert float(jnp.max(jnp.abs(wrong - want))) > 1e-2
+
+
+def test_one_device_zigzag_is_contiguous():
+  """P = 1: both layouts are the identity, so the results are bitwise equal."""
+  kw = dict(MIX, causal=True)
+  q, k, v, _, kpm, seg = _inputs()
+  for axis_name, p in ((None, 1), ("sp", 1)):
+    outs = []
+    for layout in ("contiguous", "zigzag"):
+      f = _attend(axis_name, dict(kw, layout=layout))
+      if axis_name:
+        f = jax.shard_map(f, mesh=_mesh(p), in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
+      outs.append(np.asarray(_jit(f)(q, k, v, kpm, seg)))
+    np.testing.assert_array_equal(*outs)
+
+
+def _primitives(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn.primitive.name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          yield from _primitives(sub)
+
+
+@pytest.mark.parametrize("layout,conds", [("contiguous", True), ("zigzag", False)])
+def test_causal_zigzag_ring_has_no_data_dependent_skips(layout, conds):
+  """Contiguous causal rings skip later chunks with ``cond`` (idle devices);
+  zigzag rings compute a block on every device at every step."""
+  kw = dict(segment_lengths=(64, 128), dilation_rates=(2, 4), causal=True)
+  q, k, v, cot, kpm, seg = _inputs()
+  ring = _ring_in(4, layout, kw)
+  grad = jax.grad(lambda q: jnp.sum(ring(q, k, v, kpm, seg) * cot))
+  prims = set(_primitives(jax.make_jaxpr(grad)(q).jaxpr))
+  assert "ppermute" in prims
+  assert ("cond" in prims) == conds
+
+
+# ---------------------------------------------------------------------------
+# Balance, counted from the static schedule.
+
+
+def _balance(config, n, p, layout):
+  """(worst per-step max/mean over devices, total of maxes / total of means)."""
+  plan = _plan.make_plan(config, n, 16, 16, p, layout)
+  work = _ring.step_work(plan)
+  per_step = max(float(np.max(w.max(1) / w.mean(1))) for w in work)
+  total = sum(w.max(1).sum() for w in work) / sum(w.mean(1).sum() for w in work)
+  return per_step, total, plan, work
+
+
+BALANCE_CASES = [
+    ("dense", rd.DilatedConfig((1 << 16,), (1,), causal=True), 1 << 16),
+    ("longnet-16K", rd.DilatedConfig(**LONGNET, causal=True), 1 << 14),
+    ("longnet-32K", rd.DilatedConfig(**LONGNET, causal=True), 1 << 15),
+]
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("name,config,n", BALANCE_CASES, ids=[c[0] for c in BALANCE_CASES])
+def test_zigzag_balances_causal_work(name, config, n, p):
+  per_step, total, plan, work = _balance(config, n, p, "zigzag")
+  assert any(br.ring_size > 1 for br in plan.branches)  # a real ring
+  assert per_step <= 1.1 and total <= 1.1, (per_step, total)
+  # Both layouts do the same work, the causal half of each segment's blocks.
+  _, _, contiguous_plan, contiguous_work = _balance(config, n, p, "contiguous")
+  for br, w, cw in zip(plan.branches, work, contiguous_work):
+    want = n // br.segment_length * (br.segment_length // br.rate) ** 2 / 2
+    assert w.sum() == cw.sum() == want
+  if name == "dense":  # contiguous: the last device works at every step
+    contiguous = _balance(config, n, p, "contiguous")
+    assert contiguous[0] == p and contiguous[1] == 2 - 1 / p
+
+
+def test_non_causal_rings_are_balanced_in_both_layouts():
+  config = rd.DilatedConfig(**LONGNET)
+  for layout in ("contiguous", "zigzag"):
+    per_step, total, *_ = _balance(config, 1 << 14, 8, layout)
+    assert per_step == total == 1.0
+
+
+# ---------------------------------------------------------------------------
+# Validation: layouts zigzag cannot schedule, before any tracing of the ring.
+
+
+@pytest.mark.parametrize("p,n,w,r,match", [
+    (4, 36, (36,), (1,),
+     r"sequence length 36 must be divisible by 2 \* 4 devices for layout='zigzag'"),
+    (2, 48, (8, 48), (1, 1),
+     r"segment_lengths\[0\]=8 must divide the half-chunk length 12 "
+     r"\(= 48 / \(2 \* 2 devices\)\) of layout='zigzag' or be a multiple of it"),
+    (3, 24, (8, 24), (1, 1),
+     r"segment_lengths\[0\]=8 spans 2 half-chunks .* segments of a divisor of 3"),
+    (4, 64, (64,), (16,),
+     r"the half-chunk length 8 .* must be divisible by dilation_rates\[0\]=16"),
+], ids=["seq-len", "short-segment", "sub-ring-sizes", "rate"])
+def test_zigzag_layout_it_cannot_schedule_raises(monkeypatch, p, n, w, r, match):
+  kw = dict(segment_lengths=w, dilation_rates=r)
+  calls = []
+  monkeypatch.setattr(_ring, "attention", lambda *a: calls.append(a))
+  x = jax.ShapeDtypeStruct((1, n, 2, 8), jnp.float32)
+
+  def ring(layout):
+    return jax.shard_map(
+        lambda q, k, v: rd.dilated_attention(q, k, v, axis_name="sp", layout=layout, **kw),
+        mesh=_mesh(p), in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
+
+  if n % p == 0 and n // p % max(r) == 0:  # valid contiguous: the error is zigzag's
+    jax.eval_shape(ring("contiguous"), x, x, x)
+    calls.clear()
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(ring("zigzag"), x, x, x)
+  assert not calls
+
+
+def test_unknown_layout_raises():
+  q = jnp.ones((1, 16, 2, 8))
+  with pytest.raises(ValueError, match=r"layout='striped' must be one of"):
+    rd.dilated_attention(q, q, q, segment_lengths=(16,), dilation_rates=(1,),
+                         layout="striped")
