@@ -28,4 +28,5 @@ def test_readme_snippets_run_and_agree():
   single = rd.dilated_attention(env["q"], env["k"], env["v"], segment_lengths=(2048, 4096, 8192),
                                 dilation_rates=(1, 2, 4), causal=True)
   np.testing.assert_allclose(np.asarray(env["out_ring"]), np.asarray(single), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(env["out_zigzag"]), np.asarray(single), atol=1e-5)
   assert bool(jnp.all(jnp.isfinite(env["out"])))
