@@ -17,6 +17,11 @@ Cases (bf16, B=1, H=16, D=128):
              causal, both modes: ours vs gathering each branch and calling
              cuDNN by hand.
   ringattn   the ``ringattention`` package (if importable) at 8K/32K causal.
+  zigzag     the dense causal case on a 1-device ring in the zigzag layout
+             (overhead vs contiguous), and the attention work of one ring
+             step of the busiest device for P = 8 (cuDNN blocks): contiguous
+             (one L x L block) vs zigzag (two L/2 x L/2 blocks), which with
+             one GPU stands in for the multi-GPU wall time.
 """
 
 from __future__ import annotations
@@ -67,6 +72,24 @@ def cudnn_dense(q, k, v):
 
 def ours(q, k, v, *, backend="auto", **kw):
   return rd.dilated_attention(q, k, v, causal=True, backend=backend, **kw)
+
+
+def cudnn_block(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def step_contiguous(q, k, v):
+  """Busiest device, one causal ring step, contiguous layout: an L x L block."""
+  return cudnn_block(q, k, v)
+
+
+def step_zigzag(q, k, v):
+  """Every device, one causal ring step, zigzag: two L/2 x L/2 blocks."""
+  c = q.shape[1] // 2
+  # half 1 sees the visiting half 0; plus one same-half block (here half 0)
+  cross = cudnn_block(q[:, c:], k[:, :c], v[:, :c])
+  same = cudnn_block(q[:, :c], k[:, :c], v[:, :c])
+  return jnp.concatenate([same, cross], axis=1)
 
 
 def ours_ring1(q, k, v, **kw):
@@ -208,6 +231,20 @@ def cases(only):
         yield f"ours_longnet_{mode}", functools.partial(ours, mode=mode, **LONGNET), n, fl, cfg
         yield f"gather_cudnn_longnet_{mode}", functools.partial(
             gather_cudnn, mode=mode, **LONGNET), n, fl, cfg
+  if "zigzag" in only:
+    for n in (8192, 32768, 131072):
+      cfg = dict(segment_lengths=(n,), dilation_rates=(1,), mode="mix", causal=True)
+      fl = attention_flops(n, (n,), (1,), "mix", True)
+      yield "ours_dense_ring1", functools.partial(
+          ours_ring1, segment_lengths=(n,), dilation_rates=(1,)), n, fl, cfg
+      yield "ours_dense_ring1_zigzag", functools.partial(
+          ours_ring1, segment_lengths=(n,), dilation_rates=(1,), layout="zigzag"), n, fl, cfg
+    for n in (131072, 1048576):  # per-device length L = n / 8
+      local = n // 8
+      cfg = dict(segment_lengths=(n,), dilation_rates=(1,), mode="mix", causal=True,
+                 ring_size=8)
+      yield "step_contiguous_p8", step_contiguous, local, 4.0 * local**2 * H * D, cfg
+      yield "step_zigzag_p8", step_zigzag, local, 2.0 * local**2 * H * D, cfg
   if "ringattn" in only:
     for n in (8192, 32768):
       cfg = dict(segment_lengths=(n,), dilation_rates=(1,), mode="mix", causal=True)
@@ -220,7 +257,7 @@ def cases(only):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=None, help="results JSON path")
-  parser.add_argument("--only", default="dense,longnet,ringattn",
+  parser.add_argument("--only", default="dense,longnet,ringattn,zigzag",
                       help="comma list of case groups, or implementation names")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--max-seq", type=int, default=1 << 20)
@@ -232,7 +269,7 @@ def main(argv=None) -> int:
   if args.out and os.path.exists(args.out):
     with open(args.out) as f:
       records = json.load(f)
-  groups = {"dense", "longnet", "ringattn"}
+  groups = {"dense", "longnet", "ringattn", "zigzag"}
   for name, impl, n, fl, cfg in cases(only & groups or groups):
     if not only & groups and name not in only:
       continue

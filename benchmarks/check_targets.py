@@ -29,6 +29,8 @@ def targets(rec):
   yield "dense causal 32K fwd+bwd throughput vs cuDNN >= 0.95x", v, v is not None and v >= 0.95
   v = ratio(get("ours_dense_ring1", 32768), get("ours_dense", 32768))
   yield "ring path on 1 device within 5% of non-ring (32K)", v, v is not None and v <= 1.05
+  v = ratio(get("ours_dense_ring1_zigzag", 32768), get("ours_dense_ring1", 32768))
+  yield "zigzag layout on a 1-device ring within 5% of contiguous (32K)", v, v is not None and v <= 1.05
   n = 1 << 20
   for mode in ("mix", "partition"):
     v = ratio(get(f"gather_cudnn_longnet_{mode}", n), get(f"ours_longnet_{mode}", n))
