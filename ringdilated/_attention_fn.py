@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ._attention import dilated_attention
-from ._plan import DilatedConfig
+from ._plan import DilatedConfig, check_layout
 
 Array = jax.Array
 
@@ -48,6 +48,7 @@ def make_attention_fn(
     mode: str = "mix",
     causal: bool = False,
     axis_name: Hashable | None = None,
+    layout: str = "contiguous",
     backend: str = "auto",
 ) -> Callable[..., Array]:
   """Dilated attention with the signature Flax's ``attention_fn`` expects.
@@ -79,6 +80,7 @@ def make_attention_fn(
       :func:`ringdilated.dilated_attention`.
     causal: a query sees only keys at positions ``<=`` its own.
     axis_name: mesh axis the sequence is sharded over, or None.
+    layout: ``"contiguous"`` or ``"zigzag"`` (see :func:`ringdilated.to_layout`).
     backend: ``"auto"``, ``"xla"`` or ``"cudnn"``.
 
   Returns:
@@ -100,6 +102,7 @@ def make_attention_fn(
     (1, 16, 8)
   """
   config = DilatedConfig(segment_lengths, dilation_rates, mode, causal)  # validates
+  check_layout(layout)
 
   def attention_fn(
       query: Array,
@@ -171,6 +174,7 @@ def make_attention_fn(
         dropout_rate=dropout_rate if use_dropout else 0.0,
         dropout_rng=dropout_rng if use_dropout else None,
         axis_name=axis_name,
+        layout=layout,
         backend=backend,
     )
 

@@ -172,6 +172,12 @@ def _kv_layout(start: int, stop: int, num_heads: int, num_kv_heads: int):
   return tuple(h // g for h in range(start, stop)), 1
 
 
+def check_layout(layout) -> None:
+  """Raises unless ``layout`` is one of :data:`LAYOUTS`."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+
+
 def _check_layout(config: DilatedConfig, seq_len: int, num_shards: int,
                   layout: str) -> None:
   local = seq_len // num_shards
@@ -260,8 +266,7 @@ def make_plan(config: DilatedConfig, seq_len: int, num_heads: int,
   if num_shards <= 0 or seq_len % num_shards:
     raise ValueError(f"sequence length {seq_len} must be divisible by the "
                      f"number of devices {num_shards}")
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+  check_layout(layout)
   _check_layout(config, seq_len, num_shards, layout)
   k = len(config.segment_lengths)
   if config.mode == "partition" and k > num_heads:

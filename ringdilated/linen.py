@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
 from ._attention import dilated_attention
-from ._plan import MODES
+from ._plan import MODES, check_layout
 
 Array = jax.Array
 
@@ -114,6 +114,7 @@ def _attend(m, q: Array, k: Array, v: Array, key_padding_mask: Array | None,
       dropout_rate=m.dropout_rate if dropout_rng is not None else 0.0,
       dropout_rng=dropout_rng,
       axis_name=m.axis_name,
+      layout=m.layout,
       backend=m.backend,
   )
 
@@ -134,6 +135,8 @@ class DilatedAttention(nn.Module):
     dropout_rate: probability of dropping an attention weight.
     axis_name: mesh axis the sequence is sharded over (ring execution inside
       ``jax.shard_map`` / ``jax.pmap``), or None for one device.
+    layout: how the sequence lies on the ring's devices, ``"contiguous"`` or
+      ``"zigzag"`` (balanced causal rings; see :func:`ringdilated.to_layout`).
     backend: attention block implementation, ``"auto"``, ``"xla"`` or
       ``"cudnn"`` (see :func:`ringdilated.dilated_attention`).
 
@@ -152,6 +155,7 @@ class DilatedAttention(nn.Module):
   softmax_scale: float | None = None
   dropout_rate: float = 0.0
   axis_name: Hashable | None = None
+  layout: str = "contiguous"
   backend: str = "auto"
 
   def __call__(
@@ -183,6 +187,7 @@ class DilatedAttention(nn.Module):
         any error of :func:`ringdilated.dilated_attention`.
     """
     _check_dropout_rate(self.dropout_rate)
+    check_layout(self.layout)
     dropout_rng = None
     if self.dropout_rate > 0:
       if deterministic is None:
@@ -235,6 +240,8 @@ class MultiHeadDilatedAttention(nn.Module):
     param_dtype: dtype of every parameter.
     axis_name: mesh axis the sequence is sharded over (ring execution inside
       ``jax.shard_map`` / ``jax.pmap``), or None for one device.
+    layout: how the sequence lies on the ring's devices, ``"contiguous"`` or
+      ``"zigzag"`` (balanced causal rings; see :func:`ringdilated.to_layout`).
     backend: attention block implementation, ``"auto"``, ``"xla"`` or
       ``"cudnn"`` (see :func:`ringdilated.dilated_attention`).
     deterministic: default of the call argument (merged as in Flax).
@@ -268,12 +275,14 @@ class MultiHeadDilatedAttention(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   axis_name: Hashable | None = None
+  layout: str = "contiguous"
   backend: str = "auto"
   deterministic: bool | None = None
 
   def _check_fields(self, x: Array) -> tuple[int, int, int, int]:
     """Validates fields against ``x``; returns ``(H, K, D, F)``."""
     _check_dropout_rate(self.dropout_rate)
+    check_layout(self.layout)
     if getattr(x, "ndim", None) != 3:
       raise ValueError(f"x must have shape [B, T, E], got shape {getattr(x, 'shape', x)}")
     return _head_layout(self.num_heads, self.num_kv_heads, self.qkv_features,
@@ -337,6 +346,7 @@ class MultiHeadDilatedAttention(nn.Module):
         softmax_scale=self.softmax_scale,
         dropout_rate=self.dropout_rate,
         axis_name=self.axis_name,
+        layout=self.layout,
         backend=self.backend,
         name="attention",
     )(q, k, v, key_padding_mask=key_padding_mask, segment_ids=segment_ids,

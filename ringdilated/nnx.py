@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from ._plan import DilatedConfig
+from ._plan import DilatedConfig, check_layout
 from .linen import (_check_dropout_rate, _is_positive_int, _stacked_init,
                     _xavier_normal, _attend, _head_layout)
 
@@ -54,6 +54,7 @@ class DilatedAttention(nnx.Module):
     deterministic: default of the call argument; set by ``eval()`` /
       ``train()``.
     axis_name: mesh axis the sequence is sharded over, or None.
+    layout: ``"contiguous"`` or ``"zigzag"`` (see :func:`ringdilated.to_layout`).
     backend: ``"auto"``, ``"xla"`` or ``"cudnn"``.
     rngs: its ``dropout`` stream (or default stream) is forked and kept
       when ``dropout_rate > 0``; may be None if keys are passed at call.
@@ -81,11 +82,13 @@ class DilatedAttention(nnx.Module):
       dropout_rate: float = 0.0,
       deterministic: bool | None = None,
       axis_name: Hashable | None = None,
+      layout: str = "contiguous",
       backend: str = "auto",
       rngs: nnx.Rngs | None = None,
   ):
     config = DilatedConfig(segment_lengths, dilation_rates, mode, causal)  # validates
     _check_dropout_rate(dropout_rate)
+    check_layout(layout)
     self.segment_lengths = config.segment_lengths
     self.dilation_rates = config.dilation_rates
     self.mode = mode
@@ -94,6 +97,7 @@ class DilatedAttention(nnx.Module):
     self.dropout_rate = dropout_rate
     self.deterministic = deterministic
     self.axis_name = axis_name
+    self.layout = layout
     self.backend = backend
     self.rngs = (rngs.dropout.fork() if rngs is not None and dropout_rate > 0
                  else nnx.data(None))
@@ -172,7 +176,7 @@ class MultiHeadDilatedAttention(nnx.Module):
     qkv_features: ``H * D``, default ``E``.
     out_features: ``F``, default ``E``.
     use_bias, fused_qkv, sub_layer_norm, gamma_init, kernel_init, bias_init,
-      softmax_scale, dropout_rate, dtype, param_dtype, axis_name, backend:
+      softmax_scale, dropout_rate, dtype, param_dtype, axis_name, layout, backend:
       as in the Linen module.
     deterministic: default of the call argument; set by ``eval()`` /
       ``train()``.
@@ -219,6 +223,7 @@ class MultiHeadDilatedAttention(nnx.Module):
       dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
       axis_name: Hashable | None = None,
+      layout: str = "contiguous",
       backend: str = "auto",
       deterministic: bool | None = None,
       rngs: nnx.Rngs,
@@ -237,7 +242,8 @@ class MultiHeadDilatedAttention(nnx.Module):
     self.attention = DilatedAttention(
         segment_lengths, dilation_rates, mode=mode, causal=causal,
         softmax_scale=softmax_scale, dropout_rate=dropout_rate,
-        deterministic=deterministic, axis_name=axis_name, backend=backend, rngs=rngs)
+        deterministic=deterministic, axis_name=axis_name, layout=layout,
+        backend=backend, rngs=rngs)
 
     if kernel_init is None:
       qk_init, vo_init = _xavier_normal(1.0), _xavier_normal(gamma_init)

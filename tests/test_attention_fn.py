@@ -175,3 +175,21 @@ def test_lengths_must_agree_and_pattern_is_validated_early():
 def test_docstring_examples_run():
   result = doctest.testmod(ringdilated._attention_fn, optionflags=doctest.ELLIPSIS)
   assert result.attempted >= 3 and result.failed == 0
+
+
+def test_layout_is_checked_and_passed_on():
+  with pytest.raises(ValueError, match=r"layout='striped' must be one of"):
+    rd.make_attention_fn(segment_lengths=W, dilation_rates=R, layout="striped")
+  # Under a zigzag ring of 4 the laid-out result equals one device's.
+  p = 4
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
+  spec = jax.sharding.PartitionSpec(None, "sp")
+  fn = rd.make_attention_fn(segment_lengths=W, dilation_rates=R, causal=True,
+                            axis_name="sp", layout="zigzag")
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 32, 4, 8)), jnp.float32) for _ in range(3))
+  ring = jax.jit(jax.shard_map(lambda q, k, v: fn(q, k, v), mesh=mesh,
+                               in_specs=spec, out_specs=spec))
+  got = rd.from_layout(ring(*(rd.to_layout(x, "zigzag", p) for x in (q, k, v))), "zigzag", p)
+  want = rd.dilated_attention(q, k, v, segment_lengths=W, dilation_rates=R, causal=True)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -381,7 +381,8 @@ def test_module_holds_no_state():
   assert mha == _mha(dropout_rate=0.1) and hash(mha) == hash(_mha(dropout_rate=0.1))
 
 
-def test_ring_execution_equals_single_device():
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_ring_execution_equals_single_device(layout):
   n = 4
   mesh = jax.make_mesh((n,), ("sp",), devices=jax.devices()[:n])
   fields = dict(num_kv_heads=2, causal=True, sub_layer_norm=True)
@@ -391,15 +392,16 @@ def test_ring_execution_equals_single_device():
   want = jax.jit(lambda p, x, m: _mha(**fields).apply(p, x, key_padding_mask=m))(
       params, x, kpm)
 
-  ring = _mha(axis_name="sp", **fields)
+  ring = _mha(axis_name="sp", layout=layout, **fields)
   shard = jax.sharding.NamedSharding(mesh, P(None, "sp"))
+  x, kpm = (rd.to_layout(a, layout, n) for a in (x, kpm))
   f = jax.jit(jax.shard_map(
       lambda p, x, m: ring.apply(p, x, key_padding_mask=m), mesh=mesh,
       in_specs=(P(), P(None, "sp"), P(None, "sp")), out_specs=P(None, "sp")))
   args = (jax.device_put(params, jax.sharding.NamedSharding(mesh, P())),
           jax.device_put(x, shard), jax.device_put(kpm, shard))
   assert "ppermute" in str(jax.make_jaxpr(f)(*args))  # the 32-token branch is a ring
-  np.testing.assert_allclose(f(*args), want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(rd.from_layout(f(*args), layout, n), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fields, match", [
@@ -415,6 +417,7 @@ def test_ring_execution_equals_single_device():
     (dict(gamma_init=0.0), r"gamma_init=0.0 must be a positive"),
     (dict(dropout_rate=1.5), r"dropout_rate=1.5 must be in \[0, 1\)"),
     (dict(segment_lengths=(8, 12)), r"segment_lengths\[1\]=12"),
+    (dict(layout="striped"), r"layout='striped' must be one of"),
 ])
 def test_invalid_fields_raise(fields, match):
   with pytest.raises(ValueError, match=match):

@@ -227,6 +227,7 @@ def test_dilated_attention_module_equals_function():
     (dict(mode="bad"), r"mode='bad' must be one of"),
     (dict(gamma_init=0.0), r"gamma_init=0.0 must be a positive"),
     (dict(dropout_rate=1.5), r"dropout_rate=1.5 must be in \[0, 1\)"),
+    (dict(layout="striped"), r"layout='striped' must be one of"),
     (dict(dilation_rates=(3, 2)),
      r"segment_lengths\[0\]=8 must be divisible by dilation_rates\[0\]=3"),
 ])
@@ -235,6 +236,21 @@ def test_invalid_arguments_raise_at_construction(fields, match):
   h = kw.pop("num_heads")
   with pytest.raises(ValueError, match=match):
     rdnnx.MultiHeadDilatedAttention(h, E, rngs=_rngs(), **kw)
+
+
+def test_zigzag_ring_equals_single_device():
+  """``layout`` reaches the function: a zigzag ring of 4 on laid-out inputs."""
+  p = 4
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((B, T, 4, 8)), jnp.float32) for _ in range(3))
+  attn = rdnnx.DilatedAttention(W, R, causal=True, axis_name="sp", layout="zigzag")
+  spec = jax.sharding.PartitionSpec(None, "sp")
+  ring = jax.jit(jax.shard_map(lambda q, k, v: attn(q, k, v), mesh=mesh,
+                               in_specs=spec, out_specs=spec))
+  got = rd.from_layout(ring(*(rd.to_layout(x, "zigzag", p) for x in (q, k, v))), "zigzag", p)
+  want = rd.dilated_attention(q, k, v, segment_lengths=W, dilation_rates=R, causal=True)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_input_shape_is_checked():
