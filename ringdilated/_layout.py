@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import operator
 
+import jax
 import numpy as np
 
-from ._plan import LAYOUTS
+from ._plan import check_layout
 
 
 def _order(layout: str, axis_size: int) -> np.ndarray:
   """Half-chunk ``j`` of the laid-out sequence is half-chunk ``order[j]``."""
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+  check_layout(layout)
   try:
     if isinstance(axis_size, bool):
       raise TypeError
@@ -36,7 +36,7 @@ def _order(layout: str, axis_size: int) -> np.ndarray:
 
 
 def _permute(x, order: np.ndarray, axis: int, name: str):
-  if not hasattr(x, "shape") or not hasattr(x, "reshape"):
+  if not hasattr(x, "shape") or not hasattr(x, "ndim"):
     raise TypeError(f"x must be an array, got {type(x).__name__}")
   try:
     axis = operator.index(axis)
@@ -51,8 +51,17 @@ def _permute(x, order: np.ndarray, axis: int, name: str):
                      f"{len(order)} (2 * axis_size half-chunks)")
   if np.array_equal(order, np.arange(len(order))):
     return x
-  chunks = x.reshape(*x.shape[:axis], len(order), n // len(order), *x.shape[axis + 1:])
-  return chunks[(slice(None),) * axis + (order,)].reshape(x.shape)
+  chunk = n // len(order)
+  tokens = (order[:, None] * chunk + np.arange(chunk)).reshape(-1)
+  if isinstance(x, np.ndarray):
+    return np.take(x, tokens, axis=axis)
+  index = (slice(None),) * axis + (tokens,)
+  sharding = jax.typeof(x).sharding
+  if jax.sharding.AxisType.Explicit in getattr(sharding.mesh, "axis_types", ()):
+    # A sequence sharded over an explicit mesh axis: keep its sharding (the
+    # gather moves tokens between devices).
+    return x.at[index].get(out_sharding=sharding)
+  return x[index]
 
 
 def to_layout(x, layout: str, axis_size: int, axis: int = 1):

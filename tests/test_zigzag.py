@@ -129,6 +129,18 @@ def test_from_layout_inverts_to_layout(axis):
   assert not np.array_equal(rd.to_layout(x, "zigzag", 2, axis=axis), x)
 
 
+def test_layout_of_a_sequence_sharded_over_an_explicit_mesh_axis():
+  """``jax.make_mesh`` axes are explicit: the permutation keeps the sharding."""
+  mesh = jax.make_mesh((4,), ("sp",), devices=jax.devices()[:4])
+  sharding = jax.sharding.NamedSharding(mesh, PS(None, "sp"))
+  x = np.random.default_rng(0).standard_normal((2, 32, 3)).astype(np.float32)
+  y = rd.to_layout(jax.device_put(x, sharding), "zigzag", 4)
+  assert y.sharding.is_equivalent_to(sharding, y.ndim)
+  np.testing.assert_array_equal(np.asarray(y), rd.to_layout(x, "zigzag", 4))
+  back = jax.jit(lambda y: rd.from_layout(y, "zigzag", 4))(y)
+  np.testing.assert_array_equal(np.asarray(back), x)
+
+
 @pytest.mark.parametrize("args,error,match", [
     ((np.zeros((1, 8)), "striped", 2), ValueError, r"layout='striped' must be one of"),
     ((np.zeros((1, 12)), "zigzag", 4), ValueError,
