@@ -20,11 +20,15 @@ clipping) on the cross entropy of the answer token only.
 
     python examples/train_long_context.py                 # one device
     python examples/train_long_context.py --mesh 4        # ring over 4 devices
+    python examples/train_long_context.py --mesh 4 --layout zigzag   # balanced ring
 
 ``--mesh P`` shards the sequence over ``P`` devices with ``jax.shard_map``
 (parameters replicated, tokens split on the sequence axis, attention as a
 ``ppermute`` ring over mesh axis ``"sp"``). On CPU the devices are simulated:
 the script asks XLA for ``P`` host devices before jax is imported.
+``--layout zigzag`` lays the sequence out so that every device has the same
+causal work (``rd.to_layout`` on token ids and positions going in,
+``rd.from_layout`` on the logits coming out).
 
 At the end it writes ``loss.png`` (if matplotlib is installed) and a
 ``flax.serialization`` checkpoint ``params.msgpack`` to ``--out-dir``, reloads
@@ -112,6 +116,7 @@ class Block(nn.Module):
   segment_lengths: tuple
   dilation_rates: tuple
   axis_name: str | None = None
+  layout: str = "contiguous"
 
   @nn.compact
   def __call__(self, x):
@@ -120,7 +125,7 @@ class Block(nn.Module):
     x = x + rd.MultiHeadDilatedAttention(
         num_heads=self.num_heads, segment_lengths=self.segment_lengths,
         dilation_rates=self.dilation_rates, causal=True, axis_name=self.axis_name,
-        name="attn")(y)
+        layout=self.layout, name="attn")(y)
     y = nn.LayerNorm(name="ln_mlp")(x)
     y = nn.Dense(4 * e, name="mlp_in")(y)
     y = nn.Dense(e, name="mlp_out")(nn.gelu(y))
@@ -128,7 +133,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Decoder-only transformer; under ``axis_name`` it sees one sequence shard."""
+  """Decoder-only transformer; under ``axis_name`` it sees one sequence shard.
+
+  Called on token ids and their global positions, both [B, T] (the shard of
+  the sequence in ``layout`` under ``axis_name``).
+  """
 
   vocab: int
   seq_len: int  # global N (size of the position table)
@@ -139,42 +148,49 @@ class Transformer(nn.Module):
   segment_lengths: tuple
   dilation_rates: tuple
   axis_name: str | None = None
+  layout: str = "contiguous"
 
   @nn.compact
-  def __call__(self, tokens):  # [B, T] -> logits [B, T, num_outputs]
-    t = tokens.shape[1]
-    offset = 0 if self.axis_name is None else jax.lax.axis_index(self.axis_name) * t
+  def __call__(self, tokens, positions):  # [B, T] each -> logits [B, T, num_outputs]
     pos_table = self.param("pos_embed", nn.initializers.normal(0.02),
                            (self.seq_len, self.d_model))
-    x = nn.Embed(self.vocab, self.d_model, name="embed")(tokens)
-    x = x + jax.lax.dynamic_slice_in_dim(pos_table, offset, t, axis=0)[None]
+    x = nn.Embed(self.vocab, self.d_model, name="embed")(tokens) + pos_table[positions]
     for i in range(self.num_layers):
       x = Block(self.num_heads, self.segment_lengths, self.dilation_rates,
-                self.axis_name, name=f"block_{i}")(x)
+                self.axis_name, self.layout, name=f"block_{i}")(x)
     x = nn.LayerNorm(name="ln_final")(x)
     return nn.Dense(self.num_outputs, name="head")(x)
 
 
+def positions_of(tokens):
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
 def build_logits_fn(args, mesh_size: int):
-  """``(model for init, logits_fn(params, tokens) -> [B, N, V])``."""
+  """``(model, logits_fn(params, tokens) -> [B, N, V])``, natural token order."""
   ws, rs = longnet_config(args.seq_len, args.first_segment, args.heads)
   kw = dict(vocab=args.vocab, seq_len=args.seq_len, num_outputs=args.num_values,
             d_model=args.d_model, num_heads=args.heads, num_layers=args.layers,
             segment_lengths=ws, dilation_rates=rs)
   model = Transformer(**kw)
   if mesh_size <= 1:
-    return model, model.apply
+    return model, lambda params, tokens: model.apply(params, tokens, positions_of(tokens))
   if len(jax.devices()) < mesh_size:
     raise SystemExit(
         f"--mesh {mesh_size} needs {mesh_size} devices, {len(jax.devices())} visible "
         "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count before jax is imported)")
-  ring_model = Transformer(**kw, axis_name="sp")
+  ring_model = Transformer(**kw, axis_name="sp", layout=args.layout)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:mesh_size]), ("sp",))
   # Parameters replicated, tokens sharded on the sequence axis; the logits come
   # back sharded the same way, the loss is taken outside.
   sharded = jax.shard_map(ring_model.apply, mesh=mesh,
-                          in_specs=(PS(), PS(None, "sp")), out_specs=PS(None, "sp"))
-  return model, sharded
+                          in_specs=(PS(), PS(None, "sp"), PS(None, "sp")),
+                          out_specs=PS(None, "sp"))
+
+  def logits_fn(params, tokens):
+    laid = (rd.to_layout(x, args.layout, mesh_size) for x in (tokens, positions_of(tokens)))
+    return rd.from_layout(sharded(params, *laid), args.layout, mesh_size)
+  return model, logits_fn
 
 
 # -------------------------------------------------------------- train / eval
@@ -253,6 +269,8 @@ def parse_args(argv=None):
   p.add_argument("--seq-len", type=int, default=512, help="global sequence length N")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--mesh", type=int, default=1, help="shard the sequence over this many devices")
+  p.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous",
+                 help="how the sequence lies on the devices (zigzag: balanced causal work)")
   p.add_argument("--out-dir", default="runs")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--num-values", type=int, default=16, help="passkey alphabet (chance = 1/this)")
@@ -282,12 +300,13 @@ def main(argv=None) -> dict:
   model, logits_fn = build_logits_fn(args, args.mesh)
   ws, rs = longnet_config(args.seq_len, args.first_segment, args.heads)
   chance = 1.0 / args.num_values
-  print(f"N={args.seq_len} batch={args.batch} mesh={args.mesh} "
+  print(f"N={args.seq_len} batch={args.batch} mesh={args.mesh} layout={args.layout} "
         f"segment_lengths={ws} dilation_rates={rs} layers={args.layers} "
         f"d_model={args.d_model} heads={args.heads}; chance accuracy {chance:.3f}")
 
   rng = np.random.default_rng(args.seed)
-  params = model.init(jax.random.key(args.seed), jnp.zeros((1, args.seq_len), jnp.int32))
+  blank = jnp.zeros((1, args.seq_len), jnp.int32)
+  params = model.init(jax.random.key(args.seed), blank, positions_of(blank))
   n_params = sum(x.size for x in jax.tree.leaves(params))
   warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
   schedule = optax.warmup_cosine_decay_schedule(
@@ -332,7 +351,7 @@ def main(argv=None) -> dict:
     f.write(flax.serialization.to_bytes(params))
 
   # Reload into a freshly initialized template and evaluate on new sequences.
-  template = model.init(jax.random.key(args.seed + 1), jnp.zeros((1, args.seq_len), jnp.int32))
+  template = model.init(jax.random.key(args.seed + 1), blank, positions_of(blank))
   with open(ckpt_path, "rb") as f:
     restored = flax.serialization.from_bytes(template, f.read())
   eval_rng = np.random.default_rng(args.seed + 12345)
