@@ -54,6 +54,11 @@ def _check_token_array(name, x, q, kind) -> None:
                     f"dtype, got {x.dtype}")
 
 
+def check_bool(name: str, value) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name}={value!r} must be a bool")
+
+
 def _axis_size(axis_name: Hashable | None) -> int:
   if axis_name is None:
     return 1
@@ -83,6 +88,7 @@ def dilated_attention(
     axis_name: Hashable | None = None,
     layout: str = "contiguous",
     backend: str = "auto",
+    detach_weights: bool = False,
 ) -> Array:
   """Exact dilated (LongNet-style) attention, on one device or as a ring.
 
@@ -122,6 +128,10 @@ def dilated_attention(
     backend: block implementation: ``"xla"`` (portable einsums), ``"cudnn"``
       (fused GPU attention; bfloat16/float16 without masks or dropout) or
       ``"auto"`` (cuDNN where it applies, else XLA; decided at trace time).
+    detach_weights: ``"mix"`` only: treat the weights that combine the
+      branches (softmax over their log-sum-exps) as constants in the
+      gradient, as LongNet's reference implementation (torchscale) does.
+      The output is unchanged; the backward recomputes each branch's output.
 
   Returns:
     shape [B, L, H, D] in ``q.dtype``. A query that sees no key gets 0.
@@ -151,6 +161,7 @@ def dilated_attention(
     raise ValueError(f"dropout_rate={dropout_rate!r} must be in [0, 1)")
   if dropout_rate > 0 and dropout_rng is None:
     raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")
+  check_bool("detach_weights", detach_weights)
   num_shards = _axis_size(axis_name)
   b, local_len, h, _ = q.shape
   plan = make_plan(config, local_len * num_shards, h, k.shape[2], num_shards, layout)
@@ -160,5 +171,5 @@ def dilated_attention(
       has_masks=key_padding_mask is not None or segment_ids is not None,
       dropout=rng is not None)
   static = _ring.Static(plan, float(softmax_scale), float(dropout_rate), axis_name,
-                        blocks)
+                        blocks, bool(detach_weights))
   return _ring.attention(static, q, k, v, key_padding_mask, segment_ids, rng)

@@ -31,6 +31,7 @@ K_b kv slots, G_b query heads per slot.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Hashable
@@ -56,6 +57,7 @@ class Static:
   dropout_rate: float
   axis_name: Hashable | None
   backend: _blocks.Backend = _blocks.XLA
+  detach_weights: bool = False
 
 
 # ----------------------------------------------------------------------------
@@ -370,14 +372,22 @@ def _attention_fwd(static, q, k, v, key_padding_mask, segment_ids, rng):
 
 def _attention_bwd(static, res, dout):
   q, k, v, key_padding_mask, segment_ids, rng, out, lse = res
+  # With detached mix weights O = sum_i w_i O_i and the w_i constant, branch
+  # i's block gradients are the usual ones fed the global lse (P = w_i P_i)
+  # but the branch's own output O_i in rowsum(dO * O): recomputed here.
+  shared = collections.Counter(br.q_heads for br in static.plan.branches)
   # Compaction is linear: its transpose scatters (and, for kv heads read by
   # several slots, adds) compacted float32 gradients back to the local layout.
   grads = [jnp.zeros(x.shape, _F32) for x in (q, k, v)]
   for br in static.plan.branches:
+    inputs = _compact_inputs(br, q, k, v, key_padding_mask, segment_ids)
+    if static.detach_weights and shared[br.q_heads] > 1:
+      own_out = _branch_forward(static, br, rng, *inputs)[0]
+    else:
+      own_out = _compact_q(br, out)
     dqc, dkc, dvc = _branch_backward(
-        static, br, rng,
-        *_compact_inputs(br, q, k, v, key_padding_mask, segment_ids),
-        _compact_q(br, dout), _compact_q(br, out), _compact_q(br, lse))
+        static, br, rng, *inputs,
+        _compact_q(br, dout), own_out, _compact_q(br, lse))
     pull_q = jax.vjp(functools.partial(_compact_q, br), q.astype(_F32))[1]
     pull_kv = jax.vjp(functools.partial(_compact_kv, br), k.astype(_F32))[1]
     grads = [grads[0] + pull_q(dqc.astype(_F32))[0],
