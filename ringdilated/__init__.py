@@ -7,9 +7,9 @@ ring, with memory linear in the sequence length. Flax NNX modules are in
 
 from ._attention import dilated_attention as dilated_attention
 from ._attention_fn import make_attention_fn as make_attention_fn
-from ._plan import DilatedConfig as DilatedConfig
 from ._layout import from_layout as from_layout
 from ._layout import to_layout as to_layout
+from ._plan import DilatedConfig as DilatedConfig
 from .linen import DilatedAttention as DilatedAttention
 from .linen import MultiHeadDilatedAttention as MultiHeadDilatedAttention
 

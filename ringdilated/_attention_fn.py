@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable, Sequence
 import jax
 import jax.numpy as jnp
 
-from ._attention import dilated_attention
+from ._attention import check_bool, dilated_attention
 from ._plan import DilatedConfig, check_layout
 
 Array = jax.Array
@@ -50,6 +50,7 @@ def make_attention_fn(
     axis_name: Hashable | None = None,
     layout: str = "contiguous",
     backend: str = "auto",
+    detach_weights: bool = False,
 ) -> Callable[..., Array]:
   """Dilated attention with the signature Flax's ``attention_fn`` expects.
 
@@ -82,6 +83,7 @@ def make_attention_fn(
     axis_name: mesh axis the sequence is sharded over, or None.
     layout: ``"contiguous"`` or ``"zigzag"`` (see :func:`ringdilated.to_layout`).
     backend: ``"auto"``, ``"xla"`` or ``"cudnn"``.
+    detach_weights: ``"mix"``: branch weights are constants in the gradient.
 
   Returns:
     ``attention_fn(query, key, value, bias=None, mask=None, ...)`` with
@@ -103,6 +105,7 @@ def make_attention_fn(
   """
   config = DilatedConfig(segment_lengths, dilation_rates, mode, causal)  # validates
   check_layout(layout)
+  check_bool("detach_weights", detach_weights)
 
   def attention_fn(
       query: Array,
@@ -176,6 +179,7 @@ def make_attention_fn(
         axis_name=axis_name,
         layout=layout,
         backend=backend,
+        detach_weights=detach_weights,
     )
 
   return attention_fn

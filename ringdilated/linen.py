@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
-from ._attention import dilated_attention
+from ._attention import check_bool, dilated_attention
 from ._plan import MODES, check_layout
 
 Array = jax.Array
@@ -116,6 +116,7 @@ def _attend(m, q: Array, k: Array, v: Array, key_padding_mask: Array | None,
       axis_name=m.axis_name,
       layout=m.layout,
       backend=m.backend,
+      detach_weights=m.detach_weights,
   )
 
 
@@ -137,6 +138,8 @@ class DilatedAttention(nn.Module):
       ``jax.shard_map`` / ``jax.pmap``), or None for one device.
     layout: how the sequence lies on the ring's devices, ``"contiguous"`` or
       ``"zigzag"`` (balanced causal rings; see :func:`ringdilated.to_layout`).
+    detach_weights: ``"mix"``: branch weights are constants in the gradient
+      (as LongNet's torchscale implementation).
     backend: attention block implementation, ``"auto"``, ``"xla"`` or
       ``"cudnn"`` (see :func:`ringdilated.dilated_attention`).
 
@@ -156,6 +159,7 @@ class DilatedAttention(nn.Module):
   dropout_rate: float = 0.0
   axis_name: Hashable | None = None
   layout: str = "contiguous"
+  detach_weights: bool = False
   backend: str = "auto"
 
   def __call__(
@@ -188,6 +192,7 @@ class DilatedAttention(nn.Module):
     """
     _check_dropout_rate(self.dropout_rate)
     check_layout(self.layout)
+    check_bool("detach_weights", self.detach_weights)
     dropout_rng = None
     if self.dropout_rate > 0:
       if deterministic is None:
@@ -242,6 +247,8 @@ class MultiHeadDilatedAttention(nn.Module):
       ``jax.shard_map`` / ``jax.pmap``), or None for one device.
     layout: how the sequence lies on the ring's devices, ``"contiguous"`` or
       ``"zigzag"`` (balanced causal rings; see :func:`ringdilated.to_layout`).
+    detach_weights: ``"mix"``: branch weights are constants in the gradient
+      (as LongNet's torchscale implementation).
     backend: attention block implementation, ``"auto"``, ``"xla"`` or
       ``"cudnn"`` (see :func:`ringdilated.dilated_attention`).
     deterministic: default of the call argument (merged as in Flax).
@@ -276,6 +283,7 @@ class MultiHeadDilatedAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
   axis_name: Hashable | None = None
   layout: str = "contiguous"
+  detach_weights: bool = False
   backend: str = "auto"
   deterministic: bool | None = None
 
@@ -283,6 +291,7 @@ class MultiHeadDilatedAttention(nn.Module):
     """Validates fields against ``x``; returns ``(H, K, D, F)``."""
     _check_dropout_rate(self.dropout_rate)
     check_layout(self.layout)
+    check_bool("detach_weights", self.detach_weights)
     if getattr(x, "ndim", None) != 3:
       raise ValueError(f"x must have shape [B, T, E], got shape {getattr(x, 'shape', x)}")
     return _head_layout(self.num_heads, self.num_kv_heads, self.qkv_features,
@@ -347,6 +356,7 @@ class MultiHeadDilatedAttention(nn.Module):
         dropout_rate=self.dropout_rate,
         axis_name=self.axis_name,
         layout=self.layout,
+        detach_weights=self.detach_weights,
         backend=self.backend,
         name="attention",
     )(q, k, v, key_padding_mask=key_padding_mask, segment_ids=segment_ids,

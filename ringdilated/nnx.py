@@ -32,9 +32,16 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
+from ._attention import check_bool
 from ._plan import DilatedConfig, check_layout
-from .linen import (_check_dropout_rate, _is_positive_int, _stacked_init,
-                    _xavier_normal, _attend, _head_layout)
+from .linen import (
+  _attend,
+  _check_dropout_rate,
+  _head_layout,
+  _is_positive_int,
+  _stacked_init,
+  _xavier_normal,
+)
 
 Array = jax.Array
 
@@ -55,6 +62,7 @@ class DilatedAttention(nnx.Module):
       ``train()``.
     axis_name: mesh axis the sequence is sharded over, or None.
     layout: ``"contiguous"`` or ``"zigzag"`` (see :func:`ringdilated.to_layout`).
+    detach_weights: ``"mix"``: branch weights are constants in the gradient.
     backend: ``"auto"``, ``"xla"`` or ``"cudnn"``.
     rngs: its ``dropout`` stream (or default stream) is forked and kept
       when ``dropout_rate > 0``; may be None if keys are passed at call.
@@ -83,12 +91,14 @@ class DilatedAttention(nnx.Module):
       deterministic: bool | None = None,
       axis_name: Hashable | None = None,
       layout: str = "contiguous",
+      detach_weights: bool = False,
       backend: str = "auto",
       rngs: nnx.Rngs | None = None,
   ):
     config = DilatedConfig(segment_lengths, dilation_rates, mode, causal)  # validates
     _check_dropout_rate(dropout_rate)
     check_layout(layout)
+    check_bool("detach_weights", detach_weights)
     self.segment_lengths = config.segment_lengths
     self.dilation_rates = config.dilation_rates
     self.mode = mode
@@ -98,6 +108,7 @@ class DilatedAttention(nnx.Module):
     self.deterministic = deterministic
     self.axis_name = axis_name
     self.layout = layout
+    self.detach_weights = detach_weights
     self.backend = backend
     self.rngs = (rngs.dropout.fork() if rngs is not None and dropout_rate > 0
                  else nnx.data(None))
@@ -176,7 +187,8 @@ class MultiHeadDilatedAttention(nnx.Module):
     qkv_features: ``H * D``, default ``E``.
     out_features: ``F``, default ``E``.
     use_bias, fused_qkv, sub_layer_norm, gamma_init, kernel_init, bias_init,
-      softmax_scale, dropout_rate, dtype, param_dtype, axis_name, layout, backend:
+      softmax_scale, dropout_rate, dtype, param_dtype, axis_name, layout,
+      detach_weights, backend:
       as in the Linen module.
     deterministic: default of the call argument; set by ``eval()`` /
       ``train()``.
@@ -224,6 +236,7 @@ class MultiHeadDilatedAttention(nnx.Module):
       param_dtype: Dtype = jnp.float32,
       axis_name: Hashable | None = None,
       layout: str = "contiguous",
+      detach_weights: bool = False,
       backend: str = "auto",
       deterministic: bool | None = None,
       rngs: nnx.Rngs,
@@ -243,7 +256,7 @@ class MultiHeadDilatedAttention(nnx.Module):
         segment_lengths, dilation_rates, mode=mode, causal=causal,
         softmax_scale=softmax_scale, dropout_rate=dropout_rate,
         deterministic=deterministic, axis_name=axis_name, layout=layout,
-        backend=backend, rngs=rngs)
+        detach_weights=detach_weights, backend=backend, rngs=rngs)
 
     if kernel_init is None:
       qk_init, vo_init = _xavier_normal(1.0), _xavier_normal(gamma_init)
