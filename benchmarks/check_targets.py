@@ -52,6 +52,10 @@ def main(argv) -> int:
   with open(argv[1]) as f:
     rec = _index(json.load(f))
   failed = 0
+  dense = rec.get(("cudnn_dense", 32768))
+  if dense:  # context for the peak targets, not a target
+    print(f"info  cuDNN dense 32K peak / bytes of q,k,v,out,dq,dk,dv: "
+          f"{dense['peak_bytes'] / dense['qkv_out_grad_bytes']:.3f}")
   for desc, value, ok in targets(rec):
     shown = "missing" if value is None else f"{value:.3f}"
     print(f"{'PASS' if ok else 'FAIL'}  {desc}: {shown}")

@@ -18,7 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 
 GROUPS = {
-    "dense causal": ("cudnn_dense", "ours_dense", "ours_dense_ring1", "ringattention_pkg"),
+    "dense causal": ("cudnn_dense", "ours_dense", "ours_dense_ring1", "ours_dense_ring1_zigzag",
+                     "ringattention_pkg"),
     "LongNet mix": ("gather_cudnn_longnet_mix", "ours_longnet_mix"),
     "LongNet partition": ("gather_cudnn_longnet_partition", "ours_longnet_partition"),
 }
