@@ -31,6 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _harness import jit as _jit
+from _harness import mesh as _mesh
+from _harness import out_and_grads as _out_and_grads
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as PS
 
@@ -41,16 +44,11 @@ from ringdilated.reference import dilated_attention_reference
 TOL = 2e-5  # float32, max abs error of output and gradients
 
 # Compiles dominate; LLVM optimization changes nothing that is compared here.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 _PACKAGE = pathlib.Path(rd.__file__).parent
 
 
 def _divisors(n):
   return [x for x in range(1, n + 1) if n % x == 0]
-
-
-def _mesh(p):
-  return jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
 
 
 # ---------------------------------------------------------------------------
@@ -103,14 +101,6 @@ def _inputs(c):
   return q, k, v, cot, kpm, seg
 
 
-def _out_and_grads(attend, q, k, v, cot, kpm, seg):
-  def loss(q, k, v):
-    out = attend(q, k, v, kpm, seg)
-    return jnp.sum(out * cot), out
-  grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-  return (out,) + grads
-
-
 _COMMON = dict(d=8, padding=True, segments=True, seed=0)
 
 
@@ -141,8 +131,8 @@ def test_valid_configuration_matches_dense_oracle(c):
 
   @_jit  # one compile for both
   def both(q, k, v, cot, kpm, seg):
-    return (_out_and_grads(library, q, k, v, cot, kpm, seg),
-            _out_and_grads(oracle, q, k, v, cot, kpm, seg))
+    return (_out_and_grads(library, q, k, v, cot, kpm, seg, compile=False),
+            _out_and_grads(oracle, q, k, v, cot, kpm, seg, compile=False))
 
   got, want = both(*_inputs(c))
   chex.assert_trees_all_equal_shapes_and_dtypes(got, want)

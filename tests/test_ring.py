@@ -29,6 +29,10 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _harness import jit as _jit
+from _harness import max_errs as _max_errs
+from _harness import mesh as _mesh
+from _harness import out_and_grads as _out_and_grads
 from jax.sharding import PartitionSpec as PS
 
 import ringdilated as rd
@@ -46,9 +50,6 @@ PARTITION = dict(segment_lengths=(8, 32, 64, 128), dilation_rates=(1, 2, 4, 4))
 CONFIG = {"mix": MIX, "partition": PARTITION}
 
 
-# Compiles dominate the run time; LLVM optimization does not change what is
-# tested (HLO, buffer assignment, results) and takes half of each compile.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 @pytest.fixture(autouse=True)
@@ -56,10 +57,6 @@ def _exact_matmuls():
   # No TF32/bf16 passes on accelerators; a no-op on CPU.
   with jax.default_matmul_precision("highest"):
     yield
-
-
-def _mesh(p):
-  return jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,26 +101,10 @@ def _pmap(p, kw):
   return f
 
 
-def _out_and_grads(fn, q, k, v, cot, kpm, seg):
-  """Output and d(sum(out * cot))/d(q, k, v), one jit."""
-  @_jit
-  def run(q, k, v, cot, kpm, seg):
-    def loss(q, k, v):
-      out = fn(q, k, v, kpm, seg)
-      return jnp.sum(out * cot), out
-    grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    return (out,) + grads
-  return run(q, k, v, cot, kpm, seg)
-
-
 @functools.lru_cache(maxsize=None)
 def _single_device(mode, causal, hkv, masks):
   kw = dict(CONFIG[mode], mode=mode, causal=causal)
   return _out_and_grads(_local(None, kw), *_inputs(hkv, masks))
-
-
-def _max_errs(got, want):
-  return [float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want)]
 
 
 def _check_ring(p, mode, causal, hkv=2, masks=True, how="shard_map", check_vma=True):

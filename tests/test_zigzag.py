@@ -20,6 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _harness import jit as _jit
+from _harness import max_errs as _max_errs
+from _harness import mesh as _mesh
+from _harness import out_and_grads as _out_and_grads
 from jax.sharding import PartitionSpec as PS
 
 import ringdilated as rd
@@ -36,17 +40,12 @@ PARTITION = dict(segment_lengths=(8, 32, 64, 128), dilation_rates=(1, 2, 4, 4))
 CONFIG = {"mix": MIX, "partition": PARTITION}
 LONGNET = dict(segment_lengths=(2048, 4096, 8192, 16384), dilation_rates=(1, 2, 4, 8))
 
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 @pytest.fixture(autouse=True)
 def _exact_matmuls():
   with jax.default_matmul_precision("highest"):
     yield
-
-
-def _mesh(p):
-  return jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,25 +78,10 @@ def _ring_in(p, layout, kw, data_layout=None):
   return f
 
 
-def _out_and_grads(fn, q, k, v, cot, kpm, seg):
-  @_jit
-  def run(q, k, v, cot, kpm, seg):
-    def loss(q, k, v):
-      out = fn(q, k, v, kpm, seg)
-      return jnp.sum(out * cot), out
-    grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    return (out,) + grads
-  return run(q, k, v, cot, kpm, seg)
-
-
 @functools.lru_cache(maxsize=None)
 def _single_device(mode, causal):
   return _out_and_grads(_attend(None, dict(CONFIG[mode], mode=mode, causal=causal)),
                         *_inputs())
-
-
-def _max_errs(got, want):
-  return [float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want)]
 
 
 # ---------------------------------------------------------------------------
