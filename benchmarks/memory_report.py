@@ -19,11 +19,11 @@ _DUMP = tempfile.mkdtemp(prefix="xla_dump_")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + f" --xla_dump_to={_DUMP} --xla_dump_hlo_module_re=.*fwd_bwd.*")
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-import bench  # pylint: disable=g-import-not-at-top
+import bench  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def main(argv=None) -> int:

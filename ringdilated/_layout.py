@@ -15,20 +15,13 @@ import operator
 import jax
 import numpy as np
 
-from ._plan import check_layout
+from ._plan import check_layout, positive_int
 
 
 def _order(layout: str, axis_size: int) -> np.ndarray:
   """Half-chunk ``j`` of the laid-out sequence is half-chunk ``order[j]``."""
   check_layout(layout)
-  try:
-    if isinstance(axis_size, bool):
-      raise TypeError
-    axis_size = operator.index(axis_size)
-  except TypeError:
-    raise TypeError(f"axis_size={axis_size!r} must be an int") from None
-  if axis_size <= 0:
-    raise ValueError(f"axis_size={axis_size} must be positive")
+  axis_size = positive_int("axis_size", axis_size)
   if layout == "contiguous":
     return np.arange(2 * axis_size)
   d = np.arange(axis_size)

@@ -29,18 +29,20 @@ SCHEDULES = ("contiguous", "mirror", "zigzag")
 def _as_int_tuple(name: str, values: Iterable[int]) -> tuple[int, ...]:
   if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
     raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
-  out = []
-  for i, x in enumerate(values):
-    try:
-      if isinstance(x, bool):
-        raise TypeError
-      x = operator.index(x)
-    except TypeError:
-      raise TypeError(f"{name}[{i}]={x!r} must be an int") from None
-    if x <= 0:
-      raise ValueError(f"{name}[{i}]={x} must be positive")
-    out.append(x)
-  return tuple(out)
+  return tuple(positive_int(f"{name}[{i}]", x) for i, x in enumerate(values))
+
+
+def positive_int(name: str, x) -> int:
+  """``x`` as an int (numpy ints too, not bools) or an error naming ``name``."""
+  try:
+    if isinstance(x, bool):
+      raise TypeError
+    x = operator.index(x)
+  except TypeError:
+    raise TypeError(f"{name}={x!r} must be an int") from None
+  if x <= 0:
+    raise ValueError(f"{name}={x} must be positive")
+  return x
 
 
 @dataclasses.dataclass(frozen=True)
