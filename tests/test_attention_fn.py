@@ -193,3 +193,29 @@ def test_layout_is_checked_and_passed_on():
   got = rd.from_layout(ring(*(rd.to_layout(x, "zigzag", p) for x in (q, k, v))), "zigzag", p)
   want = rd.dilated_attention(q, k, v, segment_lengths=W, dilation_rates=R, causal=True)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_flax_mha_on_a_zigzag_ring_equals_single_device():
+  """Flax's multi-head attention with a zigzag ring attention_fn, same params.
+
+  Half-chunks of 8: a local branch, a mirrored sub-ring and the
+  whole-sequence ring.
+  """
+  p, t = 4, 64
+  pattern = {"segment_lengths": (8, 32, 64), "dilation_rates": (1, 2, 4), "causal": True}
+
+  def mha(**kw):
+    return nn.MultiHeadDotProductAttention(
+        num_heads=N, qkv_features=32, attention_fn=rd.make_attention_fn(**pattern, **kw))
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((B, t, E)), jnp.float32)
+  params = _random_like(jax.eval_shape(mha().init, _key(0), x))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
+  spec = jax.sharding.PartitionSpec(None, "sp")
+  ring = mha(axis_name="sp", layout="zigzag")
+  ringed = jax.jit(jax.shard_map(ring.apply, mesh=mesh,
+                                 in_specs=(jax.sharding.PartitionSpec(), spec),
+                                 out_specs=spec))
+  got = rd.from_layout(ringed(params, rd.to_layout(x, "zigzag", p)), "zigzag", p)
+  want = jax.jit(mha().apply)(params, x)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

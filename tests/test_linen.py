@@ -381,13 +381,19 @@ def test_module_holds_no_state():
   assert mha == _mha(dropout_rate=0.1) and hash(mha) == hash(_mha(dropout_rate=0.1))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_ring_execution_equals_single_device(layout):
+@pytest.mark.parametrize("layout, t, pattern", [
+    ("contiguous", T, {}),
+    ("zigzag", T, {}),
+    # Zigzag half-chunks of 8: a local branch, a mirrored sub-ring and the
+    # whole-sequence ring, each with a different rate.
+    ("zigzag", 64, {"segment_lengths": (8, 32, 64), "dilation_rates": (1, 2, 4)}),
+], ids=["contiguous", "zigzag", "zigzag-whole-sequence"])
+def test_ring_execution_equals_single_device(layout, t, pattern):
   n = 4
   mesh = jax.make_mesh((n,), ("sp",), devices=jax.devices()[:n])
-  fields = dict(num_kv_heads=2, causal=True, sub_layer_norm=True)
-  x = _x()
-  kpm = jnp.asarray(np.random.default_rng(2).random((B, T)) > 0.2)
+  fields = dict(num_kv_heads=2, causal=True, sub_layer_norm=True, **pattern)
+  x = _x(t=t)
+  kpm = jnp.asarray(np.random.default_rng(2).random((B, t)) > 0.2)
   params = _params(_mha(**fields), x)
   want = jax.jit(lambda p, x, m: _mha(**fields).apply(p, x, key_padding_mask=m))(
       params, x, kpm)
@@ -400,7 +406,7 @@ def test_ring_execution_equals_single_device(layout):
       in_specs=(P(), P(None, "sp"), P(None, "sp")), out_specs=P(None, "sp")))
   args = (jax.device_put(params, jax.sharding.NamedSharding(mesh, P())),
           jax.device_put(x, shard), jax.device_put(kpm, shard))
-  assert "ppermute" in str(jax.make_jaxpr(f)(*args))  # the 32-token branch is a ring
+  assert "ppermute" in str(jax.make_jaxpr(f)(*args))  # segments spanning devices are rings
   np.testing.assert_allclose(rd.from_layout(f(*args), layout, n), want, atol=1e-5, rtol=1e-5)
 
 

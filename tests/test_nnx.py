@@ -253,6 +253,32 @@ def test_zigzag_ring_equals_single_device():
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_multi_head_zigzag_ring_equals_single_device():
+  """The multi-head module on a zigzag ring of 4 equals it on one device.
+
+  Half-chunks of 8: a local branch, a mirrored sub-ring and the
+  whole-sequence ring.
+  """
+  p, t = 4, 64
+  kw = {"segment_lengths": (8, 32, 64), "dilation_rates": (1, 2, 4), "causal": True,
+        "num_kv_heads": 2}
+  one = rdnnx.MultiHeadDilatedAttention(4, E, rngs=_rngs(), **kw)
+  ring = rdnnx.MultiHeadDilatedAttention(4, E, rngs=_rngs(1), axis_name="sp",
+                                         layout="zigzag", **kw)
+  nnx.update(ring, nnx.state(one, nnx.Param))  # the same parameters
+  x = _x(t=t)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
+  spec = jax.sharding.PartitionSpec(None, "sp")
+  state, call = _jit_call(ring)
+  ringed = jax.jit(jax.shard_map(call, mesh=mesh,
+                                 in_specs=(jax.sharding.PartitionSpec(), spec),
+                                 out_specs=spec))
+  one_state, one_call = _jit_call(one)
+  got = rd.from_layout(ringed(state, rd.to_layout(x, "zigzag", p)), "zigzag", p)
+  want = jax.jit(one_call)(one_state, x)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_input_shape_is_checked():
   _, mod = _pair()
   with pytest.raises(ValueError, match=r"x must have shape \[B, T, E=32\]"):
