@@ -50,7 +50,11 @@ def main(argv) -> int:
     print(__doc__)
     return 2
   with open(argv[1]) as f:
-    rec = _index(json.load(f))
+    records = json.load(f)
+  rec = _index(records)
+  for r in records:  # why a case is missing
+    if "error" in r:
+      print(f"info  {r['name']} N={r['seq_len']} failed: {r['error'][:100]}")
   failed = 0
   dense = rec.get(("cudnn_dense", 32768))
   if dense:  # context for the peak targets, not a target
