@@ -54,8 +54,9 @@ def _early_mesh(argv) -> int:
 if __name__ == "__main__":
   _p = _early_mesh(sys.argv[1:])
   if _p > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={_p}").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_p}"
+        " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 import argparse  # noqa: E402
 import functools  # noqa: E402

@@ -6,7 +6,12 @@ does it at the top and why the library itself never touches devices at import.
 
 import os
 
+# XLA:CPU's concurrency-optimized scheduler lets simulated devices run the
+# collective-permutes of independent rings out of step, and its collective
+# rendezvous then mixes them up (an abort, or wrong values: seen with jax 0.10
+# on a 4-device zigzag ring with three rings of different sizes). Off.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
