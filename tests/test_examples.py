@@ -4,6 +4,7 @@ ring) and the attention-pattern plot (only where matplotlib is installed)."""
 import importlib.util
 import os
 import pathlib
+import re
 import sys
 
 import jax
@@ -71,3 +72,19 @@ def test_plot_pattern(tmp_path):
   out = tmp_path / "pattern.png"
   assert plot.main(["--causal", "--out", str(out)]) == str(out)
   assert out.stat().st_size > 1000
+
+
+def test_ring_demo_and_its_zigzag_ring(monkeypatch, capsys):
+  """README command 1's script, small: both rings equal one device."""
+  demo = _load("ring_demo")
+  monkeypatch.setattr(sys, "argv", [
+      "ring_demo.py", "--seq-len", "1024", "--devices", "4",
+      "--segment-lengths", "128,256,512,1024", "--dilation-rates", "1,2,4,8"])
+  demo.main()
+  text = capsys.readouterr().out
+  ring = [float(x) for x in re.findall(r"^  (?:out|dq|dk|dv)\s+(\S+)", text, flags=re.M)]
+  zigzag = [float(x) for x in re.findall(r"max \|zigzag ring - single device\|.*: (\S+)", text)]
+  assert len(ring) == 4 and max(ring) < 1e-5, text
+  assert len(zigzag) == 1 and zigzag[0] < 1e-5, text
+  assert re.search(r"zigzag\s+worst step 1\.00, whole pass 1\.00", text), text
+  assert re.search(r"contiguous\s+worst step 4\.00", text), text
