@@ -291,3 +291,11 @@ def test_unknown_layout_raises():
   with pytest.raises(ValueError, match=r"layout='striped' must be one of"):
     rd.dilated_attention(q, q, q, segment_lengths=(16,), dilation_rates=(1,),
                          layout="striped")
+
+
+def test_docstring_examples_run():
+  import doctest  # pylint: disable=g-import-not-at-top
+  from ringdilated import _attention, _layout  # pylint: disable=g-import-not-at-top
+  for module in (_layout, _attention):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 1 and result.failed == 0, module.__name__
