@@ -71,12 +71,45 @@ def _mask(vis: Visibility, num_queries: int, num_keys: int) -> Array | None:
   return mask
 
 
-def _dropout_keep(dropout, shape) -> Array | None:
-  """Keep mask for attention-probability dropout; ``dropout=(rate, key)``."""
+class Dropout(NamedTuple):
+  """Attention dropout of a block, a function of global identities only.
+
+  Whether the weight of (head, query position, key position) is dropped is a
+  hash of those three numbers and ``seed``: the same in the forward and the
+  backward, and the same whichever blocks (one device, any ring, any layout)
+  the attention is cut into.
+
+  Attributes:
+    rate: probability of dropping a weight.
+    seed: uint32 scalar.
+    heads: shape [K, G] int, the global query head of each slot.
+    q_pos: shape [X, T, K] int, global position of each query.
+    k_pos: shape [X, S, K] int, global position of each key.
+  """
+
+  rate: float
+  seed: Array
+  heads: Array
+  q_pos: Array
+  k_pos: Array
+
+
+def _mix(h: Array) -> Array:
+  """A 32-bit integer hash finalizer (xor-shift-multiply), elementwise."""
+  h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+  h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def _dropout_keep(dropout: Dropout | None) -> Array | None:
+  """shape [X, K, G, T, S] bool keep mask, or None without dropout."""
   if dropout is None:
     return None
-  rate, key = dropout
-  return jax.random.bernoulli(key, 1.0 - rate, shape)
+  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)  # noqa: E731
+  h = _mix(u32(dropout.seed) ^ u32(dropout.heads)[None, :, :, None, None])
+  h = _mix(h ^ u32(jnp.moveaxis(dropout.q_pos, 1, 2))[:, :, None, :, None])
+  h = _mix(h ^ u32(jnp.moveaxis(dropout.k_pos, 1, 2))[:, :, None, None, :])
+  return h < jnp.uint32(min(int((1.0 - dropout.rate) * 2.0**32), 2**32 - 1))
 
 
 def _scores(q, k, scale, mask):
@@ -101,7 +134,7 @@ def xla_forward(q: Array, k: Array, v: Array, vis: Visibility, *,
     v: shape [X, S, K, D].
     vis: which keys each query sees.
     scale: logit scale.
-    dropout: ``(rate, key)`` to drop attention probabilities, or None.
+    dropout: :class:`Dropout` of attention probabilities, or None.
 
   Returns:
     ``out`` shape [X, T, K, G, D] float32 (0 for a row with no visible key)
@@ -113,9 +146,9 @@ def xla_forward(q: Array, k: Array, v: Array, vis: Visibility, *,
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.exp(s - m)
   denom = jnp.sum(p, axis=-1)
-  keep = _dropout_keep(dropout, p.shape)
+  keep = _dropout_keep(dropout)
   if keep is not None:
-    p = jnp.where(keep, p / (1.0 - dropout[0]), 0.0)
+    p = jnp.where(keep, p / (1.0 - dropout.rate), 0.0)
   o = jnp.einsum("XKGTS,XSKD->XTKGD", p.astype(v.dtype), v,
                  preferred_element_type=_F32)
   seen = denom > 0
@@ -147,12 +180,12 @@ def xla_backward(q: Array, k: Array, v: Array, vis: Visibility, dout: Array,
   if mask is not None:
     p = jnp.where(mask, p, 0.0)
   dp = jnp.einsum("XTKGD,XSKD->XKGTS", dout, v, preferred_element_type=_F32)
-  keep = _dropout_keep(dropout, p.shape)
+  keep = _dropout_keep(dropout)
   if keep is None:
     p_drop = p
   else:
-    p_drop = jnp.where(keep, p / (1.0 - dropout[0]), 0.0)
-    dp = jnp.where(keep, dp / (1.0 - dropout[0]), 0.0)
+    p_drop = jnp.where(keep, p / (1.0 - dropout.rate), 0.0)
+    dp = jnp.where(keep, dp / (1.0 - dropout.rate), 0.0)
   dv = jnp.einsum("XKGTS,XTKGD->XSKD", p_drop.astype(dout.dtype), dout,
                   preferred_element_type=_F32)
   ds = p * (dp - jnp.moveaxis(delta, 1, -1)[..., None])

@@ -214,15 +214,28 @@ def _with(tree, i, half: int, fn):
   return jax.tree.map(lambda x, y: _put_half(x, i, half, y), tree, fn(_at(tree, i, half)))
 
 
-def _dropout(static: Static, rng, br: Branch, ids) -> Any:
-  """Dropout for the block (branch, query device, ``ids``); same in bwd."""
+def _dropout(static: Static, rng, br: Branch, q_pos, k_pos) -> Any:
+  """Dropout of a block of ``br`` (see :class:`_blocks.Dropout`), or None."""
   if rng is None:
     return None
-  key = jax.random.fold_in(rng, br.index)
-  if static.axis_name is not None:
-    for i in (jax.lax.axis_index(static.axis_name), *ids):
-      key = jax.random.fold_in(key, i)
-  return static.dropout_rate, key
+  seed = jax.random.bits(jax.random.fold_in(rng, br.index), (), jnp.uint32)
+  heads = np.arange(*br.q_heads).reshape(br.num_kv, br.group)
+  return _blocks.Dropout(static.dropout_rate, seed, heads, q_pos, k_pos)
+
+
+def _positions(static: Static, batch: int, length: int) -> Array:
+  """shape [B, L] int32: the global position of each local token."""
+  local = jnp.arange(length, dtype=jnp.int32)
+  p = static.plan.num_shards
+  if static.axis_name is not None and p > 1:
+    d = jax.lax.axis_index(static.axis_name)
+    if static.plan.layout == "zigzag":  # half-chunks d and 2P-1-d
+      half = length // 2
+      chunk = jnp.where(local < half, d, 2 * p - 1 - d)
+      local = chunk * half + local % half
+    else:
+      local = d * length + local
+  return jnp.broadcast_to(local, (batch, length))
 
 
 def _f32(arrays):
@@ -234,8 +247,8 @@ def _ring(static, br, block, queries, travel, first, add):
 
   Args:
     static, br: the call and the branch.
-    block: ``(queries, kv, diagonal, ids) -> result``, the block of
-      ``queries`` against chunk ``kv``; ``ids`` tell dropout keys apart.
+    block: ``(queries, kv, diagonal) -> result``, the block of ``queries``
+      against chunk ``kv``.
     queries: the query-side compacted arrays (they stay on the device).
     travel: the local compacted K/V chunk (with its masks).
     first: ``result -> (local, acc)`` from the own (diagonal) block; ``acc``
@@ -250,19 +263,18 @@ def _ring(static, br, block, queries, travel, first, add):
   """
   causal = static.plan.config.causal
   if br.ring_size == 1:
-    return first(block(queries, travel, causal, (0,)))
+    return first(block(queries, travel, causal))
   c, perm = _ring_position(static, br)
   rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name, perm=perm)
   g = br.ring_size
-  local, acc = first(_f32(block(queries, travel, causal, (c,))))
+  local, acc = first(_f32(block(queries, travel, causal)))
 
   def step(s, kv, local, acc):
     # step s: this device holds the chunk of group position (c - s) mod g.
     src = (c - s) % g
-    for n, (qi, ki, when) in enumerate(_pairs(br, causal, c, src)):
-      def visit(local, acc, qi=qi, ki=ki, n=n):
-        res = _f32(block(_at(queries, qi, br.half), _at(kv, ki, br.half), False,
-                         (src, n)))
+    for qi, ki, when in _pairs(br, causal, c, src):
+      def visit(local, acc, qi=qi, ki=ki):
+        res = _f32(block(_at(queries, qi, br.half), _at(kv, ki, br.half), False))
         return add(local, acc, res, qi, ki)
       if when is True:
         local, acc = visit(local, acc)
@@ -281,36 +293,36 @@ def _ring(static, br, block, queries, travel, first, add):
   return step(g - 1, kv, local, acc)
 
 
-def _branch_forward(static, br, rng, qc, q_seg, travel):
+def _branch_forward(static, br, rng, queries, travel):
   """Forward of one branch: (out, lse) for the local compacted queries."""
-  def block(queries, kv, diagonal, ids):
-    (qc, q_seg), (k, v, kv_valid, kv_seg) = queries, kv
+  def block(queries, kv, diagonal):
+    (qc, q_seg, q_pos), (k, v, kv_valid, kv_seg, k_pos) = queries, kv
     vis = _blocks.Visibility(kv_valid, q_seg, kv_seg, diagonal)
     return static.backend.forward(qc, k, v, vis, scale=static.scale,
-                                  dropout=_dropout(static, rng, br, ids))
+                                  dropout=_dropout(static, rng, br, q_pos, k_pos))
 
   def add(out_lse, _, res, qi, ki):
     return _with(out_lse, qi, br.half, lambda cur: _blocks.merge(*cur, *res)), ()
 
-  return _ring(static, br, block, (qc, q_seg), travel,
+  return _ring(static, br, block, queries, travel,
                first=lambda res: (res, ()), add=add)[0]
 
 
-def _branch_backward(static, br, rng, qc, q_seg, travel, dout, out, lse):
+def _branch_backward(static, br, rng, queries, travel, dout, out, lse):
   """Backward of one branch: (dq, dk, dv) of the compacted local tensors."""
-  def block(queries, kv, diagonal, ids):
-    (qc, q_seg, dout, out, lse), (k, v, kv_valid, kv_seg) = queries, kv
+  def block(queries, kv, diagonal):
+    (qc, q_seg, q_pos, dout, out, lse), (k, v, kv_valid, kv_seg, k_pos) = queries, kv
     vis = _blocks.Visibility(kv_valid, q_seg, kv_seg, diagonal)
     return static.backend.backward(qc, k, v, vis, dout, out, lse,
                                    scale=static.scale,
-                                   dropout=_dropout(static, rng, br, ids))
+                                   dropout=_dropout(static, rng, br, q_pos, k_pos))
 
   def add(dq, dkv, res, qi, ki):
     # dK/dV accumulators travel with their K/V chunk; dQ stays.
     return (_with(dq, qi, br.half, lambda cur: cur + res[0]),
             _with(dkv, ki, br.half, lambda cur: (cur[0] + res[1], cur[1] + res[2])))
 
-  dq, (dk, dv) = _ring(static, br, block, (qc, q_seg, dout, out, lse), travel,
+  dq, (dk, dv) = _ring(static, br, block, (*queries, dout, out, lse), travel,
                        first=lambda res: (res[0], res[1:]), add=add)
   return dq, dk, dv
 
@@ -320,21 +332,23 @@ def _branch_backward(static, br, rng, qc, q_seg, travel, dout, out, lse):
 # ----------------------------------------------------------------------------
 
 
-def _compact_inputs(br, q, k, v, key_padding_mask, segment_ids):
-  """The branch's compacted queries, query segment ids and travelling K/V."""
-  seg = _compact_token(br, segment_ids)
+def _compact_inputs(br, q, k, v, key_padding_mask, segment_ids, positions):
+  """The branch's compacted (queries, query segment ids, query positions) and
+  travelling (K, V, key padding, key segment ids, key positions)."""
+  seg, pos = _compact_token(br, segment_ids), _compact_token(br, positions)
   travel = (_compact_kv(br, k), _compact_kv(br, v),
-            _compact_token(br, key_padding_mask), seg)
-  return _compact_q(br, q), seg, travel
+            _compact_token(br, key_padding_mask), seg, pos)
+  return (_compact_q(br, q), seg, pos), travel
 
 
 def _forward(static, q, k, v, key_padding_mask, segment_ids, rng):
   """(out [B, L, H, D] in q.dtype, lse [B, L, H] float32) over all branches."""
   b = q.shape[0]
+  positions = None if rng is None else _positions(static, b, q.shape[1])
   merged = {}  # query-head range -> (out, lse): one range in "mix" mode
   for br in static.plan.branches:
-    ob, lb = _branch_forward(
-        static, br, rng, *_compact_inputs(br, q, k, v, key_padding_mask, segment_ids))
+    ob, lb = _branch_forward(static, br, rng, *_compact_inputs(
+        br, q, k, v, key_padding_mask, segment_ids, positions))
     ob, lb = _expand_q(br, ob, 0.0, b), _expand_q(br, lb, -jnp.inf, b)
     if br.q_heads in merged:
       ob, lb = _blocks.merge(*merged[br.q_heads], ob, lb)
@@ -379,8 +393,9 @@ def _attention_bwd(static, res, dout):
   # Compaction is linear: its transpose scatters (and, for kv heads read by
   # several slots, adds) compacted float32 gradients back to the local layout.
   grads = [jnp.zeros(x.shape, _F32) for x in (q, k, v)]
+  positions = None if rng is None else _positions(static, q.shape[0], q.shape[1])
   for br in static.plan.branches:
-    inputs = _compact_inputs(br, q, k, v, key_padding_mask, segment_ids)
+    inputs = _compact_inputs(br, q, k, v, key_padding_mask, segment_ids, positions)
     if static.detach_weights and shared[br.q_heads] > 1:
       own_out = _branch_forward(static, br, rng, *inputs)[0]
     else:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import ringdilated as rd
-from ringdilated import _plan, _ring
+from ringdilated import _blocks, _plan, _ring
 from ringdilated.reference import dense_mask, dilated_attention_reference
 
 # Max abs error allowed against the float32 oracle, per input dtype.
@@ -211,6 +211,24 @@ def test_dropout_gradient_matches_autodiff_of_same_mask():
   eps = 1e-3
   fd = (f(q + eps * direction) - f(q - eps * direction)) / (2 * eps)
   assert abs(float(jnp.sum(g * direction)) - float(fd)) < 2e-3 * max(1.0, abs(float(fd)))
+
+
+def test_dropout_mask_statistics():
+  """The hash keeps 1 - rate of the weights, independently per head and pair."""
+  x, t, kh, g = 1, 512, 2, 2
+  pos = jnp.broadcast_to(jnp.arange(t)[None, :, None], (x, t, kh))
+  drop = _blocks.Dropout(0.3, jnp.uint32(12345), np.arange(kh * g).reshape(kh, g), pos, pos)
+  keep = np.asarray(_blocks._dropout_keep(drop))  # [X, K, G, T, S]
+  assert keep.shape == (x, kh, g, t, t)
+  assert abs(keep.mean() - 0.7) < 0.005
+  per_head = keep.reshape(kh * g, -1)
+  assert np.all(np.abs(per_head.mean(axis=1) - 0.7) < 0.01)
+  # Two heads agree as often as independent draws would: 0.7^2 + 0.3^2.
+  assert abs((per_head[0] == per_head[1]).mean() - 0.58) < 0.01
+  # Neighbouring keys of one query are not correlated either.
+  assert abs((keep[..., 1:] == keep[..., :-1]).mean() - 0.58) < 0.01
+  other = _blocks._dropout_keep(drop._replace(seed=jnp.uint32(54321)))
+  assert abs((np.asarray(other) == keep).mean() - 0.58) < 0.01
 
 
 def test_jit_does_not_retrace():

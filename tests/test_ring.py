@@ -200,8 +200,8 @@ def test_dropout_in_ring_is_deterministic_and_differentiable():
   assert not np.allclose(np.asarray(a), np.asarray(run(q, jax.random.key(1), 0.3)[0][1]))
   assert not np.allclose(np.asarray(a), np.asarray(run(q, key, 0.0)[0][1]), atol=1e-3)
   assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
-  # The backward regenerates each block's mask (keyed by branch, device and
-  # source chunk): it is the derivative of the dropped forward.
+  # The backward regenerates each block's mask (a hash of the key, the head
+  # and the global positions): it is the derivative of the dropped forward.
   direction = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
   eps = 1e-3
   fd = (run(q + eps * direction, key, 0.3)[0][0]

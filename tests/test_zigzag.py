@@ -299,3 +299,32 @@ def test_docstring_examples_run():
   for module in (_layout, _attention):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 1 and result.failed == 0, module.__name__
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_dropout_on_a_ring_equals_dropout_on_one_device(layout):
+  """Dropout masks hash global (head, query, key) positions: any ring, any
+  layout, draws the single-device mask."""
+  p = 4
+  kw = dict(MIX, causal=True, dropout_rate=0.3)
+  key = jax.random.key(0, impl="rbg")  # threefry compiles slowly on CPU
+  q, k, v, cot, kpm, seg = _inputs()
+
+  def single(q, k, v, kpm, seg):
+    return rd.dilated_attention(q, k, v, key_padding_mask=kpm, segment_ids=seg,
+                                dropout_rng=key, **kw)
+
+  ring = jax.shard_map(
+      lambda q, k, v, kpm, seg, key: rd.dilated_attention(
+          q, k, v, key_padding_mask=kpm, segment_ids=seg, dropout_rng=key,
+          axis_name="sp", layout=layout, **kw),
+      mesh=_mesh(p), in_specs=(PS(None, "sp"),) * 5 + (PS(),), out_specs=PS(None, "sp"))
+
+  def laid_out(*args):
+    return rd.from_layout(ring(*(rd.to_layout(x, layout, p) for x in args), key), layout, p)
+
+  want = _out_and_grads(single, q, k, v, cot, kpm, seg)
+  got = _out_and_grads(laid_out, q, k, v, cot, kpm, seg)
+  assert max(_max_errs(got, want)) < TOL, _max_errs(got, want)
+  plain = _single_device("mix", True)
+  assert max(_max_errs(want, plain)) > 0.1  # the dropout did something
