@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _blocks, _ring
-from ._plan import DilatedConfig, make_plan
+from ._plan import DilatedConfig, check_bool, make_plan
 
 Array = jax.Array
 
@@ -52,11 +52,6 @@ def _check_token_array(name, x, q, kind) -> None:
   if not jnp.issubdtype(x.dtype, kind):
     raise TypeError(f"{name} must have a {np.dtype(kind).name if kind is bool else 'integer'} "
                     f"dtype, got {x.dtype}")
-
-
-def check_bool(name: str, value) -> None:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name}={value!r} must be a bool")
 
 
 def _axis_size(axis_name: Hashable | None) -> int:

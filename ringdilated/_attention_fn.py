@@ -19,8 +19,8 @@ from collections.abc import Callable, Hashable, Sequence
 import jax
 import jax.numpy as jnp
 
-from ._attention import check_bool, dilated_attention
-from ._plan import DilatedConfig, check_layout
+from ._attention import dilated_attention
+from ._plan import DilatedConfig, check_bool, check_layout
 
 Array = jax.Array
 

@@ -23,7 +23,6 @@ import numpy as np
 
 MODES = ("mix", "partition")
 LAYOUTS = ("contiguous", "zigzag")
-SCHEDULES = ("contiguous", "mirror", "zigzag")
 
 
 def _as_int_tuple(name: str, values: Iterable[int]) -> tuple[int, ...]:
@@ -43,6 +42,12 @@ def positive_int(name: str, x) -> int:
   if x <= 0:
     raise ValueError(f"{name}={x} must be positive")
   return x
+
+
+def check_bool(name: str, value) -> None:
+  """Raises unless ``value`` is a Python or numpy bool."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name}={value!r} must be a bool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +85,7 @@ class DilatedConfig:
                          f"dilation_rates[{i}]={ri}")
     if self.mode not in MODES:
       raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
-    if not isinstance(self.causal, (bool, np.bool_)):
-      raise TypeError(f"causal={self.causal!r} must be a bool")
+    check_bool("causal", self.causal)
     object.__setattr__(self, "causal", bool(self.causal))
 
 
@@ -118,7 +122,7 @@ class Branch:
   offsets: tuple[int, ...]          # length K_b, each in [0, rate)
   piece: int                        # local tokens per piece: min(w, L)
   ring_size: int                    # g: devices per segment
-  schedule: str = "contiguous"      # one of SCHEDULES
+  schedule: str = "contiguous"      # "contiguous", "mirror" or "zigzag"
 
   @property
   def num_kv(self) -> int:

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
-from ._attention import check_bool, dilated_attention
-from ._plan import MODES, check_layout
+from ._attention import dilated_attention
+from ._plan import MODES, check_bool, check_layout
 
 Array = jax.Array
 

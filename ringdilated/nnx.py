@@ -32,8 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from ._attention import check_bool
-from ._plan import DilatedConfig, check_layout
+from ._plan import DilatedConfig, check_bool, check_layout
 from .linen import (
   _attend,
   _check_dropout_rate,
