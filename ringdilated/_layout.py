@@ -18,7 +18,7 @@ import numpy as np
 from ._plan import check_layout, positive_int
 
 
-def _order(layout: str, axis_size: int) -> np.ndarray:
+def half_chunk_order(layout: str, axis_size: int) -> np.ndarray:
   """Half-chunk ``j`` of the laid-out sequence is half-chunk ``order[j]``."""
   check_layout(layout)
   axis_size = positive_int("axis_size", axis_size)
@@ -77,9 +77,10 @@ def to_layout(x, layout: str, axis_size: int, axis: int = 1):
     >>> rd.to_layout(np.arange(8)[None], "zigzag", 2)
     array([[0, 1, 6, 7, 2, 3, 4, 5]])
   """
-  return _permute(x, _order(layout, axis_size), axis, "to_layout")
+  return _permute(x, half_chunk_order(layout, axis_size), axis, "to_layout")
 
 
 def from_layout(x, layout: str, axis_size: int, axis: int = 1):
   """Inverse of :func:`to_layout`: back to the natural token order."""
-  return _permute(x, np.argsort(_order(layout, axis_size)), axis, "from_layout")
+  return _permute(x, np.argsort(half_chunk_order(layout, axis_size)), axis,
+                  "from_layout")

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _blocks
+from . import _blocks, _layout
 from ._plan import Branch, Plan
 
 Array = jax.Array
@@ -184,6 +184,18 @@ def step_work(plan: Plan) -> tuple[np.ndarray, ...]:
   return tuple(work)
 
 
+def balance(plan: Plan) -> tuple[float, float]:
+  """Busiest device / mean of :func:`step_work`: (worst step, whole pass).
+
+  The whole pass is the sum of the per-step maxima over the sum of means,
+  over all branches (run one after the other).
+  """
+  work = step_work(plan)
+  worst = max(float(np.max(w.max(1) / w.mean(1))) for w in work)
+  whole = sum(w.max(1).sum() for w in work) / sum(w.mean(1).sum() for w in work)
+  return worst, float(whole)
+
+
 def _half(x: Array, i, half: int) -> Array:
   """Local half ``i`` (int or traced) of compacted [X, T, ...]; all if None."""
   if i is None:
@@ -226,13 +238,14 @@ def _dropout(static: Static, rng, br: Branch, q_pos, k_pos) -> Any:
 def _positions(static: Static, batch: int, length: int) -> Array:
   """shape [B, L] int32: the global position of each local token."""
   local = jnp.arange(length, dtype=jnp.int32)
-  p = static.plan.num_shards
-  if static.axis_name is not None and p > 1:
+  plan = static.plan
+  if static.axis_name is not None:
     d = jax.lax.axis_index(static.axis_name)
-    if static.plan.layout == "zigzag":  # half-chunks d and 2P-1-d
+    if plan.layout == "zigzag" and plan.num_shards > 1:
+      # This device's two half-chunks, in the order of rd.to_layout.
+      order = _layout.half_chunk_order(plan.layout, plan.num_shards).reshape(-1, 2)
       half = length // 2
-      chunk = jnp.where(local < half, d, 2 * p - 1 - d)
-      local = chunk * half + local % half
+      local = jnp.asarray(order, jnp.int32)[d, local // half] * half + local % half
     else:
       local = d * length + local
   return jnp.broadcast_to(local, (batch, length))
