@@ -25,6 +25,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                              " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -99,14 +100,7 @@ def main():
   def single(q, k, v):
     return rd.dilated_attention(q, k, v, **kw)
 
-  def out_and_grads(fn):
-    def run(q, k, v):
-      def loss(q, k, v):
-        out = fn(q, k, v)
-        return jnp.sum(out.astype(jnp.float32) * cot), out
-      grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-      return (out,) + grads
-    return run
+  out_and_grads = functools.partial(_out_and_grads, cot=cot)
 
   print(f"N={n} B={b} H={h} K={hkv} D={d} {dtype.name} mode={args.mode} "
         f"causal={args.causal}, ring of P={p} devices (L={n // p} tokens each)")
@@ -174,6 +168,17 @@ def main():
     _zigzag(args, kw, mesh, (q, k, v), cot, results["single"])
 
 
+def _out_and_grads(fn, cot):
+  """``(q, k, v) -> (out, dq, dk, dv)`` of ``sum(fn(q, k, v) * cot)``."""
+  def run(q, k, v):
+    def loss(q, k, v):
+      out = fn(q, k, v)
+      return jnp.sum(out.astype(jnp.float32) * cot), out
+    grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return (out,) + grads
+  return run
+
+
 def _zigzag(args, kw, mesh, qkv, cot, single):
   """The causal ring in the zigzag layout: error and per-step work balance.
 
@@ -192,25 +197,14 @@ def _zigzag(args, kw, mesh, qkv, cot, single):
       lambda q, k, v: rd.dilated_attention(q, k, v, axis_name="sp", layout="zigzag", **kw),
       mesh=mesh, in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
   q, k, v, cot = (rd.to_layout(x, "zigzag", p) for x in (*qkv, cot))
-
-  @jax.jit
-  def run(q, k, v):
-    def loss(q, k, v):
-      out = ring(q, k, v)
-      return jnp.sum(out.astype(jnp.float32) * cot), out
-    grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    return (out,) + grads
-
-  got = [rd.from_layout(x, "zigzag", p) for x in run(q, k, v)]
+  got = [rd.from_layout(x, "zigzag", p) for x in jax.jit(_out_and_grads(ring, cot))(q, k, v)]
   err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - c.astype(jnp.float32))))
             for a, c in zip(got, single))
   print(f"  max |zigzag ring - single device| over out, dq, dk, dv: {err:.2e}")
   print("  busiest device / mean, work per ring step (from the static schedule):")
   for layout, plan in plans.items():
-    work = _ring.step_work(plan)
-    worst = max(float(np.max(w.max(1) / w.mean(1))) for w in work)
-    total = sum(w.max(1).sum() for w in work) / sum(w.mean(1).sum() for w in work)
-    print(f"    {layout:10s}  worst step {worst:.2f}, whole pass {total:.2f}")
+    worst, whole = _ring.balance(plan)
+    print(f"    {layout:10s}  worst step {worst:.2f}, whole pass {whole:.2f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 
+import _harness as harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,12 +52,7 @@ def _exact_matmuls():
 @functools.lru_cache(maxsize=None)
 def _inputs(seed=0):
   """q, k, v, cotangent, key_padding_mask, segment_ids in natural order."""
-  rng = np.random.default_rng(seed)
-  q, k, v, cot = (jnp.asarray(rng.standard_normal((B, N, x, D)), jnp.float32)
-                  for x in (H, K, K, H))
-  kpm = jnp.asarray(rng.random((B, N)) > 0.25)
-  seg = jnp.asarray(np.sort(rng.integers(0, 3, (B, N)), axis=1), jnp.int32)
-  return q, k, v, cot, kpm, seg
+  return harness.inputs(B, N, H, K, D, seed=seed)
 
 
 def _attend(axis_name, kw):
@@ -216,10 +212,7 @@ def test_causal_zigzag_ring_has_no_data_dependent_skips(layout, conds):
 def _balance(config, n, p, layout):
   """(worst per-step max/mean over devices, total of maxes / total of means)."""
   plan = _plan.make_plan(config, n, 16, 16, p, layout)
-  work = _ring.step_work(plan)
-  per_step = max(float(np.max(w.max(1) / w.mean(1))) for w in work)
-  total = sum(w.max(1).sum() for w in work) / sum(w.mean(1).sum() for w in work)
-  return per_step, total, plan, work
+  return (*_ring.balance(plan), plan, _ring.step_work(plan))
 
 
 BALANCE_CASES = [
@@ -295,6 +288,7 @@ def test_unknown_layout_raises():
 
 def test_docstring_examples_run():
   import doctest  # pylint: disable=g-import-not-at-top
+
   from ringdilated import _attention, _layout  # pylint: disable=g-import-not-at-top
   for module in (_layout, _attention):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
