@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import doctest
 
+import _harness as harness
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -181,16 +182,10 @@ def test_layout_is_checked_and_passed_on():
   with pytest.raises(ValueError, match=r"layout='striped' must be one of"):
     rd.make_attention_fn(segment_lengths=W, dilation_rates=R, layout="striped")
   # Under a zigzag ring of 4 the laid-out result equals one device's.
-  p = 4
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
-  spec = jax.sharding.PartitionSpec(None, "sp")
   fn = rd.make_attention_fn(segment_lengths=W, dilation_rates=R, causal=True,
                             axis_name="sp", layout="zigzag")
-  rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.standard_normal((2, 32, 4, 8)), jnp.float32) for _ in range(3))
-  ring = jax.jit(jax.shard_map(lambda q, k, v: fn(q, k, v), mesh=mesh,
-                               in_specs=spec, out_specs=spec))
-  got = rd.from_layout(ring(*(rd.to_layout(x, "zigzag", p) for x in (q, k, v))), "zigzag", p)
+  q, k, v, *_ = harness.inputs(2, 32, 4, 4, 8, masks=False)
+  got = harness.zigzag_ring(lambda q, k, v: fn(q, k, v), 4)(q, k, v)
   want = rd.dilated_attention(q, k, v, segment_lengths=W, dilation_rates=R, causal=True)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import _harness as harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,15 +241,9 @@ def test_invalid_arguments_raise_at_construction(fields, match):
 
 def test_zigzag_ring_equals_single_device():
   """``layout`` reaches the function: a zigzag ring of 4 on laid-out inputs."""
-  p = 4
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
-  rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.standard_normal((B, T, 4, 8)), jnp.float32) for _ in range(3))
+  q, k, v, *_ = harness.inputs(B, T, 4, 4, 8, masks=False)
   attn = rdnnx.DilatedAttention(W, R, causal=True, axis_name="sp", layout="zigzag")
-  spec = jax.sharding.PartitionSpec(None, "sp")
-  ring = jax.jit(jax.shard_map(lambda q, k, v: attn(q, k, v), mesh=mesh,
-                               in_specs=spec, out_specs=spec))
-  got = rd.from_layout(ring(*(rd.to_layout(x, "zigzag", p) for x in (q, k, v))), "zigzag", p)
+  got = harness.zigzag_ring(lambda q, k, v: attn(q, k, v), 4)(q, k, v)
   want = rd.dilated_attention(q, k, v, segment_lengths=W, dilation_rates=R, causal=True)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 

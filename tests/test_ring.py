@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import re
 
+import _harness as harness
 import jax
 import jax.extend.core
 import jax.numpy as jnp
@@ -62,15 +63,7 @@ def _exact_matmuls():
 @functools.lru_cache(maxsize=None)
 def _inputs(hkv=2, masks=True, seed=0):
   """q, k, v [B, N, ., D] float32, cotangent, key_padding_mask, segment_ids."""
-  rng = np.random.default_rng(seed)
-  q, k, v = (jnp.asarray(rng.standard_normal((B, N, x, D)), jnp.float32)
-             for x in (H, hkv, hkv))
-  cot = jnp.asarray(rng.standard_normal((B, N, H, D)), jnp.float32)
-  if not masks:
-    return q, k, v, cot, None, None
-  kpm = jnp.asarray(rng.random((B, N)) > 0.25)
-  seg = jnp.asarray(np.sort(rng.integers(0, 3, (B, N)), axis=1), jnp.int32)
-  return q, k, v, cot, kpm, seg
+  return harness.inputs(B, N, H, hkv, D, masks=masks, seed=seed)
 
 
 def _local(axis_name, kw):
