@@ -17,6 +17,8 @@ Cases (bf16, B=1, H=16, D=128):
              causal, both modes: ours vs gathering each branch and calling
              cuDNN by hand.
   ringattn   the ``ringattention`` package (if importable) at 8K/32K causal.
+  pallas     backend="pallas" (strided in-place kernels) on the dense and
+             LongNet cases, with the cuDNN references at the same lengths.
   zigzag     the dense causal case on a 1-device ring in the zigzag layout
              (overhead vs the contiguous ``ours_dense_ring1`` of ``dense``:
              run both groups together), and the attention work of one ring
@@ -241,6 +243,23 @@ def cases(only):
         if n == 1 << 20 and mode == "mix":  # the plain one needs 100 GiB here
           yield f"gather_cudnn_remat_longnet_{mode}", functools.partial(
               gather_cudnn, mode=mode, remat=True, **LONGNET), n, fl, cfg
+  if "pallas" in only:
+    for n in (8192, 32768):
+      cfg = dict(segment_lengths=(n,), dilation_rates=(1,), mode="mix", causal=True)
+      fl = attention_flops(n, (n,), (1,), "mix", True)
+      yield "cudnn_dense", cudnn_dense, n, fl, cfg
+      yield "ours_pallas_dense", functools.partial(
+          ours, segment_lengths=(n,), dilation_rates=(1,), backend="pallas"), n, fl, cfg
+    for n in (65536, 262144, 524288, 1048576):
+      for mode in ("mix", "partition"):
+        cfg = dict(LONGNET, mode=mode, causal=True)
+        fl = attention_flops(n, LONGNET["segment_lengths"], LONGNET["dilation_rates"], mode, True)
+        yield f"ours_pallas_longnet_{mode}", functools.partial(
+            ours, mode=mode, backend="pallas", **LONGNET), n, fl, cfg
+        yield f"ours_longnet_{mode}", functools.partial(ours, mode=mode, **LONGNET), n, fl, cfg
+        if mode == "partition" or n < 1 << 20:
+          yield f"gather_cudnn_longnet_{mode}", functools.partial(
+              gather_cudnn, mode=mode, **LONGNET), n, fl, cfg
   if "zigzag" in only:  # run with "dense": its ours_dense_ring1 is the reference
     for n in (8192, 32768, 131072):
       cfg = dict(segment_lengths=(n,), dilation_rates=(1,), mode="mix", causal=True)
@@ -277,7 +296,7 @@ def main(argv=None) -> int:
   if args.out and os.path.exists(args.out):
     with open(args.out) as f:
       records = json.load(f)
-  groups = {"dense", "longnet", "ringattn", "zigzag"}
+  groups = {"dense", "longnet", "ringattn", "zigzag", "pallas"}
   for name, impl, n, fl, cfg in cases(only & groups or groups):
     if not only & groups and name not in only:
       continue

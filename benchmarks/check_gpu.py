@@ -1,7 +1,8 @@
-"""GPU correctness check of the cuDNN block backend against the XLA block.
+"""GPU correctness check of a fast backend against the XLA block.
 
-Run on a GPU machine: ``python benchmarks/check_gpu.py``. Prints the max
-relative error of outputs and q/k/v gradients of ``backend="cudnn"`` against
+Run on a GPU machine: ``python benchmarks/check_gpu.py [cudnn|pallas ...]``
+(default: both). Prints the max relative error of outputs and q/k/v
+gradients of the backend against
 ``backend="xla"`` computed in float32 from the same bf16 inputs, for dense and
 dilated configurations, causal and not, single device and a 1-device ring.
 Exits non-zero if an error exceeds the bf16 tolerance.
@@ -42,12 +43,13 @@ def _run(q, k, v, cot, backend, ring, **kw):
   return go(q, k, v)
 
 
-def main() -> int:
+def main(argv) -> int:
   print("jax", jax.__version__, jax.devices()[0].device_kind)
   problem = _blocks.cudnn_unavailable(jnp.bfloat16, 128, False, False)
   print("cudnn problem:", problem)
   if problem:
     return 1
+  backends = argv[1:] or ["cudnn", "pallas"]
   rng = np.random.default_rng(0)
   worst = 0.0
   cases = [
@@ -56,7 +58,7 @@ def main() -> int:
       dict(segment_lengths=(512, 1024, 2048, 4096), dilation_rates=(1, 2, 4, 8),
            mode="partition"),
   ]
-  for kw in cases:
+  for backend, kw in ((b, kw) for b in backends for kw in cases):
     for causal in (False, True):
       for ring in (False, True):
         b, n, h, hkv, d = 2, 4096, 8, 4, 128
@@ -64,13 +66,13 @@ def main() -> int:
         k = jnp.asarray(rng.standard_normal((b, n, hkv, d)), jnp.bfloat16)
         v = jnp.asarray(rng.standard_normal((b, n, hkv, d)), jnp.bfloat16)
         cot = jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32)
-        got = _run(q, k, v, cot, "cudnn", ring, causal=causal, **kw)
+        got = _run(q, k, v, cot, backend, ring, causal=causal, **kw)
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         want = _run(*f32, cot, "xla", False, causal=causal, **kw)
         errs = [_rel(g, w) for g, w in zip(got, want)]
         ok = all(np.isfinite(errs)) and max(errs) < TOL
         worst = max(worst, max(errs))
-        print(f"{kw.get('mode', 'mix'):9s} w={kw['segment_lengths']} causal={causal!s:5} "
+        print(f"{backend:6s} {kw.get('mode', 'mix'):9s} w={kw['segment_lengths']} causal={causal!s:5} "
               f"ring={ring!s:5} rel err out/dq/dk/dv = "
               + " ".join(f"{e:.1e}" for e in errs) + ("" if ok else "  FAIL"))
   print(f"worst relative error {worst:.2e} (tolerance {TOL})")
@@ -78,4 +80,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(sys.argv))

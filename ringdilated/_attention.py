@@ -121,8 +121,11 @@ def dilated_attention(
       ``d`` holds half-chunks ``d`` and ``2P - 1 - d``). Zigzag balances the
       work of causal rings; on one device both are the same.
     backend: block implementation: ``"xla"`` (portable einsums), ``"cudnn"``
-      (fused GPU attention; bfloat16/float16 without masks or dropout) or
-      ``"auto"`` (cuDNN where it applies, else XLA; decided at trace time).
+      (fused GPU attention; bfloat16/float16 without masks or dropout),
+      ``"pallas"`` (Triton kernels that read each local branch's strided
+      positions in place and accumulate into the outputs and gradients: the
+      least memory; without masks or dropout) or ``"auto"`` (cuDNN where it
+      applies, else XLA; decided at trace time).
     detach_weights: ``"mix"`` only: treat the weights that combine the
       branches (softmax over their log-sum-exps) as constants in the
       gradient, as LongNet's reference implementation (torchscale) does.

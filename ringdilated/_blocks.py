@@ -332,11 +332,12 @@ class Backend:
   name: str
   forward: Callable[..., tuple[Array, Array]]
   backward: Callable[..., tuple[Array, Array, Array]]
+  interpret: bool = False  # Pallas kernels in interpret mode (not on a GPU)
 
 
 XLA = Backend("xla", xla_forward, xla_backward)
 CUDNN = Backend("cudnn", cudnn_forward, cudnn_backward)
-BACKENDS = ("auto", "xla", "cudnn")
+BACKENDS = ("auto", "xla", "cudnn", "pallas")
 
 
 def select_backend(name: str, *, dtype, head_dim: int, has_masks: bool,
@@ -344,17 +345,29 @@ def select_backend(name: str, *, dtype, head_dim: int, has_masks: bool,
   """Resolves ``backend=`` at trace time.
 
   ``"auto"`` takes cuDNN where it can run these blocks and XLA elsewhere. An
-  explicit ``"cudnn"`` that can't run falls back to XLA with a logged warning
-  saying why (the results are the same; only speed differs).
+  explicit ``"cudnn"`` or ``"pallas"`` that can't run falls back to XLA with a
+  logged warning saying why (the results are the same; only speed and memory
+  differ). ``"pallas"`` off a GPU runs its kernels in Pallas interpret mode:
+  exact but slow, for tests.
   """
   if name not in BACKENDS:
     raise ValueError(f"backend={name!r} must be one of {BACKENDS}")
   if name == "xla":
     return XLA
-  problem = cudnn_unavailable(dtype, head_dim, has_masks, dropout)
-  if problem is None:
-    return CUDNN
-  if name == "cudnn":
-    logging.getLogger("ringdilated").warning(
-        "backend='cudnn' unavailable (%s); using the XLA block", problem)
+  log = logging.getLogger("ringdilated")
+  if name == "pallas":
+    from . import _pallas  # pylint: disable=g-import-not-at-top
+    problem = _pallas.unavailable(dtype, head_dim, has_masks, dropout)
+    if problem is None:
+      if jax.default_backend() == "gpu":
+        return _pallas.PALLAS
+      log.warning("backend='pallas' on %r runs in Pallas interpret mode (slow)",
+                  jax.default_backend())
+      return _pallas.PALLAS_INTERPRET
+  else:
+    problem = cudnn_unavailable(dtype, head_dim, has_masks, dropout)
+    if problem is None:
+      return CUDNN
+  if name != "auto":
+    log.warning("backend=%r unavailable (%s); using the XLA block", name, problem)
   return XLA

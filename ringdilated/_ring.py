@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _blocks, _layout
+from . import _blocks, _layout, _pallas
 from ._plan import Branch, Plan
 
 Array = jax.Array
@@ -354,21 +354,71 @@ def _compact_inputs(br, q, k, v, key_padding_mask, segment_ids, positions):
   return (_compact_q(br, q), seg, pos), travel
 
 
+def _geometry(static: Static, br: Branch, num_kv_heads: int, shared: int):
+  """The Pallas kernels' view of ``br`` when they read it in place, or None.
+
+  They do for a local branch (no ring) whose kv slots are whole GQA groups
+  with the offsets of ``"mix"`` (kv head mod r) or one offset (``"partition"``),
+  under the Pallas backend; any other branch takes the generic path.
+  """
+  if static.backend.name != "pallas" or br.ring_size != 1:
+    return None
+  if static.detach_weights and shared > 1:  # needs each branch's own output
+    return None
+  num_heads = static.plan.num_heads
+  if br.group != num_heads // num_kv_heads or _pallas.branch_unavailable(br.kept):
+    return None
+  if len(set(br.offsets)) == 1:
+    offset = br.offsets[0]
+  elif br.offsets == tuple(kv % br.rate for kv in br.kv_heads):
+    offset = None
+  else:
+    return None
+  return _pallas.Geometry(
+      kept=br.kept, rate=br.rate, heads=br.q_heads, group=br.group, offset=offset,
+      causal=static.plan.config.causal, scale=static.scale,
+      interpret=static.backend.interpret)
+
+
+def _split(static: Static, k: Array):
+  """(branches for the generic path, [(branch, geometry)] read in place)."""
+  shared = collections.Counter(br.q_heads for br in static.plan.branches)
+  generic, fused = [], []
+  for br in static.plan.branches:
+    geo = _geometry(static, br, k.shape[2], shared[br.q_heads])
+    if geo is None:
+      generic.append(br)
+    else:
+      fused.append((br, geo))
+  return generic, fused
+
+
 def _forward(static, q, k, v, key_padding_mask, segment_ids, rng):
   """(out [B, L, H, D] in q.dtype, lse [B, L, H] float32) over all branches."""
   b = q.shape[0]
   positions = None if rng is None else _positions(static, b, q.shape[1])
+  generic, fused = _split(static, k)
   merged = {}  # query-head range -> (out, lse): one range in "mix" mode
-  for br in static.plan.branches:
+  for br in generic:
     ob, lb = _branch_forward(static, br, rng, *_compact_inputs(
         br, q, k, v, key_padding_mask, segment_ids, positions))
     ob, lb = _expand_q(br, ob, 0.0, b), _expand_q(br, lb, -jnp.inf, b)
     if br.q_heads in merged:
       ob, lb = _blocks.merge(*merged[br.q_heads], ob, lb)
     merged[br.q_heads] = ob, lb
-  heads = sorted(merged)
-  out = jnp.concatenate([merged[h][0].astype(q.dtype) for h in heads], axis=2)
-  return out, jnp.concatenate([merged[h][1] for h in heads], axis=2)
+  if not fused:
+    heads = sorted(merged)
+    out = jnp.concatenate([merged[h][0].astype(q.dtype) for h in heads], axis=2)
+    return out, jnp.concatenate([merged[h][1] for h in heads], axis=2)
+  # The Pallas kernels merge into full-size accumulators in place.
+  out = jnp.zeros_like(q)  # zeros_like: varies over the mesh axes as q does
+  lse = jnp.full_like(q[..., 0], -jnp.inf, _F32)
+  for (start, stop), (ob, lb) in merged.items():
+    out = out.at[:, :, start:stop].set(ob.astype(q.dtype))
+    lse = lse.at[:, :, start:stop].set(lb)
+  for _, geo in fused:
+    out, lse = _pallas.forward(geo, q, k, v, out, lse)
+  return out, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -399,15 +449,16 @@ def _attention_fwd(static, q, k, v, key_padding_mask, segment_ids, rng):
 
 def _attention_bwd(static, res, dout):
   q, k, v, key_padding_mask, segment_ids, rng, out, lse = res
+  generic, fused = _split(static, k)
   # With detached mix weights O = sum_i w_i O_i and the w_i constant, branch
   # i's block gradients are the usual ones fed the global lse (P = w_i P_i)
   # but the branch's own output O_i in rowsum(dO * O): recomputed here.
   shared = collections.Counter(br.q_heads for br in static.plan.branches)
   # Compaction is linear: its transpose scatters (and, for kv heads read by
   # several slots, adds) compacted float32 gradients back to the local layout.
-  grads = [jnp.zeros(x.shape, _F32) for x in (q, k, v)]
+  grads = [jnp.zeros(x.shape, _F32) for x in (q, k, v)] if generic else None
   positions = None if rng is None else _positions(static, q.shape[0], q.shape[1])
-  for br in static.plan.branches:
+  for br in generic:
     inputs = _compact_inputs(br, q, k, v, key_padding_mask, segment_ids, positions)
     if static.detach_weights and shared[br.q_heads] > 1:
       own_out = _branch_forward(static, br, rng, *inputs)[0]
@@ -421,8 +472,14 @@ def _attention_bwd(static, res, dout):
     grads = [grads[0] + pull_q(dqc.astype(_F32))[0],
              grads[1] + pull_kv(dkc.astype(_F32))[0],
              grads[2] + pull_kv(dvc.astype(_F32))[0]]
-  dq, dk, dv = (g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
-  return dq, dk, dv, None, None, None
+  if grads is None:
+    grads = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
+  grads = tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
+  if fused:  # the Pallas kernels add into the gradients in place
+    delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1)
+    for _, geo in fused:
+      grads = _pallas.backward(geo, q, k, v, dout, lse, delta, grads)
+  return (*grads, None, None, None)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,438 @@
+"""Pallas (Triton) flash-attention kernels that read a dilated branch in place.
+
+A branch of rate ``r`` keeps, for kv head ``k``, the positions ``p`` with
+``p mod r == offset(k)``. Viewing ``[B, L, H, D]`` as ``[B, L / r, r, H, D]``
+(a free reshape) puts those positions at ``[:, :, offset(k), h, :]``: a
+strided window that a kernel's ``BlockSpec`` addresses directly. So the
+kernels here read ``q, k, v`` and write ``out, lse, dq, dk, dv`` of the whole
+sequence without the compacted copies of the generic path, and without
+per-branch outputs: the forward merges its block into the running
+``(out, lse)`` and the backward adds into ``(dq, dk, dv)``, all in place
+(``input_output_aliases``). Peak memory is then ``q, k, v, out, dout`` plus
+the gradients and two ``[B, L, H]`` float32 rows (``lse`` and
+``rowsum(dout * out)``), whatever the number of branches.
+
+The same kernels with ``r = 1`` are the block backend of the generic path
+(ring steps, branches the fused path does not take).
+
+Three kernels, flash-attention 2 style: the forward (grid over query tiles
+and query heads, loop over key tiles), ``dq`` (the same grid) and ``dk, dv``
+(grid over key tiles and kv heads, loop over query heads and query tiles), so
+every output tile is written by exactly one program: no atomics.
+
+Shape legend: B batch, L local sequence length, H query heads, K kv heads,
+G = H / K, D head dim, M = L / r kept positions per offset, T kept tokens
+per segment, r rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from . import _blocks
+
+Array = jax.Array
+
+_F32 = jnp.float32
+_NEG = -1e30  # masked logits: finite, so a fully masked tile never makes NaN
+_MIN_TILE = 16  # Triton's dot needs tiles of at least 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """What a kernel needs to know about one branch; hashable (static).
+
+  Attributes:
+    kept: ``T``, kept tokens per segment (a segment's keys are one window).
+    rate: ``r``.
+    heads: query heads ``[start, stop)`` of the branch, whole GQA groups.
+    group: ``G``, query heads per kv head.
+    offset: kept position mod ``r`` of every head, or None for ``kv head mod
+      r`` (``"mix"`` mode).
+    causal: causal within each segment.
+    scale: logit scale.
+    interpret: run in Pallas interpret mode (any platform, slow).
+  """
+
+  kept: int
+  rate: int
+  heads: tuple[int, int]
+  group: int
+  offset: int | None
+  causal: bool
+  scale: float
+  interpret: bool
+
+  def off(self, kv_head):
+    return kv_head % self.rate if self.offset is None else self.offset
+
+
+def tile(length: int, want: int) -> int | None:
+  """Largest power of 2 ``<= want`` dividing ``length``, or None below 16."""
+  t = want
+  while t >= _MIN_TILE:
+    if length % t == 0:
+      return t
+    t //= 2
+  return None
+
+
+def unavailable(dtype, head_dim: int, has_masks: bool, dropout: bool) -> str | None:
+  """Why the Pallas kernels can't run these blocks, or None if they can."""
+  if has_masks:
+    return "key_padding_mask/segment_ids (the Pallas kernels support causal only)"
+  if dropout:
+    return "dropout (the Pallas kernels have none)"
+  if head_dim < _MIN_TILE or head_dim & (head_dim - 1) or head_dim > 256:
+    return f"head dim {head_dim} (the Pallas kernels need a power of 2 in [16, 256])"
+  if jnp.dtype(dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float32)):
+    return f"dtype {jnp.dtype(dtype).name}"
+  try:
+    from jax.experimental import pallas  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    return f"cannot import jax.experimental.pallas ({e})"
+  return None
+
+
+def branch_unavailable(kept: int) -> str | None:
+  if tile(kept, 128) is None:
+    return f"{kept} kept tokens per segment (the Pallas kernels need a multiple of 16)"
+  return None
+
+
+def _pl():
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  return pl
+
+
+def _compiler_params(geo: Geometry, num_warps: int):
+  if geo.interpret:
+    return None
+  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+
+
+def _view(x: Array, rate: int) -> Array:
+  """[B, L, ...] -> [B, L / r, r, ...]: position p at [:, p // r, p % r]."""
+  return x.reshape(x.shape[0], x.shape[1] // rate, rate, *x.shape[2:])
+
+
+def _like(x: Array) -> jax.ShapeDtypeStruct:
+  """The type of the accumulator ``x``, which an output aliases, including
+  the mesh axes it varies over inside ``shard_map``."""
+  mat = getattr(jax.typeof(x), "mat", None)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, manual_axis_type=mat)
+
+
+def _dot_t(a: Array, b: Array) -> Array:
+  """``a @ b.T`` in float32: [m, d] x [n, d] -> [m, n]."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+
+
+def _dot(a: Array, b: Array) -> Array:
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+
+
+def _tdot(a: Array, b: Array) -> Array:
+  """``a.T @ b`` in float32: [m, n] x [m, d] -> [n, d]."""
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
+
+
+def _visible(q0, k0, nq: int, nk: int) -> Array:
+  """[nq, nk] bool: query ``q0 + i`` sees key ``k0 + j`` (causal)."""
+  qi = q0 + jax.lax.broadcasted_iota(jnp.int32, (nq, nk), 0)
+  kj = k0 + jax.lax.broadcasted_iota(jnp.int32, (nq, nk), 1)
+  return qi >= kj
+
+
+def _tiles(body, carry, *, causal: bool, start, stop, diagonal):
+  """Runs ``body(j, carry, masked)`` for tiles ``j`` in ``[start, stop)``.
+
+  With ``causal``, tiles in ``diagonal = (lo, hi)`` straddle the causal
+  diagonal and run masked; ``[start, stop)`` holds only visible tiles.
+  """
+  run = lambda a, b, c, masked: jax.lax.fori_loop(  # noqa: E731
+      a, b, functools.partial(body, masked=masked), c)
+  if not causal:
+    return run(start, stop, carry, False)
+  lo, hi = diagonal
+  carry = run(start, lo, carry, False)
+  carry = run(lo, hi, carry, True)
+  return run(hi, stop, carry, False)
+
+
+# ----------------------------------------------------------------------------
+# Forward: grid (B, M / bq, heads); merges into the running (out, lse).
+# ----------------------------------------------------------------------------
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_in, l_in, o_ref, l_ref, *,
+                    geo: Geometry, bq: int, bk: int):
+  pl = _pl()
+  t0 = (pl.program_id(1) % (geo.kept // bq)) * bq  # query tile, within segment
+  q = q_ref[...]
+
+  def body(j, carry, masked):
+    acc, m, l = carry
+    k = k_ref[pl.ds(j * bk, bk), :]
+    s = _dot_t(q, k) * geo.scale
+    if masked:
+      s = jnp.where(_visible(t0, j * bk, bq, bk), s, _NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.exp(s - m_new[:, None])
+    corr = jnp.exp(m - m_new)
+    v = v_ref[pl.ds(j * bk, bk), :]
+    acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l * corr + jnp.sum(p, axis=1)
+
+  d = q.shape[-1]
+  carry = (jnp.zeros((bq, d), _F32), jnp.full((bq,), -jnp.inf, _F32), jnp.zeros((bq,), _F32))
+  hi = (t0 + bq + bk - 1) // bk  # key tiles up to the diagonal
+  acc, m, l = _tiles(body, carry, causal=geo.causal, start=0,
+                     stop=hi if geo.causal else geo.kept // bk, diagonal=(t0 // bk, hi))
+  lse_b = m + jnp.log(l)  # every query sees at least itself: finite
+  out_b = acc / l[:, None]
+  lse = l_in[...]
+  top = jnp.maximum(lse, lse_b)
+  new = top + jnp.log(jnp.exp(lse - top) + jnp.exp(lse_b - top))
+  weight = jnp.exp(lse_b - new)
+  out = o_in[...].astype(_F32)
+  o_ref[...] = (out + weight[:, None] * (out_b - out)).astype(o_ref.dtype)
+  l_ref[...] = new
+
+
+def forward(geo: Geometry, q: Array, k: Array, v: Array, out: Array,
+            lse: Array) -> tuple[Array, Array]:
+  """Merges the branch into ``(out, lse)`` in place.
+
+  Args:
+    geo: the branch.
+    q: shape [B, L, H, D].
+    k, v: shape [B, L, K, D].
+    out: shape [B, L, H, D], running output (0 where nothing merged yet).
+    lse: shape [B, L, H] float32, running log-sum-exp (``-inf`` likewise).
+
+  Returns:
+    The updated ``(out, lse)``; positions and heads the branch does not keep
+    are unchanged.
+  """
+  pl = _pl()
+  b, length, _, d = q.shape
+  t, r, g = geo.kept, geo.rate, geo.group
+  bq, bk = tile(t, 128), tile(t, 64)
+  h0 = geo.heads[0]
+
+  def q_map(bi, i, hq):
+    h = h0 + hq
+    return bi, i, geo.off(h // g), h, 0
+
+  def kv_map(bi, i, hq):
+    kv = (h0 + hq) // g
+    return bi, i // (t // bq), geo.off(kv), kv, 0
+
+  def l_map(bi, i, hq):
+    return q_map(bi, i, hq)[:4]
+
+  q_spec = pl.BlockSpec((None, bq, None, None, d), q_map)
+  kv_spec = pl.BlockSpec((None, t, None, None, d), kv_map)
+  l_spec = pl.BlockSpec((None, bq, None, None), l_map)
+  o5, l4 = _view(out, r), _view(lse, r)
+  o5, l4 = pl.pallas_call(
+      functools.partial(_forward_kernel, geo=geo, bq=bq, bk=bk),
+      grid=(b, length // r // bq, geo.heads[1] - h0),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, l_spec],
+      out_specs=[q_spec, l_spec],
+      out_shape=[_like(o5), _like(l4)],
+      input_output_aliases={3: 0, 4: 1},
+      compiler_params=_compiler_params(geo, num_warps=8 if d > 64 else 4),
+      interpret=geo.interpret,
+      name="ringdilated_fwd",
+  )(_view(q, r), _view(k, r), _view(v, r), o5, l4)
+  return o5.reshape(out.shape), l4.reshape(lse.shape)
+
+
+# ----------------------------------------------------------------------------
+# Backward: dq (grid as the forward) and dk, dv (grid over key tiles and kv
+# heads); both add into their accumulators in place.
+# ----------------------------------------------------------------------------
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, dl_ref, dq_in, dq_ref, *,
+               geo: Geometry, bq: int, bk: int):
+  pl = _pl()
+  t0 = (pl.program_id(1) % (geo.kept // bq)) * bq
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = l_ref[...], dl_ref[...]
+
+  def body(j, dq, masked):
+    k = k_ref[pl.ds(j * bk, bk), :]
+    v = v_ref[pl.ds(j * bk, bk), :]
+    s = _dot_t(q, k) * geo.scale
+    if masked:
+      s = jnp.where(_visible(t0, j * bk, bq, bk), s, _NEG)
+    p = jnp.exp(s - lse[:, None])
+    ds = p * (_dot_t(do, v) - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  hi = (t0 + bq + bk - 1) // bk
+  dq = _tiles(body, jnp.zeros(q.shape, _F32), causal=geo.causal, start=0,
+              stop=hi if geo.causal else geo.kept // bk, diagonal=(t0 // bk, hi))
+  dq_ref[...] = (dq_in[...].astype(_F32) + dq * geo.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, dl_ref, dk_in, dv_in,
+                dk_ref, dv_ref, *, geo: Geometry, bq: int, bk: int):
+  pl = _pl()
+  s0 = (pl.program_id(1) % (geo.kept // bk)) * bk  # key tile, within segment
+  k, v = k_ref[...], v_ref[...]
+
+  def body(i, carry, masked, head):
+    dk, dv = carry
+    q = q_ref[pl.ds(i * bq, bq), head, :]
+    do = do_ref[pl.ds(i * bq, bq), head, :]
+    s = _dot_t(q, k) * geo.scale
+    if masked:
+      s = jnp.where(_visible(i * bq, s0, bq, bk), s, _NEG)
+    p = jnp.exp(s - l_ref[pl.ds(i * bq, bq), head][:, None])
+    dv = dv + _tdot(p.astype(do.dtype), do)
+    ds = p * (_dot_t(do, v) - dl_ref[pl.ds(i * bq, bq), head][:, None])
+    return dk + _tdot(ds.astype(q.dtype), q), dv
+
+  carry = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
+  for head in range(geo.group):  # query heads of this kv head
+    lo = s0 // bq  # query tiles from the diagonal on
+    carry = _tiles(functools.partial(body, head=head), carry, causal=geo.causal,
+                   start=lo if geo.causal else 0, stop=geo.kept // bq,
+                   diagonal=(lo, (s0 + bk + bq - 1) // bq))
+  dk, dv = carry
+  dk_ref[...] = (dk_in[...].astype(_F32) + dk * geo.scale).astype(dk_ref.dtype)
+  dv_ref[...] = (dv_in[...].astype(_F32) + dv).astype(dv_ref.dtype)
+
+
+def backward(geo: Geometry, q: Array, k: Array, v: Array, dout: Array,
+             lse: Array, delta: Array, grads: tuple[Array, Array, Array]
+             ) -> tuple[Array, Array, Array]:
+  """Adds the branch's gradients into ``grads = (dq, dk, dv)`` in place.
+
+  Args:
+    geo: the branch.
+    q, dout: shape [B, L, H, D].
+    k, v: shape [B, L, K, D].
+    lse: shape [B, L, H] float32, the global log-sum-exp.
+    delta: shape [B, L, H] float32, ``rowsum(dout * out)`` of the global out.
+    grads: accumulators shaped like ``q, k, v``.
+  """
+  pl = _pl()
+  b, length, _, d = q.shape
+  t, r, g = geo.kept, geo.rate, geo.group
+  h0, h1 = geo.heads
+  m = length // r
+  views = [_view(x, r) for x in (q, k, v, dout, lse, delta)]
+  dq, dk, dv = (_view(x, r) for x in grads)
+  warps = 8 if d > 64 else 4
+
+  # dq: a query tile against its segment's keys.
+  bq, bk = tile(t, 128), tile(t, 64)
+
+  def q_map(bi, i, hq):
+    h = h0 + hq
+    return bi, i, geo.off(h // g), h, 0
+
+  def kv_map(bi, i, hq):
+    kv = (h0 + hq) // g
+    return bi, i // (t // bq), geo.off(kv), kv, 0
+
+  q_spec = pl.BlockSpec((None, bq, None, None, d), q_map)
+  kv_spec = pl.BlockSpec((None, t, None, None, d), kv_map)
+  l_spec = pl.BlockSpec((None, bq, None, None), lambda *a: q_map(*a)[:4])
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, geo=geo, bq=bq, bk=bk),
+      grid=(b, m // bq, h1 - h0),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, l_spec, l_spec, q_spec],
+      out_specs=q_spec,
+      out_shape=_like(dq),
+      input_output_aliases={6: 0},
+      compiler_params=_compiler_params(geo, warps),
+      interpret=geo.interpret,
+      name="ringdilated_dq",
+  )(*views, dq)
+
+  # dk, dv: a key tile against its segment's queries of every head reading it.
+  bq, bk = tile(t, 64), tile(t, 128)
+
+  def k_map(bi, j, kh):
+    kv = h0 // g + kh
+    return bi, j, geo.off(kv), kv, 0
+
+  def seg_map(bi, j, kh):
+    kv = h0 // g + kh
+    return bi, j // (t // bk), geo.off(kv), kv, 0
+
+  k_spec = pl.BlockSpec((None, bk, None, None, d), k_map)
+  qs_spec = pl.BlockSpec((None, t, None, g, d), seg_map)
+  ls_spec = pl.BlockSpec((None, t, None, g), lambda *a: seg_map(*a)[:4])
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, geo=geo, bq=bq, bk=bk),
+      grid=(b, m // bk, (h1 - h0) // g),
+      in_specs=[qs_spec, k_spec, k_spec, qs_spec, ls_spec, ls_spec, k_spec, k_spec],
+      out_specs=[k_spec, k_spec],
+      out_shape=[_like(dk), _like(dv)],
+      input_output_aliases={6: 0, 7: 1},
+      compiler_params=_compiler_params(geo, warps),
+      interpret=geo.interpret,
+      name="ringdilated_dkv",
+  )(*views, dk, dv)
+  return tuple(x.reshape(y.shape) for x, y in zip((dq, dk, dv), grads))
+
+
+# ----------------------------------------------------------------------------
+# The same kernels as a block backend of the generic path (r = 1).
+# ----------------------------------------------------------------------------
+
+
+def _block_geometry(q: Array, vis: _blocks.Visibility, scale: float,
+                    interpret: bool) -> Geometry:
+  _, t, kh, g, _ = q.shape
+  return Geometry(kept=t, rate=1, heads=(0, kh * g), group=g, offset=0,
+                  causal=vis.diagonal, scale=scale, interpret=interpret)
+
+
+def block_forward(q: Array, k: Array, v: Array, vis: _blocks.Visibility, *,
+                  scale: float, dropout=None, interpret: bool = False):
+  """:func:`_blocks.xla_forward` through the Pallas forward kernel."""
+  del dropout  # excluded by `unavailable`
+  if vis.has_arrays or branch_unavailable(q.shape[1]):
+    return _blocks.xla_forward(q, k, v, vis, scale=scale)
+  x, t, kh, g, d = q.shape
+  out = jnp.zeros_like(q).reshape(x, t, kh * g, d)  # zeros_like: varies as q
+  lse = jnp.full_like(out[..., 0], -jnp.inf, _F32)
+  out, lse = forward(_block_geometry(q, vis, scale, interpret),
+                     q.reshape(out.shape), k, v, out, lse)
+  return out.reshape(q.shape), lse.reshape(x, t, kh, g)
+
+
+def block_backward(q: Array, k: Array, v: Array, vis: _blocks.Visibility,
+                   dout: Array, out: Array, lse: Array, *, scale: float,
+                   dropout=None, interpret: bool = False):
+  """:func:`_blocks.xla_backward` through the Pallas backward kernels."""
+  del dropout
+  if vis.has_arrays or branch_unavailable(q.shape[1]):
+    return _blocks.xla_backward(q, k, v, vis, dout, out, lse, scale=scale)
+  x, t, kh, g, d = q.shape
+  heads = lambda a: a.reshape(x, t, kh * g, *a.shape[4:]).astype(q.dtype)  # noqa: E731
+  delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1).reshape(x, t, kh * g)
+  grads = (jnp.zeros_like(q).reshape(x, t, kh * g, d), jnp.zeros_like(k), jnp.zeros_like(v))
+  dq, dk, dv = backward(_block_geometry(q, vis, scale, interpret), heads(q), k, v,
+                        heads(dout), lse.reshape(x, t, kh * g), delta, grads)
+  return dq.reshape(q.shape), dk, dv
+
+
+PALLAS = _blocks.Backend("pallas", block_forward, block_backward)
+PALLAS_INTERPRET = _blocks.Backend(
+    "pallas", functools.partial(block_forward, interpret=True),
+    functools.partial(block_backward, interpret=True), interpret=True)
