@@ -20,8 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-t
 GROUPS = {
     "dense causal": ("cudnn_dense", "ours_dense", "ours_dense_ring1", "ours_dense_ring1_zigzag",
                      "ringattention_pkg"),
-    "LongNet mix": ("gather_cudnn_longnet_mix", "ours_longnet_mix"),
-    "LongNet partition": ("gather_cudnn_longnet_partition", "ours_longnet_partition"),
+    "LongNet mix": ("gather_cudnn_longnet_mix", "ours_longnet_mix", "ours_pallas_longnet_mix"),
+    "LongNet partition": ("gather_cudnn_longnet_partition", "ours_longnet_partition",
+                          "ours_pallas_longnet_partition"),
 }
 
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
+import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ Array = jax.Array
 _F32 = jnp.float32
 _NEG = -1e30  # masked logits: finite, so a fully masked tile never makes NaN
 _MIN_TILE = 16  # Triton's dot needs tiles of at least 16
+_LOG2E = math.log2(math.e)  # the kernels use exp2: exp(x) = exp2(x log2 e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,21 @@ class Geometry:
 
   def off(self, kv_head):
     return kv_head % self.rate if self.offset is None else self.offset
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Tile sizes (query, key) and Triton warps/stages of one kernel."""
+
+  q: int
+  k: int
+  num_warps: int = 8
+  num_stages: int = 2
+
+
+# Tuned on H100 (bf16, D = 128): benchmarks/tune_pallas.py.
+TILES = types.MappingProxyType(
+    {"fwd": Tiles(128, 64), "dq": Tiles(64, 64, 4), "dkv": Tiles(64, 64, 4)})
 
 
 def tile(length: int, want: int) -> int | None:
@@ -110,11 +127,15 @@ def _pl():
   return pl
 
 
-def _compiler_params(geo: Geometry, num_warps: int):
+def _tiles_for(kernel: str, geo: Geometry):
+  """(query tile, key tile, compiler params) of ``kernel`` for ``geo``."""
+  want = TILES[kernel]
+  bq, bk = tile(geo.kept, want.q), tile(geo.kept, want.k)
   if geo.interpret:
-    return None
+    return bq, bk, None
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+  return bq, bk, plgpu.CompilerParams(num_warps=want.num_warps,
+                                      num_stages=want.num_stages)
 
 
 def _view(x: Array, rate: int) -> Array:
@@ -177,15 +198,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_in, l_in, o_ref, l_ref, *,
   t0 = (pl.program_id(1) % (geo.kept // bq)) * bq  # query tile, within segment
   q = q_ref[...]
 
-  def body(j, carry, masked):
+  def body(j, carry, masked):  # logits and m in log2 units
     acc, m, l = carry
     k = k_ref[pl.ds(j * bk, bk), :]
-    s = _dot_t(q, k) * geo.scale
+    s = _dot_t(q, k) * (geo.scale * _LOG2E)
     if masked:
       s = jnp.where(_visible(t0, j * bk, bq, bk), s, _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.exp(s - m_new[:, None])
-    corr = jnp.exp(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    corr = jnp.exp2(m - m_new)
     v = v_ref[pl.ds(j * bk, bk), :]
     acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l * corr + jnp.sum(p, axis=1)
@@ -195,7 +216,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_in, l_in, o_ref, l_ref, *,
   hi = (t0 + bq + bk - 1) // bk  # key tiles up to the diagonal
   acc, m, l = _tiles(body, carry, causal=geo.causal, start=0,
                      stop=hi if geo.causal else geo.kept // bk, diagonal=(t0 // bk, hi))
-  lse_b = m + jnp.log(l)  # every query sees at least itself: finite
+  lse_b = (m + jnp.log2(l)) / _LOG2E  # every query sees itself: finite
   out_b = acc / l[:, None]
   lse = l_in[...]
   top = jnp.maximum(lse, lse_b)
@@ -224,7 +245,7 @@ def forward(geo: Geometry, q: Array, k: Array, v: Array, out: Array,
   pl = _pl()
   b, length, _, d = q.shape
   t, r, g = geo.kept, geo.rate, geo.group
-  bq, bk = tile(t, 128), tile(t, 64)
+  bq, bk, params = _tiles_for("fwd", geo)
   h0 = geo.heads[0]
 
   def q_map(bi, i, hq):
@@ -249,7 +270,7 @@ def forward(geo: Geometry, q: Array, k: Array, v: Array, out: Array,
       out_specs=[q_spec, l_spec],
       out_shape=[_like(o5), _like(l4)],
       input_output_aliases={3: 0, 4: 1},
-      compiler_params=_compiler_params(geo, num_warps=8 if d > 64 else 4),
+      compiler_params=params,
       interpret=geo.interpret,
       name="ringdilated_fwd",
   )(_view(q, r), _view(k, r), _view(v, r), o5, l4)
@@ -267,15 +288,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, dl_ref, dq_in, dq_ref, *,
   pl = _pl()
   t0 = (pl.program_id(1) % (geo.kept // bq)) * bq
   q, do = q_ref[...], do_ref[...]
-  lse, delta = l_ref[...], dl_ref[...]
+  lse, delta = l_ref[...] * _LOG2E, dl_ref[...]
 
   def body(j, dq, masked):
     k = k_ref[pl.ds(j * bk, bk), :]
     v = v_ref[pl.ds(j * bk, bk), :]
-    s = _dot_t(q, k) * geo.scale
+    s = _dot_t(q, k) * (geo.scale * _LOG2E)
     if masked:
       s = jnp.where(_visible(t0, j * bk, bq, bk), s, _NEG)
-    p = jnp.exp(s - lse[:, None])
+    p = jnp.exp2(s - lse[:, None])
     ds = p * (_dot_t(do, v) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
@@ -295,10 +316,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, dl_ref, dk_in, dv_in,
     dk, dv = carry
     q = q_ref[pl.ds(i * bq, bq), head, :]
     do = do_ref[pl.ds(i * bq, bq), head, :]
-    s = _dot_t(q, k) * geo.scale
+    s = _dot_t(q, k) * (geo.scale * _LOG2E)
     if masked:
       s = jnp.where(_visible(i * bq, s0, bq, bk), s, _NEG)
-    p = jnp.exp(s - l_ref[pl.ds(i * bq, bq), head][:, None])
+    p = jnp.exp2(s - _LOG2E * l_ref[pl.ds(i * bq, bq), head][:, None])
     dv = dv + _tdot(p.astype(do.dtype), do)
     ds = p * (_dot_t(do, v) - dl_ref[pl.ds(i * bq, bq), head][:, None])
     return dk + _tdot(ds.astype(q.dtype), q), dv
@@ -334,10 +355,9 @@ def backward(geo: Geometry, q: Array, k: Array, v: Array, dout: Array,
   m = length // r
   views = [_view(x, r) for x in (q, k, v, dout, lse, delta)]
   dq, dk, dv = (_view(x, r) for x in grads)
-  warps = 8 if d > 64 else 4
 
   # dq: a query tile against its segment's keys.
-  bq, bk = tile(t, 128), tile(t, 64)
+  bq, bk, params = _tiles_for("dq", geo)
 
   def q_map(bi, i, hq):
     h = h0 + hq
@@ -357,13 +377,13 @@ def backward(geo: Geometry, q: Array, k: Array, v: Array, dout: Array,
       out_specs=q_spec,
       out_shape=_like(dq),
       input_output_aliases={6: 0},
-      compiler_params=_compiler_params(geo, warps),
+      compiler_params=params,
       interpret=geo.interpret,
       name="ringdilated_dq",
   )(*views, dq)
 
   # dk, dv: a key tile against its segment's queries of every head reading it.
-  bq, bk = tile(t, 64), tile(t, 128)
+  bq, bk, params = _tiles_for("dkv", geo)
 
   def k_map(bi, j, kh):
     kv = h0 // g + kh
@@ -383,7 +403,7 @@ def backward(geo: Geometry, q: Array, k: Array, v: Array, dout: Array,
       out_specs=[k_spec, k_spec],
       out_shape=[_like(dk), _like(dv)],
       input_output_aliases={6: 0, 7: 1},
-      compiler_params=_compiler_params(geo, warps),
+      compiler_params=params,
       interpret=geo.interpret,
       name="ringdilated_dkv",
   )(*views, dk, dv)
