@@ -82,7 +82,7 @@ def make_attention_fn(
     causal: a query sees only keys at positions ``<=`` its own.
     axis_name: mesh axis the sequence is sharded over, or None.
     layout: ``"contiguous"`` or ``"zigzag"`` (see :func:`ringdilated.to_layout`).
-    backend: ``"auto"``, ``"xla"`` or ``"cudnn"``.
+    backend: ``"auto"``, ``"xla"``, ``"cudnn"`` or ``"pallas"``.
     detach_weights: ``"mix"``: branch weights are constants in the gradient.
 
   Returns:

@@ -227,6 +227,28 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_in, l_in, o_ref, l_ref, *,
   l_ref[...] = new
 
 
+def _query_grid(geo: Geometry, shape, bq: int):
+  """Grid (B, M / bq, query heads) and the BlockSpecs of the query-tile
+  kernels: a query (or out, dout, dq) tile, its segment's K/V window, and
+  the matching [bq] tile of a per-token row (lse, delta)."""
+  pl = _pl()
+  b, length, _, d = shape
+  t, g, h0 = geo.kept, geo.group, geo.heads[0]
+
+  def q_map(bi, i, hq):
+    h = h0 + hq
+    return bi, i, geo.off(h // g), h, 0
+
+  def kv_map(bi, i, hq):
+    kv = (h0 + hq) // g
+    return bi, i // (t // bq), geo.off(kv), kv, 0
+
+  return ((b, length // geo.rate // bq, geo.heads[1] - h0),
+          pl.BlockSpec((None, bq, None, None, d), q_map),
+          pl.BlockSpec((None, t, None, None, d), kv_map),
+          pl.BlockSpec((None, bq, None, None), lambda *a: q_map(*a)[:4]))
+
+
 def forward(geo: Geometry, q: Array, k: Array, v: Array, out: Array,
             lse: Array) -> tuple[Array, Array]:
   """Merges the branch into ``(out, lse)`` in place.
@@ -243,29 +265,12 @@ def forward(geo: Geometry, q: Array, k: Array, v: Array, out: Array,
     are unchanged.
   """
   pl = _pl()
-  b, length, _, d = q.shape
-  t, r, g = geo.kept, geo.rate, geo.group
   bq, bk, params = _tiles_for("fwd", geo)
-  h0 = geo.heads[0]
-
-  def q_map(bi, i, hq):
-    h = h0 + hq
-    return bi, i, geo.off(h // g), h, 0
-
-  def kv_map(bi, i, hq):
-    kv = (h0 + hq) // g
-    return bi, i // (t // bq), geo.off(kv), kv, 0
-
-  def l_map(bi, i, hq):
-    return q_map(bi, i, hq)[:4]
-
-  q_spec = pl.BlockSpec((None, bq, None, None, d), q_map)
-  kv_spec = pl.BlockSpec((None, t, None, None, d), kv_map)
-  l_spec = pl.BlockSpec((None, bq, None, None), l_map)
-  o5, l4 = _view(out, r), _view(lse, r)
+  grid, q_spec, kv_spec, l_spec = _query_grid(geo, q.shape, bq)
+  o5, l4 = _view(out, geo.rate), _view(lse, geo.rate)
   o5, l4 = pl.pallas_call(
       functools.partial(_forward_kernel, geo=geo, bq=bq, bk=bk),
-      grid=(b, length // r // bq, geo.heads[1] - h0),
+      grid=grid,
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, l_spec],
       out_specs=[q_spec, l_spec],
       out_shape=[_like(o5), _like(l4)],
@@ -273,7 +278,7 @@ def forward(geo: Geometry, q: Array, k: Array, v: Array, out: Array,
       compiler_params=params,
       interpret=geo.interpret,
       name="ringdilated_fwd",
-  )(_view(q, r), _view(k, r), _view(v, r), o5, l4)
+  )(*(_view(x, geo.rate) for x in (q, k, v)), o5, l4)
   return o5.reshape(out.shape), l4.reshape(lse.shape)
 
 
@@ -358,21 +363,10 @@ def backward(geo: Geometry, q: Array, k: Array, v: Array, dout: Array,
 
   # dq: a query tile against its segment's keys.
   bq, bk, params = _tiles_for("dq", geo)
-
-  def q_map(bi, i, hq):
-    h = h0 + hq
-    return bi, i, geo.off(h // g), h, 0
-
-  def kv_map(bi, i, hq):
-    kv = (h0 + hq) // g
-    return bi, i // (t // bq), geo.off(kv), kv, 0
-
-  q_spec = pl.BlockSpec((None, bq, None, None, d), q_map)
-  kv_spec = pl.BlockSpec((None, t, None, None, d), kv_map)
-  l_spec = pl.BlockSpec((None, bq, None, None), lambda *a: q_map(*a)[:4])
+  grid, q_spec, kv_spec, l_spec = _query_grid(geo, q.shape, bq)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, geo=geo, bq=bq, bk=bk),
-      grid=(b, m // bq, h1 - h0),
+      grid=grid,
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, l_spec, l_spec, q_spec],
       out_specs=q_spec,
       out_shape=_like(dq),

@@ -24,6 +24,11 @@ is saved per ring step, so memory does not grow with the ring size.
 
 With ``axis_name=None`` the same code runs on one device (every ``g`` is 1).
 
+Under the Pallas backend, local branches (``g = 1``) skip compaction: the
+kernels of :mod:`._pallas` read their strided positions from the whole
+arrays and merge into ``(out, lse)`` / add into ``(dq, dk, dv)`` in place
+(:func:`_split` decides which branches).
+
 Shape legend: B batch, L local sequence length, H query heads,
 K kv heads, D head dim; per branch X = B * pieces, T kept tokens per piece,
 K_b kv slots, G_b query heads per slot.

@@ -140,8 +140,8 @@ class DilatedAttention(nn.Module):
       ``"zigzag"`` (balanced causal rings; see :func:`ringdilated.to_layout`).
     detach_weights: ``"mix"``: branch weights are constants in the gradient
       (as LongNet's torchscale implementation).
-    backend: attention block implementation, ``"auto"``, ``"xla"`` or
-      ``"cudnn"`` (see :func:`ringdilated.dilated_attention`).
+    backend: attention block implementation, ``"auto"``, ``"xla"``,
+      ``"cudnn"`` or ``"pallas"`` (see :func:`ringdilated.dilated_attention`).
 
   Example:
     >>> import jax, jax.numpy as jnp, ringdilated as rd
@@ -249,8 +249,8 @@ class MultiHeadDilatedAttention(nn.Module):
       ``"zigzag"`` (balanced causal rings; see :func:`ringdilated.to_layout`).
     detach_weights: ``"mix"``: branch weights are constants in the gradient
       (as LongNet's torchscale implementation).
-    backend: attention block implementation, ``"auto"``, ``"xla"`` or
-      ``"cudnn"`` (see :func:`ringdilated.dilated_attention`).
+    backend: attention block implementation, ``"auto"``, ``"xla"``,
+      ``"cudnn"`` or ``"pallas"`` (see :func:`ringdilated.dilated_attention`).
     deterministic: default of the call argument (merged as in Flax).
 
   Example:
