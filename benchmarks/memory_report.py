@@ -32,7 +32,7 @@ def main(argv=None) -> int:
   parser.add_argument("seq_len", type=int)
   parser.add_argument("--top", type=int, default=30)
   args = parser.parse_args(argv)
-  found = [c for c in bench.cases({"dense", "longnet", "zigzag"})
+  found = [c for c in bench.cases({"dense", "longnet", "zigzag", "pallas"})
            if c[0] == args.name and c[2] == args.seq_len]
   if not found:
     parser.error(f"no case {args.name} at N={args.seq_len}")
