@@ -200,3 +200,14 @@ def test_tiles():
   assert _pallas.tile(96, 64) == 32
   assert _pallas.tile(24, 128) is None
   assert "24 kept tokens" in _pallas.branch_unavailable(24)
+
+
+def test_detached_weights_take_the_generic_path_with_kernel_blocks():
+  """``detach_weights`` needs each branch's own output: the branches run on
+  the generic path, with the kernels as blocks, and equal the XLA backend."""
+  q, k, v, cot, _, _ = inputs(1, 128, 4, 2, 16, masks=False)
+  kw = dict(segment_lengths=(32, 64), dilation_rates=(1, 2), causal=True,
+            detach_weights=True)
+  run = lambda backend: out_and_grads(lambda q, k, v, *_: rd.dilated_attention(  # noqa: E731
+      q, k, v, backend=backend, **kw), q, k, v, cot, None, None)
+  assert max(_errs(run("pallas"), run("xla"))) < TOL
