@@ -359,7 +359,7 @@ def _compact_inputs(br, q, k, v, key_padding_mask, segment_ids, positions):
   return (_compact_q(br, q), seg, pos), travel
 
 
-def _geometry(static: Static, br: Branch, num_kv_heads: int, shared: int):
+def _geometry(static: Static, br: Branch, shared: int):
   """The Pallas kernels' view of ``br`` when they read it in place, or None.
 
   They do for a local branch (no ring) whose kv slots are whole GQA groups
@@ -370,8 +370,8 @@ def _geometry(static: Static, br: Branch, num_kv_heads: int, shared: int):
     return None
   if static.detach_weights and shared > 1:  # needs each branch's own output
     return None
-  num_heads = static.plan.num_heads
-  if br.group != num_heads // num_kv_heads or _pallas.branch_unavailable(br.kept):
+  plan = static.plan
+  if br.group != plan.num_heads // plan.num_kv_heads or _pallas.branch_unavailable(br.kept):
     return None
   if len(set(br.offsets)) == 1:
     offset = br.offsets[0]
@@ -381,16 +381,16 @@ def _geometry(static: Static, br: Branch, num_kv_heads: int, shared: int):
     return None
   return _pallas.Geometry(
       kept=br.kept, rate=br.rate, heads=br.q_heads, group=br.group, offset=offset,
-      causal=static.plan.config.causal, scale=static.scale,
+      causal=plan.config.causal, scale=static.scale,
       interpret=static.backend.interpret)
 
 
-def _split(static: Static, k: Array):
+def _split(static: Static):
   """(branches for the generic path, [(branch, geometry)] read in place)."""
   shared = collections.Counter(br.q_heads for br in static.plan.branches)
   generic, fused = [], []
   for br in static.plan.branches:
-    geo = _geometry(static, br, k.shape[2], shared[br.q_heads])
+    geo = _geometry(static, br, shared[br.q_heads])
     if geo is None:
       generic.append(br)
     else:
@@ -402,7 +402,7 @@ def _forward(static, q, k, v, key_padding_mask, segment_ids, rng):
   """(out [B, L, H, D] in q.dtype, lse [B, L, H] float32) over all branches."""
   b = q.shape[0]
   positions = None if rng is None else _positions(static, b, q.shape[1])
-  generic, fused = _split(static, k)
+  generic, fused = _split(static)
   merged = {}  # query-head range -> (out, lse): one range in "mix" mode
   for br in generic:
     ob, lb = _branch_forward(static, br, rng, *_compact_inputs(
@@ -454,7 +454,7 @@ def _attention_fwd(static, q, k, v, key_padding_mask, segment_ids, rng):
 
 def _attention_bwd(static, res, dout):
   q, k, v, key_padding_mask, segment_ids, rng, out, lse = res
-  generic, fused = _split(static, k)
+  generic, fused = _split(static)
   # With detached mix weights O = sum_i w_i O_i and the w_i constant, branch
   # i's block gradients are the usual ones fed the global lse (P = w_i P_i)
   # but the branch's own output O_i in rowsum(dO * O): recomputed here.
