@@ -211,3 +211,22 @@ def test_detached_weights_take_the_generic_path_with_kernel_blocks():
   run = lambda backend: out_and_grads(lambda q, k, v, *_: rd.dilated_attention(  # noqa: E731
       q, k, v, backend=backend, **kw), q, k, v, cot, None, None)
   assert max(_errs(run("pallas"), run("xla"))) < TOL
+
+
+def test_linen_module_passes_the_backend():
+  """``rd.MultiHeadDilatedAttention(backend="pallas")``: the kernels run in
+  the module (its jaxpr calls them; head dim 64 / 4 = 16) and the result
+  equals ``backend="xla"``."""
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 128, 64)), jnp.float32)
+  kw = dict(num_heads=4, num_kv_heads=2, segment_lengths=(32, 64),
+            dilation_rates=(1, 2), causal=True)
+  params = rd.MultiHeadDilatedAttention(**kw).init(jax.random.key(0), x)
+  apply = {b: jax.jit(rd.MultiHeadDilatedAttention(**kw, backend=b).apply)
+           for b in ("pallas", "xla")}
+  grad = {b: jax.grad(lambda p, b=b: jnp.sum(apply[b](p, x) ** 2))(params) for b in apply}
+  np.testing.assert_allclose(apply["pallas"](params, x), apply["xla"](params, x), atol=TOL)
+  for a, b in zip(jax.tree.leaves(grad["pallas"]), jax.tree.leaves(grad["xla"])):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  calls = _pallas_calls(lambda x: rd.MultiHeadDilatedAttention(**kw, backend="pallas")
+                        .apply(params, x), x)
+  assert calls["ringdilated_fwd"] == 2
