@@ -15,17 +15,18 @@ import functools
 import logging
 import re
 
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _harness import inputs, jit, mesh, out_and_grads
+from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 import ringdilated as rd
 from ringdilated import _blocks, _pallas
 from ringdilated.reference import dilated_attention_reference
-
-from _harness import inputs, jit, mesh, out_and_grads
 
 TOL = 2e-5
 
@@ -61,6 +62,38 @@ def test_matches_dense_oracle(mode, causal, h, hkv, segs, rates):
   assert max(_errs(got, other)) > 1e-2
 
 
+@st.composite
+def _configs(draw):
+  """Single-device configurations whose branches mostly take the fused path
+  (kept lengths of 16 or more), some the generic one (kept lengths 8, GQA
+  groups cut by partition mode)."""
+  n = 256
+  h = draw(st.sampled_from([4, 6, 2]))
+  hkv = draw(st.sampled_from([d for d in (2, 1, 3, 6, 4) if h % d == 0]))
+  mode = draw(st.sampled_from(["mix", "partition"]))
+  k = draw(st.integers(1, min(3, h) if mode == "partition" else 3))
+  segs, rates = [], []
+  for _ in range(k):
+    w = draw(st.sampled_from([64, 128, 256, 32]))
+    segs.append(w)
+    rates.append(draw(st.sampled_from([r for r in (1, 2, 4) if w % r == 0])))
+  return dict(n=n, h=h, hkv=hkv, mode=mode, causal=draw(st.booleans()),
+              segment_lengths=tuple(segs), dilation_rates=tuple(rates))
+
+
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
+@hypothesis.given(_configs())
+def test_random_configs_match_dense_oracle(cfg):
+  cfg = dict(cfg)
+  n, h, hkv = cfg.pop("n"), cfg.pop("h"), cfg.pop("hkv")
+  q, k, v, cot, _, _ = inputs(1, n, h, hkv, 16, masks=False, seed=n + h)
+  got = out_and_grads(lambda q, k, v, *_: rd.dilated_attention(
+      q, k, v, backend="pallas", **cfg), q, k, v, cot, None, None)
+  want = out_and_grads(lambda q, k, v, *_: dilated_attention_reference(
+      q, k, v, **cfg), q, k, v, cot, None, None)
+  assert max(_errs(got, want)) < TOL, cfg
+
+
 def _pallas_calls(fn, *args) -> collections.Counter:
   """How often each kernel is called in the jaxpr of ``fn`` (nested too)."""
   calls = collections.Counter()
@@ -87,7 +120,7 @@ def test_fused_path_reads_branches_in_place():
             backend="pallas")
 
   def fwd_bwd(q, k, v, cot):
-    out, pull = jax.vjp(functools.partial(rd.dilated_attention, **kw), q, k, v)
+    _, pull = jax.vjp(functools.partial(rd.dilated_attention, **kw), q, k, v)
     return pull(cot)
   calls = _pallas_calls(fwd_bwd, q, k, v, cot)
   assert calls == {"ringdilated_fwd": 3, "ringdilated_dq": 3, "ringdilated_dkv": 3}, calls
@@ -163,7 +196,7 @@ def test_bf16_close_to_float32():
 
 
 def test_masks_fall_back_to_xla(caplog):
-  q, k, v, cot, kpm, seg = inputs(1, 128, 4, 2, 16)
+  q, k, v, _, kpm, seg = inputs(1, 128, 4, 2, 16)
   kw = dict(segment_lengths=(32, 64), dilation_rates=(1, 2), causal=True,
             key_padding_mask=kpm, segment_ids=seg)
   with caplog.at_level(logging.WARNING, logger="ringdilated"):
@@ -208,7 +241,7 @@ def test_detached_weights_take_the_generic_path_with_kernel_blocks():
   q, k, v, cot, _, _ = inputs(1, 128, 4, 2, 16, masks=False)
   kw = dict(segment_lengths=(32, 64), dilation_rates=(1, 2), causal=True,
             detach_weights=True)
-  run = lambda backend: out_and_grads(lambda q, k, v, *_: rd.dilated_attention(  # noqa: E731
+  run = lambda backend: out_and_grads(lambda q, k, v, *_: rd.dilated_attention(
       q, k, v, backend=backend, **kw), q, k, v, cot, None, None)
   assert max(_errs(run("pallas"), run("xla"))) < TOL
 
