@@ -150,6 +150,19 @@ def _like(x: Array) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, manual_axis_type=mat)
 
 
+def _in_place(kernel, name: str, geo: Geometry, params, grid, in_specs, acc_specs,
+              inputs, accs) -> list[Array]:
+  """Runs ``kernel(*input_refs, *acc_refs_in, *acc_refs_out)`` over ``grid``;
+  the outputs are the accumulators ``accs``, updated in place (aliased)."""
+  n = len(inputs)
+  return _pl().pallas_call(
+      kernel, grid=grid, in_specs=[*in_specs, *acc_specs], out_specs=list(acc_specs),
+      out_shape=[_like(a) for a in accs],
+      input_output_aliases={n + i: i for i in range(len(accs))},
+      compiler_params=params, interpret=geo.interpret, name=name,
+  )(*inputs, *accs)
+
+
 def _dot_t(a: Array, b: Array) -> Array:
   """``a @ b.T`` in float32: [m, d] x [n, d] -> [m, n]."""
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
@@ -264,21 +277,13 @@ def forward(geo: Geometry, q: Array, k: Array, v: Array, out: Array,
     The updated ``(out, lse)``; positions and heads the branch does not keep
     are unchanged.
   """
-  pl = _pl()
   bq, bk, params = _tiles_for("fwd", geo)
   grid, q_spec, kv_spec, l_spec = _query_grid(geo, q.shape, bq)
   o5, l4 = _view(out, geo.rate), _view(lse, geo.rate)
-  o5, l4 = pl.pallas_call(
-      functools.partial(_forward_kernel, geo=geo, bq=bq, bk=bk),
-      grid=grid,
-      in_specs=[q_spec, kv_spec, kv_spec, q_spec, l_spec],
-      out_specs=[q_spec, l_spec],
-      out_shape=[_like(o5), _like(l4)],
-      input_output_aliases={3: 0, 4: 1},
-      compiler_params=params,
-      interpret=geo.interpret,
-      name="ringdilated_fwd",
-  )(*(_view(x, geo.rate) for x in (q, k, v)), o5, l4)
+  o5, l4 = _in_place(
+      functools.partial(_forward_kernel, geo=geo, bq=bq, bk=bk), "ringdilated_fwd",
+      geo, params, grid, [q_spec, kv_spec, kv_spec], [q_spec, l_spec],
+      [_view(x, geo.rate) for x in (q, k, v)], [o5, l4])
   return o5.reshape(out.shape), l4.reshape(lse.shape)
 
 
@@ -364,17 +369,10 @@ def backward(geo: Geometry, q: Array, k: Array, v: Array, dout: Array,
   # dq: a query tile against its segment's keys.
   bq, bk, params = _tiles_for("dq", geo)
   grid, q_spec, kv_spec, l_spec = _query_grid(geo, q.shape, bq)
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, geo=geo, bq=bq, bk=bk),
-      grid=grid,
-      in_specs=[q_spec, kv_spec, kv_spec, q_spec, l_spec, l_spec, q_spec],
-      out_specs=q_spec,
-      out_shape=_like(dq),
-      input_output_aliases={6: 0},
-      compiler_params=params,
-      interpret=geo.interpret,
-      name="ringdilated_dq",
-  )(*views, dq)
+  (dq,) = _in_place(
+      functools.partial(_dq_kernel, geo=geo, bq=bq, bk=bk), "ringdilated_dq",
+      geo, params, grid, [q_spec, kv_spec, kv_spec, q_spec, l_spec, l_spec], [q_spec],
+      views, [dq])
 
   # dk, dv: a key tile against its segment's queries of every head reading it.
   bq, bk, params = _tiles_for("dkv", geo)
@@ -390,17 +388,11 @@ def backward(geo: Geometry, q: Array, k: Array, v: Array, dout: Array,
   k_spec = pl.BlockSpec((None, bk, None, None, d), k_map)
   qs_spec = pl.BlockSpec((None, t, None, g, d), seg_map)
   ls_spec = pl.BlockSpec((None, t, None, g), lambda *a: seg_map(*a)[:4])
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, geo=geo, bq=bq, bk=bk),
-      grid=(b, m // bk, (h1 - h0) // g),
-      in_specs=[qs_spec, k_spec, k_spec, qs_spec, ls_spec, ls_spec, k_spec, k_spec],
-      out_specs=[k_spec, k_spec],
-      out_shape=[_like(dk), _like(dv)],
-      input_output_aliases={6: 0, 7: 1},
-      compiler_params=params,
-      interpret=geo.interpret,
-      name="ringdilated_dkv",
-  )(*views, dk, dv)
+  dk, dv = _in_place(
+      functools.partial(_dkv_kernel, geo=geo, bq=bq, bk=bk), "ringdilated_dkv",
+      geo, params, (b, m // bk, (h1 - h0) // g),
+      [qs_spec, k_spec, k_spec, qs_spec, ls_spec, ls_spec], [k_spec, k_spec],
+      views, [dk, dv])
   return tuple(x.reshape(y.shape) for x, y in zip((dq, dk, dv), grads))
 
 
