@@ -177,11 +177,18 @@ def _tdot(a: Array, b: Array) -> Array:
   return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
 
 
-def _visible(q0, k0, nq: int, nk: int) -> Array:
-  """[nq, nk] bool: query ``q0 + i`` sees key ``k0 + j`` (causal)."""
-  qi = q0 + jax.lax.broadcasted_iota(jnp.int32, (nq, nk), 0)
-  kj = k0 + jax.lax.broadcasted_iota(jnp.int32, (nq, nk), 1)
-  return qi >= kj
+def _logits(q: Array, k: Array, geo: Geometry, q0, k0, masked: bool) -> Array:
+  """[nq, nk] float32 logits in log2 units (``exp2`` of them is ``exp`` of the
+  scaled logits) of queries ``q0 + i`` against keys ``k0 + j`` of a segment;
+  ``masked``: keys after their query get ``_NEG`` (a tile on the causal
+  diagonal)."""
+  s = _dot_t(q, k) * (geo.scale * _LOG2E)
+  if masked:
+    shape = s.shape
+    seen = (q0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+            >= k0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1))
+    s = jnp.where(seen, s, _NEG)
+  return s
 
 
 def _tiles(body, carry, *, causal: bool, start, stop, diagonal):
@@ -200,6 +207,15 @@ def _tiles(body, carry, *, causal: bool, start, stop, diagonal):
   return run(hi, stop, carry, False)
 
 
+def _key_tiles(body, carry, geo: Geometry, t0, bq: int, bk: int):
+  """Runs ``body(j, carry, masked)`` over the key tiles that the query tile
+  at ``t0`` (within its segment) sees: all, or with ``causal`` those up to
+  the diagonal."""
+  hi = (t0 + bq + bk - 1) // bk  # key tiles up to the diagonal
+  return _tiles(body, carry, causal=geo.causal, start=0,
+                stop=hi if geo.causal else geo.kept // bk, diagonal=(t0 // bk, hi))
+
+
 # ----------------------------------------------------------------------------
 # Forward: grid (B, M / bq, heads); merges into the running (out, lse).
 # ----------------------------------------------------------------------------
@@ -214,9 +230,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_in, l_in, o_ref, l_ref, *,
   def body(j, carry, masked):  # logits and m in log2 units
     acc, m, l = carry
     k = k_ref[pl.ds(j * bk, bk), :]
-    s = _dot_t(q, k) * (geo.scale * _LOG2E)
-    if masked:
-      s = jnp.where(_visible(t0, j * bk, bq, bk), s, _NEG)
+    s = _logits(q, k, geo, t0, j * bk, masked)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.exp2(s - m_new[:, None])
     corr = jnp.exp2(m - m_new)
@@ -226,9 +240,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_in, l_in, o_ref, l_ref, *,
 
   d = q.shape[-1]
   carry = (jnp.zeros((bq, d), _F32), jnp.full((bq,), -jnp.inf, _F32), jnp.zeros((bq,), _F32))
-  hi = (t0 + bq + bk - 1) // bk  # key tiles up to the diagonal
-  acc, m, l = _tiles(body, carry, causal=geo.causal, start=0,
-                     stop=hi if geo.causal else geo.kept // bk, diagonal=(t0 // bk, hi))
+  acc, m, l = _key_tiles(body, carry, geo, t0, bq, bk)
   lse_b = (m + jnp.log2(l)) / _LOG2E  # every query sees itself: finite
   out_b = acc / l[:, None]
   lse = l_in[...]
@@ -303,16 +315,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, dl_ref, dq_in, dq_ref, *,
   def body(j, dq, masked):
     k = k_ref[pl.ds(j * bk, bk), :]
     v = v_ref[pl.ds(j * bk, bk), :]
-    s = _dot_t(q, k) * (geo.scale * _LOG2E)
-    if masked:
-      s = jnp.where(_visible(t0, j * bk, bq, bk), s, _NEG)
-    p = jnp.exp2(s - lse[:, None])
+    p = jnp.exp2(_logits(q, k, geo, t0, j * bk, masked) - lse[:, None])
     ds = p * (_dot_t(do, v) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  hi = (t0 + bq + bk - 1) // bk
-  dq = _tiles(body, jnp.zeros(q.shape, _F32), causal=geo.causal, start=0,
-              stop=hi if geo.causal else geo.kept // bk, diagonal=(t0 // bk, hi))
+  dq = _key_tiles(body, jnp.zeros(q.shape, _F32), geo, t0, bq, bk)
   dq_ref[...] = (dq_in[...].astype(_F32) + dq * geo.scale).astype(dq_ref.dtype)
 
 
@@ -326,9 +333,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, dl_ref, dk_in, dv_in,
     dk, dv = carry
     q = q_ref[pl.ds(i * bq, bq), head, :]
     do = do_ref[pl.ds(i * bq, bq), head, :]
-    s = _dot_t(q, k) * (geo.scale * _LOG2E)
-    if masked:
-      s = jnp.where(_visible(i * bq, s0, bq, bk), s, _NEG)
+    s = _logits(q, k, geo, i * bq, s0, masked)
     p = jnp.exp2(s - _LOG2E * l_ref[pl.ds(i * bq, bq), head][:, None])
     dv = dv + _tdot(p.astype(do.dtype), do)
     ds = p * (_dot_t(do, v) - dl_ref[pl.ds(i * bq, bq), head][:, None])
