@@ -158,6 +158,12 @@ def xla_forward(q: Array, k: Array, v: Array, vis: Visibility, *,
   return o, jnp.moveaxis(lse, -1, 1)
 
 
+def row_delta(dout: Array, out: Array) -> Array:
+  """``rowsum(dout * out)`` in float32 over the last axis: the ``delta`` of the
+  flash-attention backward, from the *global* output."""
+  return jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1)
+
+
 def xla_backward(q: Array, k: Array, v: Array, vis: Visibility, dout: Array,
                  out: Array, lse: Array, *, scale: float,
                  dropout=None) -> tuple[Array, Array, Array]:
@@ -173,7 +179,7 @@ def xla_backward(q: Array, k: Array, v: Array, vis: Visibility, dout: Array,
     ``dq`` [X, T, K, G, D], ``dk`` and ``dv`` [X, S, K, D], all float32.
   """
   mask = _mask(vis, q.shape[1], k.shape[1])
-  delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1)
+  delta = row_delta(dout, out)
   s = _scores(q, k, scale, mask)
   lse_t = jnp.moveaxis(lse, 1, -1)[..., None]
   p = jnp.exp(s - jnp.where(jnp.isfinite(lse_t), lse_t, 0.0))

@@ -436,7 +436,7 @@ def block_backward(q: Array, k: Array, v: Array, vis: _blocks.Visibility,
     return _blocks.xla_backward(q, k, v, vis, dout, out, lse, scale=scale)
   x, t, kh, g, d = q.shape
   heads = lambda a: a.reshape(x, t, kh * g, *a.shape[4:]).astype(q.dtype)  # noqa: E731
-  delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1).reshape(x, t, kh * g)
+  delta = _blocks.row_delta(dout, out).reshape(x, t, kh * g)
   grads = (jnp.zeros_like(q).reshape(x, t, kh * g, d), jnp.zeros_like(k), jnp.zeros_like(v))
   dq, dk, dv = backward(_block_geometry(q, vis, scale, interpret), heads(q), k, v,
                         heads(dout), lse.reshape(x, t, kh * g), delta, grads)

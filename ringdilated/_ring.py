@@ -481,7 +481,7 @@ def _attention_bwd(static, res, dout):
     grads = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
   grads = tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
   if fused:  # the Pallas kernels add into the gradients in place
-    delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1)
+    delta = _blocks.row_delta(dout, out)
     for _, geo in fused:
       grads = _pallas.backward(geo, q, k, v, dout, lse, delta, grads)
   return (*grads, None, None, None)
