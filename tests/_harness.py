@@ -23,17 +23,24 @@ def mesh(p: int) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
 
 
-def out_and_grads(fn, q, k, v, cot, kpm, seg, *, compile=True):
-  """``fn(q, k, v, kpm, seg)`` and d(sum(out * cot))/d(q, k, v).
-
-  ``compile``: one jit around it (else it runs as traced by the caller).
-  """
+def out_and_grads_fn(fn):
+  """``(q, k, v, cot, kpm, seg) -> (out, dq, dk, dv)``: ``out = fn(q, k, v,
+  kpm, seg)`` and d(sum(out * cot))/d(q, k, v)."""
   def run(q, k, v, cot, kpm, seg):
     def loss(q, k, v):
       out = fn(q, k, v, kpm, seg)
       return jnp.sum(out * cot), out
     grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
     return (out,) + grads
+  return run
+
+
+def out_and_grads(fn, q, k, v, cot, kpm, seg, *, compile=True):
+  """:func:`out_and_grads_fn` of ``fn`` applied to these arguments.
+
+  ``compile``: one jit around it (else it runs as traced by the caller).
+  """
+  run = out_and_grads_fn(fn)
   return (jit(run) if compile else run)(q, k, v, cot, kpm, seg)
 
 

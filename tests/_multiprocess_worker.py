@@ -15,19 +15,18 @@ Not a test module: the leading underscore keeps pytest from collecting it.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import traceback
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 import ringdilated as rd
+from _harness import jit, out_and_grads_fn  # this script's directory
 
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 4
@@ -37,7 +36,6 @@ B, N, H, HKV, D = 2, 64, 4, 2, 8
 KW = dict(segment_lengths=(4, 32, 64), dilation_rates=(1, 2, 4), causal=True)
 TOL = 1e-5
 
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _inputs():
@@ -47,16 +45,6 @@ def _inputs():
   kpm = rng.random((B, N)) > 0.2
   seg = np.sort(rng.integers(0, 3, (B, N)), axis=1).astype(np.int32)
   return q, k, v, cot, kpm, seg
-
-
-def _out_and_grads(attend):
-  def run(q, k, v, cot, kpm, seg):
-    def loss(q, k, v):
-      out = attend(q, k, v, kpm, seg)
-      return jnp.sum(out * cot), out
-    grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    return (out,) + grads
-  return _jit(run)
 
 
 def main() -> int:
@@ -88,7 +76,7 @@ def main() -> int:
           q, k, v, key_padding_mask=kpm, segment_ids=seg, axis_name="sp", **KW),
       mesh=mesh, in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
   args_global = list(map(global_array, host))
-  compiled = _out_and_grads(ring).lower(*args_global).compile()
+  compiled = jit(out_and_grads_fn(ring)).lower(*args_global).compile()
   # The full ring sends chunks from device 3 (process 0) to device 4
   # (process 1) and from 7 back to 0: ppermute crosses the process boundary.
   hlo = compiled.as_text()
@@ -99,9 +87,9 @@ def main() -> int:
   assert got[0].shape == (B, N, H, D), got[0].shape
 
   if args.process_id == 0:
-    single = _out_and_grads(
+    single = jit(out_and_grads_fn(
         lambda q, k, v, kpm, seg: rd.dilated_attention(
-            q, k, v, key_padding_mask=kpm, segment_ids=seg, **KW))
+            q, k, v, key_padding_mask=kpm, segment_ids=seg, **KW)))
     with jax.default_device(jax.local_devices()[0]):
       want = [np.asarray(x) for x in single(*host)]
     errs = [float(np.max(np.abs(a - b))) for a, b in zip(got, want)]
