@@ -36,7 +36,6 @@ K_b kv slots, G_b query heads per slot.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from typing import Any, Hashable
@@ -359,7 +358,16 @@ def _compact_inputs(br, q, k, v, key_padding_mask, segment_ids, positions):
   return (_compact_q(br, q), seg, pos), travel
 
 
-def _geometry(static: Static, br: Branch, shared: int):
+def _needs_own_output(static: Static, br: Branch) -> bool:
+  """With detached mix weights O = sum_i w_i O_i and the w_i constant, branch
+  i's block gradients are the usual ones fed the global lse (P = w_i P_i) but
+  the branch's own output O_i in rowsum(dO * O): the backward recomputes it
+  when other branches share ``br``'s heads."""
+  return static.detach_weights and sum(
+      b.q_heads == br.q_heads for b in static.plan.branches) > 1
+
+
+def _geometry(static: Static, br: Branch):
   """The Pallas kernels' view of ``br`` when they read it in place, or None.
 
   They do for a local branch (no ring) whose kv slots are whole GQA groups
@@ -368,7 +376,7 @@ def _geometry(static: Static, br: Branch, shared: int):
   """
   if static.backend.name != "pallas" or br.ring_size != 1:
     return None
-  if static.detach_weights and shared > 1:  # needs each branch's own output
+  if _needs_own_output(static, br):
     return None
   plan = static.plan
   if br.group != plan.num_heads // plan.num_kv_heads or _pallas.branch_unavailable(br.kept):
@@ -387,10 +395,9 @@ def _geometry(static: Static, br: Branch, shared: int):
 
 def _split(static: Static):
   """(branches for the generic path, [(branch, geometry)] read in place)."""
-  shared = collections.Counter(br.q_heads for br in static.plan.branches)
   generic, fused = [], []
   for br in static.plan.branches:
-    geo = _geometry(static, br, shared[br.q_heads])
+    geo = _geometry(static, br)
     if geo is None:
       generic.append(br)
     else:
@@ -455,17 +462,13 @@ def _attention_fwd(static, q, k, v, key_padding_mask, segment_ids, rng):
 def _attention_bwd(static, res, dout):
   q, k, v, key_padding_mask, segment_ids, rng, out, lse = res
   generic, fused = _split(static)
-  # With detached mix weights O = sum_i w_i O_i and the w_i constant, branch
-  # i's block gradients are the usual ones fed the global lse (P = w_i P_i)
-  # but the branch's own output O_i in rowsum(dO * O): recomputed here.
-  shared = collections.Counter(br.q_heads for br in static.plan.branches)
   # Compaction is linear: its transpose scatters (and, for kv heads read by
   # several slots, adds) compacted float32 gradients back to the local layout.
   grads = [jnp.zeros(x.shape, _F32) for x in (q, k, v)] if generic else None
   positions = None if rng is None else _positions(static, q.shape[0], q.shape[1])
   for br in generic:
     inputs = _compact_inputs(br, q, k, v, key_padding_mask, segment_ids, positions)
-    if static.detach_weights and shared[br.q_heads] > 1:
+    if _needs_own_output(static, br):
       own_out = _branch_forward(static, br, rng, *inputs)[0]
     else:
       own_out = _compact_q(br, out)
