@@ -223,11 +223,23 @@ def measure(name, impl, n, flops_fwd, config, iters=10):
   return rec
 
 
+def _dense(n: int):
+  """(config, forward FLOPs) of the dense causal case: one branch w=N, r=1."""
+  cfg = dict(segment_lengths=(n,), dilation_rates=(1,), mode="mix", causal=True)
+  return cfg, attention_flops(n, (n,), (1,), "mix", True)
+
+
+def _longnet(n: int, mode: str):
+  """(config, forward FLOPs) of the causal LongNet case."""
+  cfg = dict(LONGNET, mode=mode, causal=True)
+  return cfg, attention_flops(n, LONGNET["segment_lengths"], LONGNET["dilation_rates"],
+                              mode, True)
+
+
 def cases(only):
   if "dense" in only:
     for n in (8192, 32768, 131072):
-      cfg = dict(segment_lengths=(n,), dilation_rates=(1,), mode="mix", causal=True)
-      fl = attention_flops(n, (n,), (1,), "mix", True)
+      cfg, fl = _dense(n)
       yield "cudnn_dense", cudnn_dense, n, fl, cfg
       yield "ours_dense", functools.partial(ours, segment_lengths=(n,), dilation_rates=(1,)), n, fl, cfg
       yield "ours_dense_ring1", functools.partial(
@@ -235,8 +247,7 @@ def cases(only):
   if "longnet" in only:
     for n in (65536, 262144, 524288, 1048576):
       for mode in ("mix", "partition"):
-        cfg = dict(LONGNET, mode=mode, causal=True)
-        fl = attention_flops(n, LONGNET["segment_lengths"], LONGNET["dilation_rates"], mode, True)
+        cfg, fl = _longnet(n, mode)
         yield f"ours_longnet_{mode}", functools.partial(ours, mode=mode, **LONGNET), n, fl, cfg
         yield f"gather_cudnn_longnet_{mode}", functools.partial(
             gather_cudnn, mode=mode, **LONGNET), n, fl, cfg
@@ -245,15 +256,13 @@ def cases(only):
               gather_cudnn, mode=mode, remat=True, **LONGNET), n, fl, cfg
   if "pallas" in only:
     for n in (8192, 32768):
-      cfg = dict(segment_lengths=(n,), dilation_rates=(1,), mode="mix", causal=True)
-      fl = attention_flops(n, (n,), (1,), "mix", True)
+      cfg, fl = _dense(n)
       yield "cudnn_dense", cudnn_dense, n, fl, cfg
       yield "ours_pallas_dense", functools.partial(
           ours, segment_lengths=(n,), dilation_rates=(1,), backend="pallas"), n, fl, cfg
     for n in (65536, 262144, 524288, 1048576):
       for mode in ("mix", "partition"):
-        cfg = dict(LONGNET, mode=mode, causal=True)
-        fl = attention_flops(n, LONGNET["segment_lengths"], LONGNET["dilation_rates"], mode, True)
+        cfg, fl = _longnet(n, mode)
         yield f"ours_pallas_longnet_{mode}", functools.partial(
             ours, mode=mode, backend="pallas", **LONGNET), n, fl, cfg
         yield f"ours_longnet_{mode}", functools.partial(ours, mode=mode, **LONGNET), n, fl, cfg
@@ -262,8 +271,7 @@ def cases(only):
               gather_cudnn, mode=mode, **LONGNET), n, fl, cfg
   if "zigzag" in only:  # run with "dense": its ours_dense_ring1 is the reference
     for n in (8192, 32768, 131072):
-      cfg = dict(segment_lengths=(n,), dilation_rates=(1,), mode="mix", causal=True)
-      fl = attention_flops(n, (n,), (1,), "mix", True)
+      cfg, fl = _dense(n)
       yield "ours_dense_ring1_zigzag", functools.partial(
           ours_ring1, segment_lengths=(n,), dilation_rates=(1,), layout="zigzag"), n, fl, cfg
     for n in (131072, 1048576):  # per-device length L = n / 8
@@ -274,8 +282,7 @@ def cases(only):
       yield "step_zigzag_p8", step_zigzag, local, 2.0 * local**2 * H * D, cfg
   if "ringattn" in only:
     for n in (8192, 32768):
-      cfg = dict(segment_lengths=(n,), dilation_rates=(1,), mode="mix", causal=True)
-      fl = attention_flops(n, (n,), (1,), "mix", True)
+      cfg, fl = _dense(n)
       yield "ringattention_pkg", ringattention_pkg, n, fl, cfg
       yield "ours_dense_ring1", functools.partial(
           ours_ring1, segment_lengths=(n,), dilation_rates=(1,)), n, fl, cfg
