@@ -1,22 +1,22 @@
-"""The public function: validate, plan, dispatch.
+"""The public function: validate, plan, select a backend, run the ring.
 
-Shape legend: B batch, N global sequence length, L = N / P local length
-(``L = N`` on one device), H query heads, K kv heads, D head dim,
-P devices on ``axis_name``.
+Shape legend: B batch, N global sequence length, P devices on ``axis_name``,
+L = N / P local length (``L = N`` on one device), H query heads, K kv heads,
+D head dim.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _blocks, _ring
-from ._plan import DilatedConfig, check_bool, make_plan
+from . import _backends, _ring
+from ._config import DilatedConfig
+from ._plan import make_plan
 
 Array = jax.Array
 
@@ -42,7 +42,7 @@ def _check_qkv(q, k, v) -> None:
                      f"kv heads {k.shape[2]} (k shape {k.shape})")
 
 
-def _check_token_array(name, x, q, kind) -> None:
+def _check_token_array(name: str, x, q, kind) -> None:
   if x is None:
     return
   if not hasattr(x, "shape"):
@@ -66,6 +66,42 @@ def _axis_size(axis_name: Hashable | None) -> int:
     ) from None
 
 
+def attend(config: DilatedConfig, q: Array, k: Array, v: Array,
+           key_padding_mask: Array | None = None, segment_ids: Array | None = None,
+           dropout_rng: Array | None = None) -> Array:
+  """Dilated attention with settings ``config``; dropout iff ``dropout_rng``.
+
+  The one entry point below the public function and the modules: checks the
+  arrays, plans (memoized), selects the backend, runs the ring.
+
+  Args:
+    config: the settings.
+    q: shape [B, L, H, D].
+    k, v: shape [B, L, K, D].
+    key_padding_mask: shape [B, L] bool, or None.
+    segment_ids: shape [B, L] int, or None.
+    dropout_rng: key of the dropout masks, or None for no dropout.
+
+  Returns:
+    shape [B, L, H, D] in ``q.dtype``.
+  """
+  _check_qkv(q, k, v)
+  _check_token_array("key_padding_mask", key_padding_mask, q, bool)
+  _check_token_array("segment_ids", segment_ids, q, jnp.integer)
+  num_shards = _axis_size(config.axis_name)
+  b, local_len, h, d = q.shape
+  plan = make_plan(config, local_len * num_shards, h, k.shape[2], num_shards)
+  rng = dropout_rng if config.dropout_rate > 0 else None
+  request = _backends.Request(
+      platform=jax.default_backend(), dtype=q.dtype, head_dim=d,
+      masks=key_padding_mask is not None or segment_ids is not None,
+      dropout=rng is not None)
+  scale = config.softmax_scale or 1.0 / math.sqrt(d)
+  static = _ring.Static(plan, scale, config.dropout_rate, config.axis_name,
+                        _backends.select(config.backend, request), config.detach_weights)
+  return _ring.attention(static, q, k, v, key_padding_mask, segment_ids, rng)
+
+
 def dilated_attention(
     q: Array,
     k: Array,
@@ -82,7 +118,7 @@ def dilated_attention(
     dropout_rng: Array | None = None,
     axis_name: Hashable | None = None,
     layout: str = "contiguous",
-    backend: str = "auto",
+    backend: str | _backends.Backend = "auto",
     detach_weights: bool = False,
 ) -> Array:
   """Exact dilated (LongNet-style) attention, on one device or as a ring.
@@ -120,12 +156,13 @@ def dilated_attention(
       or ``"zigzag"`` (the order of :func:`ringdilated.to_layout`: device
       ``d`` holds half-chunks ``d`` and ``2P - 1 - d``). Zigzag balances the
       work of causal rings; on one device both are the same.
-    backend: block implementation: ``"xla"`` (portable einsums), ``"cudnn"``
-      (fused GPU attention; bfloat16/float16 without masks or dropout),
+    backend: block implementation, a name of ``ringdilated.backends.REGISTRY``
+      or a backend object: ``"xla"`` (portable einsums), ``"cudnn"`` (fused
+      GPU attention; bfloat16/float16 without masks or dropout),
       ``"pallas"`` (Triton kernels that read each local branch's strided
       positions in place and accumulate into the outputs and gradients: the
-      least memory; without masks or dropout) or ``"auto"`` (cuDNN where it
-      applies, else XLA; decided at trace time).
+      least memory) or ``"auto"`` (the fastest that can run the call,
+      decided at trace time).
     detach_weights: ``"mix"`` only: treat the weights that combine the
       branches (softmax over their log-sum-exps) as constants in the
       gradient, as LongNet's reference implementation (torchscale) does.
@@ -147,27 +184,10 @@ def dilated_attention(
     (1, 16, 2, 8)
   """
   _check_qkv(q, k, v)
-  _check_token_array("key_padding_mask", key_padding_mask, q, bool)
-  _check_token_array("segment_ids", segment_ids, q, jnp.integer)
-  config = DilatedConfig(segment_lengths, dilation_rates, mode, causal)
-  if softmax_scale is None:
-    softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-  if not (isinstance(softmax_scale, numbers.Real) and math.isfinite(softmax_scale)
-          and softmax_scale > 0):
-    raise ValueError(f"softmax_scale={softmax_scale!r} must be a positive finite number")
-  if not (isinstance(dropout_rate, numbers.Real) and 0.0 <= dropout_rate < 1.0):
-    raise ValueError(f"dropout_rate={dropout_rate!r} must be in [0, 1)")
-  if dropout_rate > 0 and dropout_rng is None:
+  config = DilatedConfig(
+      segment_lengths, dilation_rates, mode, causal, layout=layout, backend=backend,
+      detach_weights=detach_weights, softmax_scale=softmax_scale,
+      dropout_rate=dropout_rate, axis_name=axis_name)
+  if config.dropout_rate > 0 and dropout_rng is None:
     raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")
-  check_bool("detach_weights", detach_weights)
-  num_shards = _axis_size(axis_name)
-  b, local_len, h, _ = q.shape
-  plan = make_plan(config, local_len * num_shards, h, k.shape[2], num_shards, layout)
-  rng = dropout_rng if dropout_rate > 0 else None
-  blocks = _blocks.select_backend(
-      backend, dtype=q.dtype, head_dim=q.shape[-1],
-      has_masks=key_padding_mask is not None or segment_ids is not None,
-      dropout=rng is not None)
-  static = _ring.Static(plan, float(softmax_scale), float(dropout_rate), axis_name,
-                        blocks, bool(detach_weights))
-  return _ring.attention(static, q, k, v, key_padding_mask, segment_ids, rng)
+  return attend(config, q, k, v, key_padding_mask, segment_ids, dropout_rng)

@@ -8,8 +8,8 @@ passing only the keyword arguments that the function's signature names;
 :func:`ringdilated.dilated_attention`, so an existing Flax model keeps its
 parameters and gains dilated attention.
 
-Shape legend: B batch, T query length, S key length (``T = S``), N heads,
-H head dim.
+Shape legend (Flax's names in the signature): B batch, T query length,
+S key length (``T = S``), N heads, H head dim.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from collections.abc import Callable, Hashable, Sequence
 import jax
 import jax.numpy as jnp
 
-from ._attention import dilated_attention
-from ._plan import DilatedConfig, check_bool, check_layout
+from . import _backends
+from ._attention import attend
+from ._config import DilatedConfig
 
 Array = jax.Array
 
@@ -49,7 +50,7 @@ def make_attention_fn(
     causal: bool = False,
     axis_name: Hashable | None = None,
     layout: str = "contiguous",
-    backend: str = "auto",
+    backend: str | _backends.Backend = "auto",
     detach_weights: bool = False,
 ) -> Callable[..., Array]:
   """Dilated attention with the signature Flax's ``attention_fn`` expects.
@@ -75,15 +76,9 @@ def make_attention_fn(
     attention causal, as ``causal=True`` does.
 
   Args:
-    segment_lengths: ``w_i``, tokens per segment of branch ``i`` (global).
-    dilation_rates: ``r_i``, keep every ``r_i``-th token of a segment.
-    mode: ``"mix"`` or ``"partition"``, see
-      :func:`ringdilated.dilated_attention`.
-    causal: a query sees only keys at positions ``<=`` its own.
-    axis_name: mesh axis the sequence is sharded over, or None.
-    layout: ``"contiguous"`` or ``"zigzag"`` (see :func:`ringdilated.to_layout`).
-    backend: ``"auto"``, ``"xla"``, ``"cudnn"`` or ``"pallas"``.
-    detach_weights: ``"mix"``: branch weights are constants in the gradient.
+    segment_lengths, dilation_rates, mode, causal, axis_name, layout, backend,
+      detach_weights: the settings of :class:`ringdilated.DilatedConfig`
+      (dropout comes from the Flax module's ``dropout_rate``).
 
   Returns:
     ``attention_fn(query, key, value, bias=None, mask=None, ...)`` with
@@ -91,7 +86,7 @@ def make_attention_fn(
     returning shape [B, T, N, H].
 
   Raises:
-    ValueError: an invalid pattern (checked here, before any call).
+    ValueError / TypeError: invalid settings (checked here, before any call).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, ringdilated as rd
@@ -103,9 +98,9 @@ def make_attention_fn(
     >>> jax.jit(mha.apply)(params, x).shape
     (1, 16, 8)
   """
-  config = DilatedConfig(segment_lengths, dilation_rates, mode, causal)  # validates
-  check_layout(layout)
-  check_bool("detach_weights", detach_weights)
+  config = DilatedConfig(segment_lengths, dilation_rates, mode, causal, layout=layout,
+                         backend=backend, detach_weights=detach_weights,
+                         axis_name=axis_name)  # validates
 
   def attention_fn(
       query: Array,
@@ -167,19 +162,9 @@ def make_attention_fn(
     key_padding_mask = None
     if mask is not None:
       key_padding_mask = _key_padding_mask(mask, query.shape[0], key.shape[1])
-    return dilated_attention(
-        query, key, value,
-        segment_lengths=config.segment_lengths,
-        dilation_rates=config.dilation_rates,
-        mode=config.mode,
-        causal=config.causal or bool(is_causal),
-        key_padding_mask=key_padding_mask,
-        dropout_rate=dropout_rate if use_dropout else 0.0,
-        dropout_rng=dropout_rng if use_dropout else None,
-        axis_name=axis_name,
-        layout=layout,
-        backend=backend,
-        detach_weights=detach_weights,
-    )
+    rate = dropout_rate if use_dropout else 0.0
+    call = config.replace(causal=config.causal or bool(is_causal), dropout_rate=rate)
+    return attend(call, query, key, value, key_padding_mask,
+                  dropout_rng=dropout_rng if use_dropout else None)
 
   return attention_fn

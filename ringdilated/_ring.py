@@ -1,51 +1,46 @@
-"""The ring schedule and the ``custom_vjp`` that runs every branch.
+"""The ring loop and the ``custom_vjp`` that runs every branch of a plan.
 
-For each branch of the plan, every device compacts its local tensors to the
-positions the branch keeps (``[B * pieces, T, K_b, G_b, D]``), attends its own
-chunk, then -- when a segment spans ``g > 1`` devices -- passes its compacted
-K/V chunk around the sub-ring of the ``g`` devices of its segment with
-``jax.lax.ppermute``. Step ``s``: device ``d`` (position ``c = d mod g`` in
-its group) holds the chunk of group position ``(c - s) mod g``. Each visit is
-a block of one global softmax, merged with :func:`_blocks.merge`.
+For each branch, every device compacts its local tensors to the positions
+the branch keeps (:mod:`._compact`), attends its own chunk, then -- when a
+segment spans ``g > 1`` devices -- passes its compacted K/V chunk around the
+sub-ring of the ``g`` devices of its segment with ``jax.lax.ppermute``,
+visiting the blocks :func:`._schedule.visible_pairs` names. Each visit is a
+block of one global softmax, merged in float32 with :func:`._merge.merge`.
 
-With a causal mask a device skips chunks that come after its own; in the
-contiguous layout the last device of a ring then works at every step while
-the first idles (``max / mean`` work per step up to ``g``). In the zigzag
-layout (``rd.to_layout``) each device holds two half-chunks, and
-:func:`_pairs` picks per step the half-blocks that are visible: exactly the
-same amount of work on every device at every step, chosen by index
-arithmetic on ``axis_index`` (no data-dependent branches), see
-:func:`step_work`.
+The backward pass recomputes every block from the saved local ``q, k, v``
+and the global ``(out, lse)``; the K/V chunks travel again, together with
+their ``dK/dV`` accumulators, which after ``g`` hops are back on their
+owner. Nothing is saved per ring step, so memory does not grow with the
+ring size. With ``axis_name=None`` the same code runs on one device (every
+``g`` is 1).
 
-The backward pass recomputes every block from the saved local ``q, k, v`` and
-the global ``(out, lse)``; the K/V chunks travel again, together with their
-``dK/dV`` accumulators, which after ``g`` hops are back on their owner. Nothing
-is saved per ring step, so memory does not grow with the ring size.
+A backend with the ``in_place`` capability reads local branches (``g = 1``)
+without compaction: it merges into ``(out, lse)`` and adds into
+``(dq, dk, dv)`` of the whole arrays (:func:`_split` decides which branches).
 
-With ``axis_name=None`` the same code runs on one device (every ``g`` is 1).
-
-Under the Pallas backend, local branches (``g = 1``) skip compaction: the
-kernels of :mod:`._pallas` read their strided positions from the whole
-arrays and merge into ``(out, lse)`` / add into ``(dq, dk, dv)`` in place
-(:func:`_split` decides which branches).
-
-Shape legend: B batch, L local sequence length, H query heads,
-K kv heads, D head dim; per branch X = B * pieces, T kept tokens per piece,
-K_b kv slots, G_b query heads per slot.
+Shape legend: B batch, L local sequence length, H query heads, K kv heads,
+D head dim; per branch X = B * pieces, T kept tokens per piece, K_b kv slots,
+G_b query heads per slot.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _blocks, _layout, _pallas
+from . import _backends
+from ._backends import Backend, StridedBranch
+from ._compact import compact_kv, compact_q, compact_token, expand_q
+from ._layout import global_positions
+from ._merge import merge, row_delta
 from ._plan import Branch, Plan
+from ._schedule import ring_permutation, visible_pairs
 
 Array = jax.Array
 
@@ -54,154 +49,60 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class Static:
-  """Everything static about one call: the ``nondiff`` argument of the vjp."""
+  """Everything static about one call: the ``nondiff`` argument of the vjp.
+
+  Attributes:
+    plan: the branches in local terms.
+    scale: logit scale.
+    dropout_rate: probability of dropping a weight (used iff a key is given).
+    axis_name: the ring's mesh axis, or None.
+    backend: the selected block backend.
+    detach_weights: ``"mix"`` branch weights are constants in the gradient.
+  """
 
   plan: Plan
   scale: float
   dropout_rate: float
   axis_name: Hashable | None
-  backend: _blocks.Backend = _blocks.XLA
+  backend: Backend = dataclasses.field(default_factory=_backends.portable)
   detach_weights: bool = False
 
 
-# ----------------------------------------------------------------------------
-# Compaction: the positions and heads a branch keeps, as dense blocks.
-# ----------------------------------------------------------------------------
+class Queries(NamedTuple):
+  """The query side of a branch's blocks; it stays on its device.
 
-
-def _take_heads(x: Array, heads: tuple[int, ...]) -> Array:
-  """``x[:, :, heads]`` as a slice when ``heads`` is a range, else a gather."""
-  start = heads[0]
-  if heads == tuple(range(start, start + len(heads))):
-    return x[:, :, start:start + len(heads)]
-  return x[:, :, np.asarray(heads)]
-
-
-def _take_offsets(x: Array, br: Branch) -> Array:
-  """[B, L, K_b, ...] -> [B * pieces, T, K_b, ...]: slot j keeps ``offsets[j]``."""
-  b, length = x.shape[:2]
-  rest = x.shape[3:]
-  x = x.reshape(b * (length // br.piece), br.kept, br.rate, br.num_kv, *rest)
-  if len(set(br.offsets)) == 1:
-    return x[:, :, br.offsets[0]]
-  # A masked sum rather than a gather: elementwise, so XLA fuses it, and its
-  # transpose (the backward scatter) is elementwise too: no full-size buffer.
-  zero = jnp.zeros((), x.dtype)
-  return jnp.sum(jnp.where(_hits(br, len(rest)), x, zero), axis=2, dtype=x.dtype)
-
-
-def _hits(br: Branch, rest: int) -> np.ndarray:
-  """[1, 1, r, K_b, 1...] bool: slot j keeps position ``offsets[j]`` mod r."""
-  hit = np.arange(br.rate)[:, None] == np.asarray(br.offsets)[None, :]
-  return hit.reshape((1, 1, br.rate, br.num_kv) + (1,) * rest)
-
-
-def _put_offsets(xc: Array, br: Branch, fill: float, batch: int) -> Array:
-  """Inverse of :func:`_take_offsets`: [X, T, K_b, ...] -> [B, L, K_b, ...]."""
-  rest = xc.shape[3:]
-  full = jnp.where(_hits(br, len(rest)), xc[:, :, None], jnp.asarray(fill, xc.dtype))
-  return full.reshape(batch, -1, br.num_kv, *rest)
-
-
-def _compact_q(br: Branch, x: Array) -> Array:
-  """Query-side [B, L, H, ...] -> [X, T, K_b, G_b, ...]."""
-  a, b = br.q_heads
-  x = x[:, :, a:b]
-  x = x.reshape(*x.shape[:2], br.num_kv, br.group, *x.shape[3:])
-  return _take_offsets(x, br)
-
-
-def _expand_q(br: Branch, xc: Array, fill: float, batch: int) -> Array:
-  """[X, T, K_b, G_b, ...] -> [B, L, H_b, ...] with ``fill`` where not kept."""
-  full = _put_offsets(xc, br, fill, batch)
-  return full.reshape(*full.shape[:2], br.num_kv * br.group, *full.shape[4:])
-
-
-def _compact_kv(br: Branch, x: Array) -> Array:
-  """Key-side [B, L, K, ...] -> [X, T, K_b, ...]."""
-  return _take_offsets(_take_heads(x, br.kv_heads), br)
-
-
-def _compact_token(br: Branch, x: Array | None) -> Array | None:
-  """Per-token [B, L] (mask or ids) -> [X, T, K_b], or None."""
-  if x is None:
-    return None
-  x = jnp.broadcast_to(x[:, :, None], (*x.shape, br.num_kv))
-  return _take_offsets(x, br)
-
-
-# ----------------------------------------------------------------------------
-# The ring.
-# ----------------------------------------------------------------------------
-
-
-def _ring_position(static: Static, br: Branch):
-  """(position ``c`` of this device in its segment group, sub-ring permutation)."""
-  g, p = br.ring_size, static.plan.num_shards
-  perm = [(d, d - d % g + (d % g + 1) % g) for d in range(p)]
-  return jax.lax.axis_index(static.axis_name) % g, perm
-
-
-def _pairs(br: Branch, causal: bool, c, src) -> list[tuple[Any, Any, Any]]:
-  """The blocks of a ring step: device ``c`` holds the chunk of ``src != c``.
-
-  Returns ``[(q_half, kv_half, when)]``: queries of local half ``q_half``
-  attend keys of half ``kv_half`` of the visiting chunk (``None``: the whole
-  chunk), iff ``when``. ``c`` and ``src`` are traced in the ring and Python
-  ints in :func:`step_work`, which counts the work from this same rule.
+  ``dout, out, lse`` (the cotangent and the global output and log-sum-exp)
+  are set in the backward only.
   """
-  if not causal:
-    return [(None, None, True)]
-  if br.schedule == "contiguous":
-    return [(None, None, src < c)]  # a later chunk is invisible: idle device
-  later = src > c
-  # Half 0 runs in device order and sees earlier chunks; half 1 runs in the
-  # opposite order and sees later ones: one block per step on every device.
-  same = (later, later, True)
-  if br.schedule == "mirror":
-    return [same]
-  # "zigzag": half 1 (half-chunk 2g-1-c) also sees every other half 0.
-  return [(1, 0, True), same]
+
+  q: Array                   # [X, T, K_b, G_b, D]
+  seg: Array | None          # [X, T, K_b] segment ids
+  pos: Array | None          # [X, T, K_b] global positions (dropout)
+  dout: Array | None = None  # [X, T, K_b, G_b, D]
+  out: Array | None = None   # [X, T, K_b, G_b, D]
+  lse: Array | None = None   # [X, T, K_b, G_b] float32
 
 
-def step_work(plan: Plan) -> tuple[np.ndarray, ...]:
-  """Attention work per ring step and device, for each branch of ``plan``.
+class Chunk(NamedTuple):
+  """The key side of a branch's blocks: the chunk that travels the ring."""
 
-  Entry ``[s, d]`` of branch ``b``'s array is the work of device ``d`` at ring
-  step ``s`` (step 0: its own chunk), in query-key pairs of kept tokens per
-  batch row and kv slot; a causal diagonal block counts half. Wall time is
-  set by the busiest device of each step, so ``max / mean`` over devices is
-  the slowdown from imbalance (1 is perfect).
-  """
-  causal = plan.config.causal
-  work = []
-  for br in plan.branches:
-    whole = plan.local_len // br.piece * br.kept ** 2
-    w = np.zeros((br.ring_size, plan.num_shards))
-    w[0] = whole / 2 if causal else whole
-    for d in range(plan.num_shards):
-      c = d % br.ring_size
-      for s in range(1, br.ring_size):
-        for qi, _, when in _pairs(br, causal, c, (c - s) % br.ring_size):
-          w[s, d] += bool(when) * (whole if qi is None else br.half ** 2)
-    work.append(w)
-  return tuple(work)
+  k: Array                   # [X, S, K_b, D]
+  v: Array                   # [X, S, K_b, D]
+  valid: Array | None        # [X, S, K_b] bool key padding
+  seg: Array | None          # [X, S, K_b] segment ids
+  pos: Array | None          # [X, S, K_b] global positions (dropout)
 
 
-def balance(plan: Plan) -> tuple[float, float]:
-  """Busiest device / mean of :func:`step_work`: (worst step, whole pass).
-
-  The whole pass is the sum of the per-step maxima over the sum of means,
-  over all branches (run one after the other).
-  """
-  work = step_work(plan)
-  worst = max(float(np.max(w.max(1) / w.mean(1))) for w in work)
-  whole = sum(w.max(1).sum() for w in work) / sum(w.mean(1).sum() for w in work)
-  return worst, float(whole)
+Half = Any  # None (the whole chunk), 0, 1, or a traced 0/1
 
 
-def _half(x: Array, i, half: int) -> Array:
-  """Local half ``i`` (int or traced) of compacted [X, T, ...]; all if None."""
+# ----------------------------------------------------------------------------
+# Halves of zigzag chunks.
+# ----------------------------------------------------------------------------
+
+
+def _half(x: Array, i: Half, half: int) -> Array:
+  """Local half ``i`` of compacted [X, T, ...]; all if None."""
   if i is None:
     return x
   x = x.reshape(-1, 2, half, *x.shape[2:])
@@ -210,7 +111,7 @@ def _half(x: Array, i, half: int) -> Array:
   return jax.lax.dynamic_index_in_dim(x, i.astype(jnp.int32), 1, keepdims=False)
 
 
-def _put_half(x: Array, i, half: int, value: Array) -> Array:
+def _put_half(x: Array, i: Half, half: int, value: Array) -> Array:
   view = x.reshape(-1, 2, half, *x.shape[2:])
   if isinstance(i, (bool, int, np.integer, np.bool_)):
     view = view.at[:, int(i)].set(value)
@@ -219,60 +120,59 @@ def _put_half(x: Array, i, half: int, value: Array) -> Array:
   return view.reshape(x.shape)
 
 
-def _at(tree, i, half: int):
+def _at(tree: Any, i: Half, half: int) -> Any:
   return jax.tree.map(lambda x: _half(x, i, half), tree)
 
 
-def _with(tree, i, half: int, fn):
+def _with(tree: Any, i: Half, half: int, fn: Callable[[Any], Any]) -> Any:
   """``tree`` with local half ``i`` (all if None) replaced by ``fn`` of it."""
   if i is None:
     return fn(tree)
   return jax.tree.map(lambda x, y: _put_half(x, i, half, y), tree, fn(_at(tree, i, half)))
 
 
-def _dropout(static: Static, rng, br: Branch, q_pos, k_pos) -> Any:
-  """Dropout of a block of ``br`` (see :class:`_blocks.Dropout`), or None."""
+# ----------------------------------------------------------------------------
+# One branch: its blocks, the own chunk and the sub-ring.
+# ----------------------------------------------------------------------------
+
+
+def _blocks(static: Static, br: Branch) -> Backend:
+  """The backend of ``br``'s blocks: the selected one, or the portable block
+  for block sizes it cannot take (whole chunks and zigzag half-chunks)."""
+  backend = static.backend
+  if backend.block_problem(br.kept) or backend.block_problem(br.half):
+    return _backends.portable()
+  return backend
+
+
+def _dropout(static: Static, rng: Array | None, br: Branch, q_pos: Array | None,
+             k_pos: Array | None) -> _backends.Dropout | None:
+  """Dropout of a block of ``br`` (see :class:`_backends.Dropout`), or None."""
   if rng is None:
     return None
   seed = jax.random.bits(jax.random.fold_in(rng, br.index), (), jnp.uint32)
   heads = np.arange(*br.q_heads).reshape(br.num_kv, br.group)
-  return _blocks.Dropout(static.dropout_rate, seed, heads, q_pos, k_pos)
+  return _backends.Dropout(static.dropout_rate, seed, heads, q_pos, k_pos)
 
 
-def _positions(static: Static, batch: int, length: int) -> Array:
-  """shape [B, L] int32: the global position of each local token."""
-  local = jnp.arange(length, dtype=jnp.int32)
-  plan = static.plan
-  if static.axis_name is not None:
-    d = jax.lax.axis_index(static.axis_name)
-    if plan.layout == "zigzag" and plan.num_shards > 1:
-      # This device's two half-chunks, in the order of rd.to_layout.
-      order = _layout.half_chunk_order(plan.layout, plan.num_shards).reshape(-1, 2)
-      half = length // 2
-      local = jnp.asarray(order, jnp.int32)[d, local // half] * half + local % half
-    else:
-      local = d * length + local
-  return jnp.broadcast_to(local, (batch, length))
-
-
-def _f32(arrays):
+def _f32(arrays: tuple[Array, ...]) -> tuple[Array, ...]:
   return tuple(x.astype(_F32) for x in arrays)
 
 
-def _ring(static, br, block, queries, travel, first, add):
+def _ring(static: Static, br: Branch, block: Callable[[Queries, Chunk, bool], tuple],
+          queries: Queries, travel: Chunk, first: Callable, add: Callable) -> tuple:
   """Runs the blocks of one branch: the own chunk, then the sub-ring.
 
   Args:
     static, br: the call and the branch.
-    block: ``(queries, kv, diagonal) -> result``, the block of ``queries``
-      against chunk ``kv``.
-    queries: the query-side compacted arrays (they stay on the device).
-    travel: the local compacted K/V chunk (with its masks).
+    block: ``(queries, chunk, diagonal) -> result``, the block of ``queries``
+      against ``chunk``.
+    queries: the query side (it stays on the device).
+    travel: the local K/V chunk (with its token vectors).
     first: ``result -> (local, acc)`` from the own (diagonal) block; ``acc``
       travels with the K/V chunk it belongs to and ends on its owner.
     add: ``(local, acc, result, q_half, kv_half) -> (local, acc)``, adding a
-      block of local query half ``q_half`` and key half ``kv_half`` (see
-      :func:`_pairs`).
+      block of local query half ``q_half`` and key half ``kv_half``.
 
   Returns:
     ``(local, acc)``; on a ring, results are float32 whatever the backend
@@ -281,15 +181,16 @@ def _ring(static, br, block, queries, travel, first, add):
   causal = static.plan.config.causal
   if br.ring_size == 1:
     return first(block(queries, travel, causal))
-  c, perm = _ring_position(static, br)
-  rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name, perm=perm)
   g = br.ring_size
+  c = jax.lax.axis_index(static.axis_name) % g
+  rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name,
+                             perm=ring_permutation(g, static.plan.num_shards))
   local, acc = first(_f32(block(queries, travel, causal)))
 
-  def step(s, kv, local, acc):
+  def step(s, kv: Chunk, local, acc):
     # step s: this device holds the chunk of group position (c - s) mod g.
     src = (c - s) % g
-    for qi, ki, when in _pairs(br, causal, c, src):
+    for qi, ki, when in visible_pairs(br, causal, c, src):
       def visit(local, acc, qi=qi, ki=ki):
         res = _f32(block(_at(queries, qi, br.half), _at(kv, ki, br.half), False))
         return add(local, acc, res, qi, ki)
@@ -310,36 +211,41 @@ def _ring(static, br, block, queries, travel, first, add):
   return step(g - 1, kv, local, acc)
 
 
-def _branch_forward(static, br, rng, queries, travel):
+def _branch_forward(static: Static, br: Branch, rng: Array | None, queries: Queries,
+                    travel: Chunk) -> tuple[Array, Array]:
   """Forward of one branch: (out, lse) for the local compacted queries."""
-  def block(queries, kv, diagonal):
-    (qc, q_seg, q_pos), (k, v, kv_valid, kv_seg, k_pos) = queries, kv
-    vis = _blocks.Visibility(kv_valid, q_seg, kv_seg, diagonal)
-    return static.backend.forward(qc, k, v, vis, scale=static.scale,
-                                  dropout=_dropout(static, rng, br, q_pos, k_pos))
+  blocks = _blocks(static, br)
+
+  def block(queries: Queries, kv: Chunk, diagonal: bool):
+    vis = _backends.Visibility(kv.valid, queries.seg, kv.seg, diagonal)
+    return blocks.forward(queries.q, kv.k, kv.v, vis, scale=static.scale,
+                          dropout=_dropout(static, rng, br, queries.pos, kv.pos))
 
   def add(out_lse, _, res, qi, ki):
-    return _with(out_lse, qi, br.half, lambda cur: _blocks.merge(*cur, *res)), ()
+    return _with(out_lse, qi, br.half, lambda cur: merge(*cur, *res)), ()
 
   return _ring(static, br, block, queries, travel,
                first=lambda res: (res, ()), add=add)[0]
 
 
-def _branch_backward(static, br, rng, queries, travel, dout, out, lse):
-  """Backward of one branch: (dq, dk, dv) of the compacted local tensors."""
-  def block(queries, kv, diagonal):
-    (qc, q_seg, q_pos, dout, out, lse), (k, v, kv_valid, kv_seg, k_pos) = queries, kv
-    vis = _blocks.Visibility(kv_valid, q_seg, kv_seg, diagonal)
-    return static.backend.backward(qc, k, v, vis, dout, out, lse,
-                                   scale=static.scale,
-                                   dropout=_dropout(static, rng, br, q_pos, k_pos))
+def _branch_backward(static: Static, br: Branch, rng: Array | None, queries: Queries,
+                     travel: Chunk) -> tuple[Array, Array, Array]:
+  """Backward of one branch: (dq, dk, dv) of the compacted local tensors;
+  ``queries`` carries ``dout, out, lse``."""
+  blocks = _blocks(static, br)
+
+  def block(queries: Queries, kv: Chunk, diagonal: bool):
+    vis = _backends.Visibility(kv.valid, queries.seg, kv.seg, diagonal)
+    return blocks.backward(queries.q, kv.k, kv.v, vis, queries.dout, queries.out,
+                           queries.lse, scale=static.scale,
+                           dropout=_dropout(static, rng, br, queries.pos, kv.pos))
 
   def add(dq, dkv, res, qi, ki):
     # dK/dV accumulators travel with their K/V chunk; dQ stays.
     return (_with(dq, qi, br.half, lambda cur: cur + res[0]),
             _with(dkv, ki, br.half, lambda cur: (cur[0] + res[1], cur[1] + res[2])))
 
-  dq, (dk, dv) = _ring(static, br, block, (*queries, dout, out, lse), travel,
+  dq, (dk, dv) = _ring(static, br, block, queries, travel,
                        first=lambda res: (res[0], res[1:]), add=add)
   return dq, dk, dv
 
@@ -349,13 +255,21 @@ def _branch_backward(static, br, rng, queries, travel, dout, out, lse):
 # ----------------------------------------------------------------------------
 
 
-def _compact_inputs(br, q, k, v, key_padding_mask, segment_ids, positions):
-  """The branch's compacted (queries, query segment ids, query positions) and
-  travelling (K, V, key padding, key segment ids, key positions)."""
-  seg, pos = _compact_token(br, segment_ids), _compact_token(br, positions)
-  travel = (_compact_kv(br, k), _compact_kv(br, v),
-            _compact_token(br, key_padding_mask), seg, pos)
-  return (_compact_q(br, q), seg, pos), travel
+class Tokens(NamedTuple):
+  """Per-token vectors of the local sequence, each shape [B, L] or None."""
+
+  valid: Array | None   # key padding mask, True for real tokens
+  seg: Array | None     # segment ids
+  pos: Array | None     # global positions (for dropout)
+
+
+def _compact(br: Branch, q: Array, k: Array, v: Array,
+             tokens: Tokens) -> tuple[Queries, Chunk]:
+  """The branch's compacted query side and travelling K/V chunk."""
+  seg, pos = compact_token(br, tokens.seg), compact_token(br, tokens.pos)
+  chunk = Chunk(compact_kv(br, k), compact_kv(br, v), compact_token(br, tokens.valid),
+                seg, pos)
+  return Queries(compact_q(br, q), seg, pos), chunk
 
 
 def _needs_own_output(static: Static, br: Branch) -> bool:
@@ -367,19 +281,19 @@ def _needs_own_output(static: Static, br: Branch) -> bool:
       b.q_heads == br.q_heads for b in static.plan.branches) > 1
 
 
-def _geometry(static: Static, br: Branch):
-  """The Pallas kernels' view of ``br`` when they read it in place, or None.
+def _strided(static: Static, br: Branch) -> StridedBranch | None:
+  """``br`` as the backend reads it in place, or None for the generic path.
 
-  They do for a local branch (no ring) whose kv slots are whole GQA groups
-  with the offsets of ``"mix"`` (kv head mod r) or one offset (``"partition"``),
-  under the Pallas backend; any other branch takes the generic path.
+  In place: a local branch (no ring) whose kv slots are whole GQA groups with
+  the offsets of ``"mix"`` (kv head mod r) or one offset (``"partition"``),
+  under a backend with that capability and a tile for its segments.
   """
-  if static.backend.name != "pallas" or br.ring_size != 1:
+  backend = static.backend
+  if not backend.capabilities.in_place or br.ring_size != 1:
     return None
-  if _needs_own_output(static, br):
+  if _needs_own_output(static, br) or backend.block_problem(br.kept) is not None:
     return None
-  plan = static.plan
-  if br.group != plan.num_heads // plan.num_kv_heads or _pallas.branch_unavailable(br.kept):
+  if br.group != static.plan.group:
     return None
   if len(set(br.offsets)) == 1:
     offset = br.offsets[0]
@@ -387,49 +301,55 @@ def _geometry(static: Static, br: Branch):
     offset = None
   else:
     return None
-  return _pallas.Geometry(
-      kept=br.kept, rate=br.rate, heads=br.q_heads, group=br.group, offset=offset,
-      causal=plan.config.causal, scale=static.scale,
-      interpret=static.backend.interpret)
+  return StridedBranch(kept=br.kept, rate=br.rate, heads=br.q_heads, group=br.group,
+                       offset=offset, causal=static.plan.config.causal,
+                       scale=static.scale)
 
 
-def _split(static: Static):
-  """(branches for the generic path, [(branch, geometry)] read in place)."""
-  generic, fused = [], []
+def _split(static: Static) -> tuple[list[Branch], list[StridedBranch]]:
+  """(branches for the generic path, branches the backend reads in place)."""
+  generic, strided = [], []
   for br in static.plan.branches:
-    geo = _geometry(static, br)
-    if geo is None:
+    view = _strided(static, br)
+    if view is None:
       generic.append(br)
     else:
-      fused.append((br, geo))
-  return generic, fused
+      strided.append(view)
+  return generic, strided
 
 
-def _forward(static, q, k, v, key_padding_mask, segment_ids, rng):
+def _tokens(static: Static, q: Array, key_padding_mask: Array | None,
+            segment_ids: Array | None, rng: Array | None) -> Tokens:
+  plan = static.plan
+  pos = None if rng is None else global_positions(
+      plan.config.layout, plan.num_shards, static.axis_name, q.shape[0], q.shape[1])
+  return Tokens(key_padding_mask, segment_ids, pos)
+
+
+def _forward(static: Static, q: Array, k: Array, v: Array, tokens: Tokens,
+             rng: Array | None) -> tuple[Array, Array]:
   """(out [B, L, H, D] in q.dtype, lse [B, L, H] float32) over all branches."""
   b = q.shape[0]
-  positions = None if rng is None else _positions(static, b, q.shape[1])
-  generic, fused = _split(static)
+  generic, strided = _split(static)
   merged = {}  # query-head range -> (out, lse): one range in "mix" mode
   for br in generic:
-    ob, lb = _branch_forward(static, br, rng, *_compact_inputs(
-        br, q, k, v, key_padding_mask, segment_ids, positions))
-    ob, lb = _expand_q(br, ob, 0.0, b), _expand_q(br, lb, -jnp.inf, b)
+    ob, lb = _branch_forward(static, br, rng, *_compact(br, q, k, v, tokens))
+    ob, lb = expand_q(br, ob, 0.0, b), expand_q(br, lb, -jnp.inf, b)
     if br.q_heads in merged:
-      ob, lb = _blocks.merge(*merged[br.q_heads], ob, lb)
+      ob, lb = merge(*merged[br.q_heads], ob, lb)
     merged[br.q_heads] = ob, lb
-  if not fused:
+  if not strided:
     heads = sorted(merged)
     out = jnp.concatenate([merged[h][0].astype(q.dtype) for h in heads], axis=2)
     return out, jnp.concatenate([merged[h][1] for h in heads], axis=2)
-  # The Pallas kernels merge into full-size accumulators in place.
+  # In-place branches merge into full-size accumulators.
   out = jnp.zeros_like(q)  # zeros_like: varies over the mesh axes as q does
   lse = jnp.full_like(q[..., 0], -jnp.inf, _F32)
   for (start, stop), (ob, lb) in merged.items():
     out = out.at[:, :, start:stop].set(ob.astype(q.dtype))
     lse = lse.at[:, :, start:stop].set(lb)
-  for _, geo in fused:
-    out, lse = _pallas.forward(geo, q, k, v, out, lse)
+  for view in strided:
+    out, lse = static.backend.branch_forward(view, q, k, v, out, lse)
   return out, lse
 
 
@@ -446,47 +366,51 @@ def attention(static: Static, q: Array, k: Array, v: Array,
     v: shape [B, L, K, D].
     key_padding_mask: shape [B, L] bool or None.
     segment_ids: shape [B, L] int or None.
-    rng: dropout key (used iff ``static.dropout_rate > 0``) or None.
+    rng: dropout key (used iff given) or None.
 
   Returns:
     shape [B, L, H, D] in ``q.dtype``.
   """
-  return _forward(static, q, k, v, key_padding_mask, segment_ids, rng)[0]
+  tokens = _tokens(static, q, key_padding_mask, segment_ids, rng)
+  return _forward(static, q, k, v, tokens, rng)[0]
 
 
-def _attention_fwd(static, q, k, v, key_padding_mask, segment_ids, rng):
-  out, lse = _forward(static, q, k, v, key_padding_mask, segment_ids, rng)
+def _attention_fwd(static: Static, q: Array, k: Array, v: Array,
+                   key_padding_mask: Array | None, segment_ids: Array | None,
+                   rng: Array | None) -> tuple[Array, tuple]:
+  tokens = _tokens(static, q, key_padding_mask, segment_ids, rng)
+  out, lse = _forward(static, q, k, v, tokens, rng)
   return out, (q, k, v, key_padding_mask, segment_ids, rng, out, lse)
 
 
-def _attention_bwd(static, res, dout):
+def _attention_bwd(static: Static, res: tuple, dout: Array) -> tuple:
   q, k, v, key_padding_mask, segment_ids, rng, out, lse = res
-  generic, fused = _split(static)
+  tokens = _tokens(static, q, key_padding_mask, segment_ids, rng)
+  generic, strided = _split(static)
   # Compaction is linear: its transpose scatters (and, for kv heads read by
   # several slots, adds) compacted float32 gradients back to the local layout.
   grads = [jnp.zeros(x.shape, _F32) for x in (q, k, v)] if generic else None
-  positions = None if rng is None else _positions(static, q.shape[0], q.shape[1])
   for br in generic:
-    inputs = _compact_inputs(br, q, k, v, key_padding_mask, segment_ids, positions)
+    queries, chunk = _compact(br, q, k, v, tokens)
     if _needs_own_output(static, br):
-      own_out = _branch_forward(static, br, rng, *inputs)[0]
+      own_out = _branch_forward(static, br, rng, queries, chunk)[0]
     else:
-      own_out = _compact_q(br, out)
-    dqc, dkc, dvc = _branch_backward(
-        static, br, rng, *inputs,
-        _compact_q(br, dout), own_out, _compact_q(br, lse))
-    pull_q = jax.vjp(functools.partial(_compact_q, br), q.astype(_F32))[1]
-    pull_kv = jax.vjp(functools.partial(_compact_kv, br), k.astype(_F32))[1]
+      own_out = compact_q(br, out)
+    queries = queries._replace(dout=compact_q(br, dout), out=own_out,
+                               lse=compact_q(br, lse))
+    dqc, dkc, dvc = _branch_backward(static, br, rng, queries, chunk)
+    pull_q = jax.vjp(functools.partial(compact_q, br), q.astype(_F32))[1]
+    pull_kv = jax.vjp(functools.partial(compact_kv, br), k.astype(_F32))[1]
     grads = [grads[0] + pull_q(dqc.astype(_F32))[0],
              grads[1] + pull_kv(dkc.astype(_F32))[0],
              grads[2] + pull_kv(dvc.astype(_F32))[0]]
   if grads is None:
     grads = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
   grads = tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
-  if fused:  # the Pallas kernels add into the gradients in place
-    delta = _blocks.row_delta(dout, out)
-    for _, geo in fused:
-      grads = _pallas.backward(geo, q, k, v, dout, lse, delta, grads)
+  if strided:  # in-place branches add into the gradients
+    delta = row_delta(dout, out)
+    for view in strided:
+      grads = static.backend.branch_backward(view, q, k, v, dout, lse, delta, grads)
   return (*grads, None, None, None)
 
 

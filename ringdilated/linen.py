@@ -1,13 +1,14 @@
 """Flax Linen modules: projections around :func:`ringdilated.dilated_attention`.
 
 The modules hold only configuration (Linen modules are frozen dataclasses) and
-parameters; all attention math, validation of the attention pattern, and ring
-execution live in the function. Conventions follow
+parameters. Their attention fields are validated into one
+:class:`ringdilated.DilatedConfig` when the module is built; all attention
+math and ring execution live below the function. Conventions follow
 ``flax.linen.MultiHeadDotProductAttention``: the attention configuration is in
 module fields, data in the call, projections are ``nn.DenseGeneral`` with
 ``features=(heads, head_dim)``.
 
-Shape legend: B batch, T tokens (the local shard ``T = N / P`` under
+Shape legend: B batch, L tokens (the local shard ``L = N / P`` under
 ``axis_name``), E input features, F output features, H query heads,
 K kv heads, D head dim.
 """
@@ -15,7 +16,6 @@ K kv heads, D head dim.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Hashable, Sequence
 
 import flax.linen as nn
@@ -23,108 +23,20 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
-from ._attention import dilated_attention
-from ._plan import MODES, check_bool, check_layout
+from . import _modules
+from ._attention import attend
 
 Array = jax.Array
 
 __all__ = ["DilatedAttention", "MultiHeadDilatedAttention"]
 
 
-def _xavier_normal(gain: float) -> Initializer:
-  """Xavier (Glorot) normal with ``gain``, as ``torch.nn.init.xavier_normal_``.
-
-  ``std = gain * sqrt(2 / (fan_in + fan_out))``, untruncated.
-  """
-  return nn.initializers.variance_scaling(gain**2, "fan_avg", "normal")
-
-
-def _stacked_init(inits: Sequence[Initializer], widths: Sequence[int]) -> Initializer:
-  """A kernel initializer for side-by-side projections (the fused QKV kernel).
-
-  Piece ``i`` (``widths[i]`` output columns of the flattened ``[E, columns]``
-  kernel, in order) is drawn by ``inits[i]`` with its own shape, so the fused
-  kernel has the same distribution as separate projections (fans are those
-  of each piece, not of the fused matrix).
-  """
-
-  def init(rng, shape, dtype=jnp.float32):
-    fan_in = math.prod(shape) // sum(widths)
-    rngs = jax.random.split(rng, len(inits))
-    pieces = [f(r, (fan_in, w), dtype) for f, r, w in zip(inits, rngs, widths)]
-    # Boxed initializers (``nn.with_partitioning``) keep their metadata.
-    kernel = jnp.concatenate([nn.meta.unbox(x) for x in pieces], axis=-1).reshape(shape)
-    return nn.meta.replace_boxed(pieces[0], kernel)
-
-  return init
-
-
-def _check_dropout_rate(rate) -> None:
-  # Checked by the modules because a deterministic call never passes the
-  # rate on to the function (which would check it).
-  if not (isinstance(rate, (int, float)) and 0 <= rate < 1):
-    raise ValueError(f"dropout_rate={rate!r} must be in [0, 1)")
-
-
-def _is_positive_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool) and x > 0
-
-
-def _head_layout(num_heads, num_kv_heads, qkv_features, out_features, mode,
-                 gamma_init, in_features: int) -> tuple[int, int, int, int]:
-  """Validates the multi-head fields (Linen and NNX); returns ``(H, K, D, F)``."""
-  if not _is_positive_int(num_heads):
-    raise ValueError(f"num_heads={num_heads!r} must be a positive int")
-  kv = num_heads if num_kv_heads is None else num_kv_heads
-  if not _is_positive_int(kv):
-    raise ValueError(f"num_kv_heads={num_kv_heads!r} must be a positive int")
-  if num_heads % kv:
-    raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={kv}")
-  for name, value in (("qkv_features", qkv_features), ("out_features", out_features)):
-    if value is not None and not _is_positive_int(value):
-      raise ValueError(f"{name}={value!r} must be a positive int or None")
-  if mode not in MODES:
-    raise ValueError(f"mode={mode!r} must be one of {MODES}")
-  if not (isinstance(gamma_init, (int, float)) and math.isfinite(gamma_init)
-          and gamma_init > 0):
-    raise ValueError(f"gamma_init={gamma_init!r} must be a positive finite number")
-  qkv_features = qkv_features or in_features
-  if qkv_features % num_heads:
-    raise ValueError(f"qkv_features={qkv_features} must be divisible by "
-                     f"num_heads={num_heads}")
-  return num_heads, kv, qkv_features // num_heads, out_features or in_features
-
-
-def _attend(m, q: Array, k: Array, v: Array, key_padding_mask: Array | None,
-           segment_ids: Array | None, dropout_rng: Array | None) -> Array:
-  """:func:`ringdilated.dilated_attention` with the attention fields of ``m``.
-
-  Shared by the Linen and NNX ``DilatedAttention``; dropout applies iff a
-  ``dropout_rng`` is given.
-  """
-  return dilated_attention(
-      q, k, v,
-      segment_lengths=m.segment_lengths,
-      dilation_rates=m.dilation_rates,
-      mode=m.mode,
-      causal=m.causal,
-      key_padding_mask=key_padding_mask,
-      segment_ids=segment_ids,
-      softmax_scale=m.softmax_scale,
-      dropout_rate=m.dropout_rate if dropout_rng is not None else 0.0,
-      dropout_rng=dropout_rng,
-      axis_name=m.axis_name,
-      layout=m.layout,
-      backend=m.backend,
-      detach_weights=m.detach_weights,
-  )
-
-
 class DilatedAttention(nn.Module):
   """Dilated attention as a parameter-free module, called like the function.
 
   A Linen wrapper of :func:`ringdilated.dilated_attention` that takes the
-  dropout key from the ``"dropout"`` RNG stream.
+  dropout key from the ``"dropout"`` RNG stream. Invalid fields raise when the
+  module is built.
 
   Attributes:
     segment_lengths: ``w_i``, tokens per segment of branch ``i`` (global).
@@ -140,8 +52,8 @@ class DilatedAttention(nn.Module):
       ``"zigzag"`` (balanced causal rings; see :func:`ringdilated.to_layout`).
     detach_weights: ``"mix"``: branch weights are constants in the gradient
       (as LongNet's torchscale implementation).
-    backend: attention block implementation, ``"auto"``, ``"xla"``,
-      ``"cudnn"`` or ``"pallas"`` (see :func:`ringdilated.dilated_attention`).
+    backend: attention block implementation (see
+      :func:`ringdilated.dilated_attention`).
 
   Example:
     >>> import jax, jax.numpy as jnp, ringdilated as rd
@@ -162,6 +74,10 @@ class DilatedAttention(nn.Module):
   detach_weights: bool = False
   backend: str = "auto"
 
+  def __post_init__(self):
+    object.__setattr__(self, "config", _modules.config_of(self))  # validates
+    super().__post_init__()
+
   def __call__(
       self,
       q: Array,
@@ -175,33 +91,24 @@ class DilatedAttention(nn.Module):
     """Attends ``q`` to ``k, v`` with the module's dilation pattern.
 
     Args:
-      q: shape [B, T, H, D] queries.
-      k: shape [B, T, K, D] keys, ``H % K == 0``.
-      v: shape [B, T, K, D] values.
-      key_padding_mask: shape [B, T] bool, True for real tokens.
-      segment_ids: shape [B, T] int; tokens attend only within equal ids.
+      q: shape [B, L, H, D] queries.
+      k: shape [B, L, K, D] keys, ``H % K == 0``.
+      v: shape [B, L, K, D] values.
+      key_padding_mask: shape [B, L] bool, True for real tokens.
+      segment_ids: shape [B, L] int; tokens attend only within equal ids.
       deterministic: no dropout if True. Required when ``dropout_rate > 0``;
         if False, the key comes from ``self.make_rng("dropout")``.
 
     Returns:
-      shape [B, T, H, D] in ``q.dtype``.
+      shape [B, L, H, D] in ``q.dtype``.
 
     Raises:
       ValueError: ``deterministic`` missing while ``dropout_rate > 0``, or
         any error of :func:`ringdilated.dilated_attention`.
     """
-    _check_dropout_rate(self.dropout_rate)
-    check_layout(self.layout)
-    check_bool("detach_weights", self.detach_weights)
-    dropout_rng = None
-    if self.dropout_rate > 0:
-      if deterministic is None:
-        raise ValueError(
-            f"deterministic=None: pass deterministic=True or False when "
-            f"dropout_rate={self.dropout_rate} > 0")
-      if not deterministic:
-        dropout_rng = self.make_rng("dropout")
-    return _attend(self, q, k, v, key_padding_mask, segment_ids, dropout_rng)
+    deterministic = _modules.need_deterministic(deterministic, self.config.dropout_rate, "")
+    rng = None if deterministic else self.make_rng("dropout")
+    return attend(self.config, q, k, v, key_padding_mask, segment_ids, rng)
 
 
 class MultiHeadDilatedAttention(nn.Module):
@@ -249,8 +156,8 @@ class MultiHeadDilatedAttention(nn.Module):
       ``"zigzag"`` (balanced causal rings; see :func:`ringdilated.to_layout`).
     detach_weights: ``"mix"``: branch weights are constants in the gradient
       (as LongNet's torchscale implementation).
-    backend: attention block implementation, ``"auto"``, ``"xla"``,
-      ``"cudnn"`` or ``"pallas"`` (see :func:`ringdilated.dilated_attention`).
+    backend: attention block implementation (see
+      :func:`ringdilated.dilated_attention`).
     deterministic: default of the call argument (merged as in Flax).
 
   Example:
@@ -287,15 +194,11 @@ class MultiHeadDilatedAttention(nn.Module):
   backend: str = "auto"
   deterministic: bool | None = None
 
-  def _check_fields(self, x: Array) -> tuple[int, int, int, int]:
-    """Validates fields against ``x``; returns ``(H, K, D, F)``."""
-    _check_dropout_rate(self.dropout_rate)
-    check_layout(self.layout)
-    check_bool("detach_weights", self.detach_weights)
-    if getattr(x, "ndim", None) != 3:
-      raise ValueError(f"x must have shape [B, T, E], got shape {getattr(x, 'shape', x)}")
-    return _head_layout(self.num_heads, self.num_kv_heads, self.qkv_features,
-                        self.out_features, self.mode, self.gamma_init, x.shape[-1])
+  def __post_init__(self):
+    _modules.config_of(self)  # validates the attention fields
+    _modules.check_heads(self.num_heads, self.num_kv_heads, self.qkv_features,
+                         self.out_features, self.gamma_init)
+    super().__post_init__()
 
   @nn.compact
   def __call__(
@@ -309,60 +212,47 @@ class MultiHeadDilatedAttention(nn.Module):
     """Dilated multi-head self-attention of ``x``.
 
     Args:
-      x: shape [B, T, E] inputs.
-      key_padding_mask: shape [B, T] bool, True for real tokens.
-      segment_ids: shape [B, T] int; tokens attend only within equal ids.
+      x: shape [B, L, E] inputs.
+      key_padding_mask: shape [B, L] bool, True for real tokens.
+      segment_ids: shape [B, L] int; tokens attend only within equal ids.
       deterministic: no dropout if True; merged with the field of the same
         name (needed only when ``dropout_rate > 0``). If False, the dropout
         key comes from the ``"dropout"`` RNG stream.
 
     Returns:
-      shape [B, T, F] (``F = out_features or E``).
+      shape [B, L, F] (``F = out_features or E``).
 
     Raises:
       ValueError: naming the field and value for an invalid configuration,
         or any error of :func:`ringdilated.dilated_attention`.
     """
-    h, kv, d, features = self._check_fields(x)
+    if getattr(x, "ndim", None) != 3:
+      raise ValueError(f"x must have shape [B, T, E], got shape {getattr(x, 'shape', x)}")
+    heads = _modules.head_layout(self.num_heads, self.num_kv_heads, self.qkv_features,
+                                 self.out_features, self.gamma_init, x.shape[-1])
     if self.dropout_rate > 0:
       deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    else:
-      deterministic = True
-    if self.kernel_init is None:
-      qk_init, vo_init = _xavier_normal(1.0), _xavier_normal(self.gamma_init)
-    else:
-      qk_init = vo_init = self.kernel_init
+    qk_init, vo_init = _modules.projection_inits(self.kernel_init, self.gamma_init)
     dense = functools.partial(
         nn.DenseGeneral, axis=-1, use_bias=self.use_bias, bias_init=self.bias_init,
         dtype=self.dtype, param_dtype=self.param_dtype)
+    h, kv, d = heads.num_heads, heads.num_kv_heads, heads.head_dim
 
     if self.fused_qkv:
-      # [B, T, H + 2K, D]: query heads, then key heads, then value heads.
       qkv = dense(features=(h + 2 * kv, d), name="qkv",
-                  kernel_init=_stacked_init((qk_init, qk_init, vo_init),
-                                            (h * d, kv * d, kv * d)))(x)
-      q, k, v = jnp.split(qkv, (h, h + kv), axis=-2)
+                  kernel_init=_modules.fused_qkv_init(qk_init, vo_init, heads))(x)
+      q, k, v = _modules.split_qkv(qkv, heads)
     else:
       q = dense(features=(h, d), kernel_init=qk_init, name="query")(x)
       k = dense(features=(kv, d), kernel_init=qk_init, name="key")(x)
       v = dense(features=(kv, d), kernel_init=vo_init, name="value")(x)
 
-    y = DilatedAttention(
-        segment_lengths=self.segment_lengths,
-        dilation_rates=self.dilation_rates,
-        mode=self.mode,
-        causal=self.causal,
-        softmax_scale=self.softmax_scale,
-        dropout_rate=self.dropout_rate,
-        axis_name=self.axis_name,
-        layout=self.layout,
-        detach_weights=self.detach_weights,
-        backend=self.backend,
-        name="attention",
-    )(q, k, v, key_padding_mask=key_padding_mask, segment_ids=segment_ids,
-      deterministic=deterministic)  # [B, T, H, D]
+    y = DilatedAttention(**_modules.attention_fields(self), name="attention")(
+        q, k, v, key_padding_mask=key_padding_mask, segment_ids=segment_ids,
+        deterministic=deterministic)  # [B, L, H, D]
 
     if self.sub_layer_norm:
       y = nn.LayerNorm(reduction_axes=(-2, -1), feature_axes=(-2, -1),
                        dtype=self.dtype, param_dtype=self.param_dtype, name="sub_ln")(y)
-    return dense(features=features, axis=(-2, -1), kernel_init=vo_init, name="out")(y)
+    return dense(features=heads.out_features, axis=(-2, -1), kernel_init=vo_init,
+                 name="out")(y)

@@ -9,7 +9,7 @@ stream forked at construction (or from ``rngs`` passed to the call), and
 ``deterministic`` is an attribute that ``module.eval()`` / ``module.train()``
 set and the call argument overrides.
 
-Shape legend: B batch, T tokens (the local shard ``T = N / P`` under
+Shape legend: B batch, L tokens (the local shard ``L = N / P`` under
 ``axis_name``), E input features, F output features, H query heads,
 K kv heads, D head dim.
 
@@ -32,15 +32,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from ._plan import DilatedConfig, check_bool, check_layout
-from .linen import (
-  _attend,
-  _check_dropout_rate,
-  _head_layout,
-  _is_positive_int,
-  _stacked_init,
-  _xavier_normal,
-)
+from . import _modules
+from ._attention import attend
+from ._config import DilatedConfig
 
 Array = jax.Array
 
@@ -94,22 +88,12 @@ class DilatedAttention(nnx.Module):
       backend: str = "auto",
       rngs: nnx.Rngs | None = None,
   ):
-    config = DilatedConfig(segment_lengths, dilation_rates, mode, causal)  # validates
-    _check_dropout_rate(dropout_rate)
-    check_layout(layout)
-    check_bool("detach_weights", detach_weights)
-    self.segment_lengths = config.segment_lengths
-    self.dilation_rates = config.dilation_rates
-    self.mode = mode
-    self.causal = causal
-    self.softmax_scale = softmax_scale
-    self.dropout_rate = dropout_rate
+    self.config = DilatedConfig(
+        segment_lengths, dilation_rates, mode, causal, layout=layout, backend=backend,
+        detach_weights=detach_weights, softmax_scale=softmax_scale,
+        dropout_rate=dropout_rate, axis_name=axis_name)  # validates
     self.deterministic = deterministic
-    self.axis_name = axis_name
-    self.layout = layout
-    self.detach_weights = detach_weights
-    self.backend = backend
-    self.rngs = (rngs.dropout.fork() if rngs is not None and dropout_rate > 0
+    self.rngs = (rngs.dropout.fork() if rngs is not None and self.config.dropout_rate > 0
                  else nnx.data(None))
 
   def __call__(
@@ -126,42 +110,39 @@ class DilatedAttention(nnx.Module):
     """Attends ``q`` to ``k, v`` with the module's dilation pattern.
 
     Args:
-      q: shape [B, T, H, D] queries.
-      k: shape [B, T, K, D] keys, ``H % K == 0``.
-      v: shape [B, T, K, D] values.
-      key_padding_mask: shape [B, T] bool, True for real tokens.
-      segment_ids: shape [B, T] int; tokens attend only within equal ids.
+      q: shape [B, L, H, D] queries.
+      k: shape [B, L, K, D] keys, ``H % K == 0``.
+      v: shape [B, L, K, D] values.
+      key_padding_mask: shape [B, L] bool, True for real tokens.
+      segment_ids: shape [B, L] int; tokens attend only within equal ids.
       deterministic: no dropout if True; overrides the attribute. One of
         them is required when ``dropout_rate > 0``.
       rngs: dropout keys (its ``dropout`` stream); default the stream kept
         at construction.
 
     Returns:
-      shape [B, T, H, D] in ``q.dtype``.
+      shape [B, L, H, D] in ``q.dtype``.
 
     Raises:
       ValueError: ``deterministic`` missing or no dropout key while
         ``dropout_rate > 0``, or any error of
         :func:`ringdilated.dilated_attention`.
     """
+    if deterministic is None:
+      deterministic = self.deterministic
+    deterministic = _modules.need_deterministic(
+        deterministic, self.config.dropout_rate, "(call or constructor) ")
     dropout_rng = None
-    if self.dropout_rate > 0:
-      if deterministic is None:
-        deterministic = self.deterministic
-      if deterministic is None:
+    if not deterministic:
+      stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
+      if stream is None:
+        stream = self.rngs
+      if stream is None:
         raise ValueError(
-            f"deterministic=None: pass deterministic=True or False (call or "
-            f"constructor) when dropout_rate={self.dropout_rate} > 0")
-      if not deterministic:
-        stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
-        if stream is None:
-          stream = self.rngs
-        if stream is None:
-          raise ValueError(
-              "deterministic=False needs dropout keys: pass rngs to the "
-              "constructor or to the call")
-        dropout_rng = stream()
-    return _attend(self, q, k, v, key_padding_mask, segment_ids, dropout_rng)
+            "deterministic=False needs dropout keys: pass rngs to the "
+            "constructor or to the call")
+      dropout_rng = stream()
+    return attend(self.config, q, k, v, key_padding_mask, segment_ids, dropout_rng)
 
 
 class MultiHeadDilatedAttention(nnx.Module):
@@ -240,13 +221,11 @@ class MultiHeadDilatedAttention(nnx.Module):
       deterministic: bool | None = None,
       rngs: nnx.Rngs,
   ):
-    if not _is_positive_int(in_features):
-      raise ValueError(f"in_features={in_features!r} must be a positive int")
-    h, kv, d, features = _head_layout(num_heads, num_kv_heads, qkv_features,
-                                      out_features, mode, gamma_init, in_features)
-
-    self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
-    self.in_features, self.out_features = in_features, features
+    heads = _modules.head_layout(num_heads, num_kv_heads, qkv_features, out_features,
+                                 gamma_init, in_features)
+    h, kv, d = heads.num_heads, heads.num_kv_heads, heads.head_dim
+    self.heads = heads
+    self.in_features, self.out_features = in_features, heads.out_features
     self.fused_qkv, self.sub_layer_norm = fused_qkv, sub_layer_norm
     self.dtype, self.param_dtype = dtype, param_dtype
 
@@ -257,17 +236,13 @@ class MultiHeadDilatedAttention(nnx.Module):
         deterministic=deterministic, axis_name=axis_name, layout=layout,
         detach_weights=detach_weights, backend=backend, rngs=rngs)
 
-    if kernel_init is None:
-      qk_init, vo_init = _xavier_normal(1.0), _xavier_normal(gamma_init)
-    else:
-      qk_init = vo_init = kernel_init
+    qk_init, vo_init = _modules.projection_inits(kernel_init, gamma_init)
     dense = functools.partial(
         nnx.LinearGeneral, use_bias=use_bias, bias_init=bias_init, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
     if fused_qkv:
       self.qkv = dense(in_features, (h + 2 * kv, d),
-                       kernel_init=_stacked_init((qk_init, qk_init, vo_init),
-                                                 (h * d, kv * d, kv * d)))
+                       kernel_init=_modules.fused_qkv_init(qk_init, vo_init, heads))
     else:
       self.query = dense(in_features, (h, d), kernel_init=qk_init)
       self.key = dense(in_features, (kv, d), kernel_init=qk_init)
@@ -279,7 +254,7 @@ class MultiHeadDilatedAttention(nnx.Module):
       ln.scale = nnx.Param(ln.scale[...].reshape(h, d))
       ln.bias = nnx.Param(ln.bias[...].reshape(h, d))
       self.sub_ln = ln
-    self.out = dense((h, d), features, axis=(-2, -1), kernel_init=vo_init)
+    self.out = dense((h, d), heads.out_features, axis=(-2, -1), kernel_init=vo_init)
 
   def __call__(
       self,
@@ -293,15 +268,15 @@ class MultiHeadDilatedAttention(nnx.Module):
     """Dilated multi-head self-attention of ``x``.
 
     Args:
-      x: shape [B, T, E] inputs.
-      key_padding_mask: shape [B, T] bool, True for real tokens.
-      segment_ids: shape [B, T] int; tokens attend only within equal ids.
+      x: shape [B, L, E] inputs.
+      key_padding_mask: shape [B, L] bool, True for real tokens.
+      segment_ids: shape [B, L] int; tokens attend only within equal ids.
       deterministic: no dropout if True; overrides the attribute (needed
         from one of them only when ``dropout_rate > 0``).
       rngs: dropout keys; default the stream kept at construction.
 
     Returns:
-      shape [B, T, F].
+      shape [B, L, F].
 
     Raises:
       ValueError: ``x`` not [B, T, E], or any error of
@@ -310,15 +285,13 @@ class MultiHeadDilatedAttention(nnx.Module):
     if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.in_features:
       raise ValueError(f"x must have shape [B, T, E={self.in_features}], got shape "
                        f"{getattr(x, 'shape', x)}")
-    h, kv = self.num_heads, self.num_kv_heads
     if self.fused_qkv:
-      # [B, T, H + 2K, D]: query heads, then key heads, then value heads.
-      q, k, v = jnp.split(self.qkv(x), (h, h + kv), axis=-2)
+      q, k, v = _modules.split_qkv(self.qkv(x), self.heads)
     else:
       q, k, v = self.query(x), self.key(x), self.value(x)
     y = self.attention(q, k, v, key_padding_mask=key_padding_mask,
                        segment_ids=segment_ids, deterministic=deterministic,
-                       rngs=rngs)  # [B, T, H, D]
+                       rngs=rngs)  # [B, L, H, D]
     if self.sub_layer_norm:
       y = self.sub_ln(y)
     return self.out(y)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import ringdilated as rd
-from ringdilated import _blocks, _plan, _ring
+from ringdilated import _backends, _plan, _ring
+from ringdilated._backends.base import keep_mask
 from ringdilated.reference import dense_mask, dilated_attention_reference
 
 # Max abs error allowed against the float32 oracle, per input dtype.
@@ -217,8 +218,8 @@ def test_dropout_mask_statistics():
   """The hash keeps 1 - rate of the weights, independently per head and pair."""
   x, t, kh, g = 1, 512, 2, 2
   pos = jnp.broadcast_to(jnp.arange(t)[None, :, None], (x, t, kh))
-  drop = _blocks.Dropout(0.3, jnp.uint32(12345), np.arange(kh * g).reshape(kh, g), pos, pos)
-  keep = np.asarray(_blocks._dropout_keep(drop))  # [X, K, G, T, S]
+  drop = _backends.Dropout(0.3, jnp.uint32(12345), np.arange(kh * g).reshape(kh, g), pos, pos)
+  keep = np.asarray(keep_mask(drop))  # [X, K, G, T, S]
   assert keep.shape == (x, kh, g, t, t)
   assert abs(keep.mean() - 0.7) < 0.005
   per_head = keep.reshape(kh * g, -1)
@@ -227,7 +228,7 @@ def test_dropout_mask_statistics():
   assert abs((per_head[0] == per_head[1]).mean() - 0.58) < 0.01
   # Neighbouring keys of one query are not correlated either.
   assert abs((keep[..., 1:] == keep[..., :-1]).mean() - 0.58) < 0.01
-  other = _blocks._dropout_keep(drop._replace(seed=jnp.uint32(54321)))
+  other = keep_mask(drop._replace(seed=jnp.uint32(54321)))
   assert abs((np.asarray(other) == keep).mean() - 0.58) < 0.01
 
 

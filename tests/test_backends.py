@@ -19,7 +19,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import ringdilated as rd
-from ringdilated import _blocks, _plan, _ring
+from ringdilated import _backends, _plan, _ring
+from ringdilated._backends import cudnn, xla
 
 KW = dict(segment_lengths=(16, 64), dilation_rates=(1, 4), causal=True)
 
@@ -29,15 +30,18 @@ def _qkv(dtype=jnp.float32, n=64):
   return tuple(jnp.asarray(rng.standard_normal((1, n, h, 8)), dtype) for h in (4, 2, 2))
 
 
+def _request(dtype=jnp.bfloat16, head_dim=64, masks=False, dropout=False):
+  return _backends.Request(jax.default_backend(), jnp.dtype(dtype), head_dim, masks, dropout)
+
+
 def test_auto_is_xla_on_cpu():
-  assert _blocks.select_backend("auto", dtype=jnp.bfloat16, head_dim=64,
-                                has_masks=False, dropout=False) is _blocks.XLA
+  assert _backends.select("auto", _request()) is _backends.REGISTRY["xla"]
 
 
 def test_internal_cudnn_api_is_recognised_by_this_jax():
   # The feature check must accept the jax this project pins; if a release
   # changes jax's internal cuDNN rules this names what changed.
-  assert _blocks._internal_api_problem() is None  # pylint: disable=protected-access
+  assert cudnn.internal_api_problem() is None
 
 
 def test_cudnn_request_falls_back_to_xla_with_a_warning(caplog):
@@ -50,8 +54,11 @@ def test_cudnn_request_falls_back_to_xla_with_a_warning(caplog):
 
 
 def test_cudnn_reasons():
-  reason = functools.partial(_blocks.cudnn_unavailable, has_masks=False, dropout=False)
-  assert "not 'gpu'" in reason(jnp.bfloat16, 64)
+  cudnn_ = _backends.REGISTRY["cudnn"]
+  assert "not 'gpu'" in _backends._platform_problem(cudnn_, _request())  # pylint: disable=protected-access
+  assert "dtype float32" in cudnn_.problem(_request(jnp.float32))
+  assert "head dim 136" in cudnn_.problem(_request(head_dim=136))
+  assert "key_padding_mask" in _backends.problem(cudnn_, _request(masks=True))
 
 
 def test_unknown_backend_raises():
@@ -60,15 +67,15 @@ def test_unknown_backend_raises():
     rd.dilated_attention(q, k, v, backend="tpu", **KW)
 
 
-def _low_precision(backend: _blocks.Backend) -> _blocks.Backend:
+class _LowPrecision(xla.XLA):
   """The XLA block returning block outputs and grads in the input dtype."""
-  def forward(q, k, v, vis, **kw):
-    out, lse = backend.forward(q, k, v, vis, **kw)
+
+  def forward(self, q, k, v, vis, **kw):
+    out, lse = super().forward(q, k, v, vis, **kw)
     return out.astype(q.dtype), lse
 
-  def backward(q, *args, **kw):
-    return tuple(x.astype(q.dtype) for x in backend.backward(q, *args, **kw))
-  return _blocks.Backend("lowp", forward, backward)
+  def backward(self, q, *args, **kw):
+    return tuple(x.astype(q.dtype) for x in super().backward(q, *args, **kw))
 
 
 def test_ring_accumulates_low_precision_blocks_in_float32():
@@ -78,7 +85,7 @@ def test_ring_accumulates_low_precision_blocks_in_float32():
   rng = np.random.default_rng(1)
   cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   config = rd.DilatedConfig(KW["segment_lengths"], KW["dilation_rates"], causal=True)
-  lowp = _low_precision(_blocks.XLA)
+  lowp = _LowPrecision()
 
   def run(num_shards, q, k, v, backend):
     axis = "sp" if num_shards > 1 else None
@@ -92,7 +99,7 @@ def test_ring_accumulates_low_precision_blocks_in_float32():
     return (out,) + pull(cot.astype(out.dtype))
 
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  want = jax.jit(functools.partial(run, 1, backend=_blocks.XLA))(*f32)
+  want = jax.jit(functools.partial(run, 1, backend=_backends.REGISTRY["xla"]))(*f32)
   errs = {}
   for p in (1, 4):
     got = jax.jit(functools.partial(run, p, backend=lowp))(q, k, v)

@@ -136,6 +136,5 @@ def test_modules_and_attention_fn_pass_detach_weights_on():
     rdnnx.MultiHeadDilatedAttention(4, 32, **kw, detach_weights=1, rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match=r"detach_weights=1 must be a bool"):
     rd.make_attention_fn(**kw, detach_weights=1)
-  mha = rd.MultiHeadDilatedAttention(num_heads=4, **kw, detach_weights=1)
   with pytest.raises(TypeError, match=r"detach_weights=1 must be a bool"):
-    jax.eval_shape(mha.init, jax.random.key(0), jnp.ones((1, N, 32)))
+    rd.MultiHeadDilatedAttention(num_heads=4, **kw, detach_weights=1)  # when built

@@ -24,7 +24,8 @@ import pytest
 from jax.sharding import PartitionSpec as PS
 
 import ringdilated as rd
-from ringdilated import _blocks
+from ringdilated import _backends
+from ringdilated._backends import xla
 from ringdilated.reference import dense_mask, dilated_attention_reference
 
 B, N, H, K, D = 2, 64, 4, 2, 8
@@ -267,13 +268,13 @@ def test_bf16_error_does_not_grow_with_ring_size():
 
 def test_negative_control_bf16_block_statistics_grow_with_ring(monkeypatch):
   """Rounding each block's (out, lse) to bfloat16 before the merge is caught."""
-  def forward(*args, **kw):
-    out, lse = _blocks.xla_forward(*args, **kw)
-    bf16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
-    return bf16(out), bf16(lse)
+  class Lossy(xla.XLA):
+    def forward(self, *args, **kw):
+      out, lse = super().forward(*args, **kw)
+      bf16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+      return bf16(out), bf16(lse)
 
-  lossy = _blocks.Backend("bf16-statistics", forward, _blocks.xla_backward)
-  monkeypatch.setattr(_blocks, "select_backend", lambda *a, **kw: lossy)
+  monkeypatch.setattr(_backends, "select", lambda *a, **kw: Lossy())
   exact, arrays = _rounded(jnp.bfloat16)
   want = _numpy_oracle(*exact, **GROWTH)
   errs = {}

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 import ringdilated as rd
-from ringdilated import _blocks, _pallas
+from ringdilated import _backends
+from ringdilated._backends import pallas as _pallas
 from ringdilated.reference import dilated_attention_reference
 
 TOL = 2e-5
@@ -135,11 +136,12 @@ def test_kernels_touch_only_kept_positions(offset):
   rng = np.random.default_rng(1)
   q, k, v, dout = (jnp.asarray(rng.standard_normal((b, n, x, d)), jnp.float32)
                    for x in (h, hkv, hkv, h))
-  geo = _pallas.Geometry(kept=32, rate=r, heads=(2, 4), group=2, offset=offset,
-                         causal=True, scale=0.25, interpret=True)
+  geo = _backends.StridedBranch(kept=32, rate=r, heads=(2, 4), group=2, offset=offset,
+                                causal=True, scale=0.25)
+  run = _pallas.Pallas(interpret=True)
   out0 = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   lse0 = jnp.asarray(rng.standard_normal(q.shape[:3]), jnp.float32)
-  out, lse = jax.jit(functools.partial(_pallas.forward, geo))(q, k, v, out0, lse0)
+  out, lse = jax.jit(functools.partial(run.branch_forward, geo))(q, k, v, out0, lse0)
   # kept: heads 2, 3 (kv head 1) at positions with p % 2 == offset(1)
   off = 1 % r if offset is None else offset
   kept = np.zeros((n, h), bool)
@@ -150,7 +152,7 @@ def test_kernels_touch_only_kept_positions(offset):
 
   grads0 = tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k, v))
   delta = jnp.sum(dout * out, axis=-1)
-  grads = jax.jit(functools.partial(_pallas.backward, geo))(q, k, v, dout, lse, delta, grads0)
+  grads = jax.jit(functools.partial(run.branch_backward, geo))(q, k, v, dout, lse, delta, grads0)
   kv_kept = np.zeros((n, hkv), bool)
   kv_kept[off::r, 1] = True
   for g, g0, m in zip(grads, grads0, (kept, kv_kept, kv_kept)):
@@ -208,12 +210,14 @@ def test_masks_fall_back_to_xla(caplog):
 
 def test_selection_off_gpu_is_interpret_mode(caplog):
   with caplog.at_level(logging.WARNING, logger="ringdilated"):
-    got = _blocks.select_backend("pallas", dtype=jnp.float32, head_dim=64,
-                                 has_masks=False, dropout=False)
-  assert got is _pallas.PALLAS_INTERPRET and got.interpret
+    got = _backends.select("pallas", _request())
+  assert got == _pallas.Pallas(interpret=True) and got.interpret
   assert "interpret mode" in caplog.text
-  assert _blocks.select_backend("auto", dtype=jnp.float32, head_dim=64,
-                                has_masks=False, dropout=False) is _blocks.XLA
+  assert _backends.select("auto", _request()) is _backends.REGISTRY["xla"]
+
+
+def _request(dtype=jnp.float32, head_dim=64, masks=False, dropout=False):
+  return _backends.Request(jax.default_backend(), jnp.dtype(dtype), head_dim, masks, dropout)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -223,8 +227,9 @@ def test_selection_off_gpu_is_interpret_mode(caplog):
     ((jnp.float32, 64, False, True), "dropout"),
 ])
 def test_unavailable_says_why(args, needle):
-  assert needle in _pallas.unavailable(*args)
-  assert _pallas.unavailable(jnp.bfloat16, 128, False, False) is None
+  backend = _backends.REGISTRY["pallas"]
+  assert needle in _backends.problem(backend, _request(*args))
+  assert _backends.problem(backend, _request(jnp.bfloat16, 128)) is None
 
 
 def test_tiles():
@@ -232,7 +237,7 @@ def test_tiles():
   assert _pallas.tile(48, 128) == 16
   assert _pallas.tile(96, 64) == 32
   assert _pallas.tile(24, 128) is None
-  assert "24 kept tokens" in _pallas.branch_unavailable(24)
+  assert "24 kept tokens" in _backends.REGISTRY["pallas"].block_problem(24)
 
 
 def test_detached_weights_take_the_generic_path_with_kernel_blocks():

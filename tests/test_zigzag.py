@@ -5,7 +5,7 @@ global sequence (``rd.to_layout``). Every comparison runs the ring on the
 laid-out sequence, maps the result back with ``rd.from_layout`` and compares
 it with one device on the natural order, for outputs and ``jax.grad`` of
 q, k and v. The balance tests count the work of the static schedule
-(``_ring.step_work``, built from the same rule the ring executes).
+(``_schedule.step_work``, built from the same rule the ring executes).
 
 ``tests/conftest.py`` provides 8 CPU devices. Shape legend: B batch,
 N global sequence length, P ring size, C = N / (2P) half-chunk length,
@@ -28,7 +28,7 @@ from _harness import out_and_grads as _out_and_grads
 from jax.sharding import PartitionSpec as PS
 
 import ringdilated as rd
-from ringdilated import _plan, _ring
+from ringdilated import _plan, _ring, _schedule
 
 TOL = 1e-5  # max abs error, ring vs one device, float32 (observed ~1e-6)
 
@@ -141,7 +141,7 @@ def test_to_layout_rejects_bad_arguments(args, error, match):
 
 def test_config_covers_every_zigzag_schedule():
   for p in (2, 4, 8):
-    plan = _plan.make_plan(rd.DilatedConfig(**MIX), N, H, K, p, "zigzag")
+    plan = _plan.make_plan(rd.DilatedConfig(**MIX, layout="zigzag"), N, H, K, p)
     kinds = {(br.schedule, br.ring_size) for br in plan.branches}
     assert ("contiguous", 1) in kinds and ("zigzag", p) in kinds
     assert {g for s, g in kinds if s == "mirror"} == {g for g in (2, 4, 8) if g <= p}
@@ -211,8 +211,8 @@ def test_causal_zigzag_ring_has_no_data_dependent_skips(layout, conds):
 
 def _balance(config, n, p, layout):
   """(worst per-step max/mean over devices, total of maxes / total of means)."""
-  plan = _plan.make_plan(config, n, 16, 16, p, layout)
-  return (*_ring.balance(plan), plan, _ring.step_work(plan))
+  plan = _plan.make_plan(config.replace(layout=layout), n, 16, 16, p)
+  return (*_schedule.balance(plan), plan, _schedule.step_work(plan))
 
 
 BALANCE_CASES = [
@@ -289,8 +289,8 @@ def test_unknown_layout_raises():
 def test_docstring_examples_run():
   import doctest  # pylint: disable=g-import-not-at-top
 
-  from ringdilated import _attention, _layout  # pylint: disable=g-import-not-at-top
-  for module in (_layout, _attention):
+  from ringdilated import _attention, _config, _layout, _schedule  # pylint: disable=g-import-not-at-top
+  for module in (_layout, _attention, _config, _schedule):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 1 and result.failed == 0, module.__name__
 

@@ -30,12 +30,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import types
 
 import jax
 import jax.numpy as jnp
 
-from . import _blocks
+from .._merge import row_delta
+from .base import Backend, Capabilities, Request, StridedBranch, Visibility
 
 Array = jax.Array
 
@@ -43,35 +43,6 @@ _F32 = jnp.float32
 _NEG = -1e30  # masked logits: finite, so a fully masked tile never makes NaN
 _MIN_TILE = 16  # Triton's dot needs tiles of at least 16
 _LOG2E = math.log2(math.e)  # the kernels use exp2: exp(x) = exp2(x log2 e)
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  """What a kernel needs to know about one branch; hashable (static).
-
-  Attributes:
-    kept: ``T``, kept tokens per segment (a segment's keys are one window).
-    rate: ``r``.
-    heads: query heads ``[start, stop)`` of the branch, whole GQA groups.
-    group: ``G``, query heads per kv head.
-    offset: kept position mod ``r`` of every head, or None for ``kv head mod
-      r`` (``"mix"`` mode).
-    causal: causal within each segment.
-    scale: logit scale.
-    interpret: run in Pallas interpret mode (any platform, slow).
-  """
-
-  kept: int
-  rate: int
-  heads: tuple[int, int]
-  group: int
-  offset: int | None
-  causal: bool
-  scale: float
-  interpret: bool
-
-  def off(self, kv_head):
-    return kv_head % self.rate if self.offset is None else self.offset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +55,13 @@ class Tiles:
   num_stages: int = 2
 
 
-# Tuned on H100 (bf16, D = 128): benchmarks/tune_pallas.py.
-TILES = types.MappingProxyType(
-    {"fwd": Tiles(128, 64), "dq": Tiles(64, 64, 4), "dkv": Tiles(64, 64, 4)})
+@dataclasses.dataclass(frozen=True)
+class KernelTiles:
+  """The tiles of the three kernels; ``benchmarks/tune_pallas.py`` sweeps them."""
+
+  fwd: Tiles = Tiles(128, 64)
+  dq: Tiles = Tiles(64, 64, 4)
+  dkv: Tiles = Tiles(64, 64, 4)
 
 
 def tile(length: int, want: int) -> int | None:
@@ -99,24 +74,8 @@ def tile(length: int, want: int) -> int | None:
   return None
 
 
-def unavailable(dtype, head_dim: int, has_masks: bool, dropout: bool) -> str | None:
-  """Why the Pallas kernels can't run these blocks, or None if they can."""
-  if has_masks:
-    return "key_padding_mask/segment_ids (the Pallas kernels support causal only)"
-  if dropout:
-    return "dropout (the Pallas kernels have none)"
-  if head_dim < _MIN_TILE or head_dim & (head_dim - 1) or head_dim > 256:
-    return f"head dim {head_dim} (the Pallas kernels need a power of 2 in [16, 256])"
-  if jnp.dtype(dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float32)):
-    return f"dtype {jnp.dtype(dtype).name}"
-  try:
-    from jax.experimental import pallas  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
-    return f"cannot import jax.experimental.pallas ({e})"
-  return None
-
-
-def branch_unavailable(kept: int) -> str | None:
+def tile_problem(kept: int) -> str | None:
+  """Why a segment of ``kept`` tokens has no tile the kernels can use."""
   if tile(kept, 128) is None:
     return f"{kept} kept tokens per segment (the Pallas kernels need a multiple of 16)"
   return None
@@ -127,11 +86,11 @@ def _pl():
   return pl
 
 
-def _tiles_for(kernel: str, geo: Geometry):
+def _tiles_for(kernel: str, geo: StridedBranch, run: Pallas):
   """(query tile, key tile, compiler params) of ``kernel`` for ``geo``."""
-  want = TILES[kernel]
+  want = getattr(run.tiles, kernel)
   bq, bk = tile(geo.kept, want.q), tile(geo.kept, want.k)
-  if geo.interpret:
+  if run.interpret:
     return bq, bk, None
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
   return bq, bk, plgpu.CompilerParams(num_warps=want.num_warps,
@@ -150,8 +109,8 @@ def _like(x: Array) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, manual_axis_type=mat)
 
 
-def _in_place(kernel, name: str, geo: Geometry, params, grid, in_specs, acc_specs,
-              inputs, accs) -> list[Array]:
+def _in_place(kernel, name: str, interpret: bool, params, grid, in_specs, acc_specs,
+              inputs: list[Array], accs: list[Array]) -> list[Array]:
   """Runs ``kernel(*input_refs, *acc_refs_in, *acc_refs_out)`` over ``grid``;
   the outputs are the accumulators ``accs``, updated in place (aliased)."""
   n = len(inputs)
@@ -159,7 +118,7 @@ def _in_place(kernel, name: str, geo: Geometry, params, grid, in_specs, acc_spec
       kernel, grid=grid, in_specs=[*in_specs, *acc_specs], out_specs=list(acc_specs),
       out_shape=[_like(a) for a in accs],
       input_output_aliases={n + i: i for i in range(len(accs))},
-      compiler_params=params, interpret=geo.interpret, name=name,
+      compiler_params=params, interpret=interpret, name=name,
   )(*inputs, *accs)
 
 
@@ -177,7 +136,7 @@ def _tdot(a: Array, b: Array) -> Array:
   return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
 
 
-def _logits(q: Array, k: Array, geo: Geometry, q0, k0, masked: bool) -> Array:
+def _logits(q: Array, k: Array, geo: StridedBranch, q0, k0, masked: bool) -> Array:
   """[nq, nk] float32 logits in log2 units (``exp2`` of them is ``exp`` of the
   scaled logits) of queries ``q0 + i`` against keys ``k0 + j`` of a segment;
   ``masked``: keys after their query get ``_NEG`` (a tile on the causal
@@ -207,7 +166,7 @@ def _tiles(body, carry, *, causal: bool, start, stop, diagonal):
   return run(hi, stop, carry, False)
 
 
-def _key_tiles(body, carry, geo: Geometry, t0, bq: int, bk: int):
+def _key_tiles(body, carry, geo: StridedBranch, t0, bq: int, bk: int):
   """Runs ``body(j, carry, masked)`` over the key tiles that the query tile
   at ``t0`` (within its segment) sees: all, or with ``causal`` those up to
   the diagonal."""
@@ -222,7 +181,7 @@ def _key_tiles(body, carry, geo: Geometry, t0, bq: int, bk: int):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_in, l_in, o_ref, l_ref, *,
-                    geo: Geometry, bq: int, bk: int):
+                    geo: StridedBranch, bq: int, bk: int):
   pl = _pl()
   t0 = (pl.program_id(1) % (geo.kept // bq)) * bq  # query tile, within segment
   q = q_ref[...]
@@ -252,7 +211,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_in, l_in, o_ref, l_ref, *,
   l_ref[...] = new
 
 
-def _query_grid(geo: Geometry, shape, bq: int):
+def _query_grid(geo: StridedBranch, shape, bq: int):
   """Grid (B, M / bq, query heads) and the BlockSpecs of the query-tile
   kernels: a query (or out, dout, dq) tile, its segment's K/V window, and
   the matching [bq] tile of a per-token row (lse, delta)."""
@@ -274,8 +233,8 @@ def _query_grid(geo: Geometry, shape, bq: int):
           pl.BlockSpec((None, bq, None, None), lambda *a: q_map(*a)[:4]))
 
 
-def forward(geo: Geometry, q: Array, k: Array, v: Array, out: Array,
-            lse: Array) -> tuple[Array, Array]:
+def forward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
+            out: Array, lse: Array) -> tuple[Array, Array]:
   """Merges the branch into ``(out, lse)`` in place.
 
   Args:
@@ -289,12 +248,12 @@ def forward(geo: Geometry, q: Array, k: Array, v: Array, out: Array,
     The updated ``(out, lse)``; positions and heads the branch does not keep
     are unchanged.
   """
-  bq, bk, params = _tiles_for("fwd", geo)
+  bq, bk, params = _tiles_for("fwd", geo, run)
   grid, q_spec, kv_spec, l_spec = _query_grid(geo, q.shape, bq)
   o5, l4 = _view(out, geo.rate), _view(lse, geo.rate)
   o5, l4 = _in_place(
       functools.partial(_forward_kernel, geo=geo, bq=bq, bk=bk), "ringdilated_fwd",
-      geo, params, grid, [q_spec, kv_spec, kv_spec], [q_spec, l_spec],
+      run.interpret, params, grid, [q_spec, kv_spec, kv_spec], [q_spec, l_spec],
       [_view(x, geo.rate) for x in (q, k, v)], [o5, l4])
   return o5.reshape(out.shape), l4.reshape(lse.shape)
 
@@ -306,7 +265,7 @@ def forward(geo: Geometry, q: Array, k: Array, v: Array, out: Array,
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, dl_ref, dq_in, dq_ref, *,
-               geo: Geometry, bq: int, bk: int):
+               geo: StridedBranch, bq: int, bk: int):
   pl = _pl()
   t0 = (pl.program_id(1) % (geo.kept // bq)) * bq
   q, do = q_ref[...], do_ref[...]
@@ -324,7 +283,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, dl_ref, dq_in, dq_ref, *,
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, dl_ref, dk_in, dv_in,
-                dk_ref, dv_ref, *, geo: Geometry, bq: int, bk: int):
+                dk_ref, dv_ref, *, geo: StridedBranch, bq: int, bk: int):
   pl = _pl()
   s0 = (pl.program_id(1) % (geo.kept // bk)) * bk  # key tile, within segment
   k, v = k_ref[...], v_ref[...]
@@ -350,9 +309,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, dl_ref, dk_in, dv_in,
   dv_ref[...] = (dv_in[...].astype(_F32) + dv).astype(dv_ref.dtype)
 
 
-def backward(geo: Geometry, q: Array, k: Array, v: Array, dout: Array,
-             lse: Array, delta: Array, grads: tuple[Array, Array, Array]
-             ) -> tuple[Array, Array, Array]:
+def backward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
+             dout: Array, lse: Array, delta: Array,
+             grads: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
   """Adds the branch's gradients into ``grads = (dq, dk, dv)`` in place.
 
   Args:
@@ -372,15 +331,15 @@ def backward(geo: Geometry, q: Array, k: Array, v: Array, dout: Array,
   dq, dk, dv = (_view(x, r) for x in grads)
 
   # dq: a query tile against its segment's keys.
-  bq, bk, params = _tiles_for("dq", geo)
+  bq, bk, params = _tiles_for("dq", geo, run)
   grid, q_spec, kv_spec, l_spec = _query_grid(geo, q.shape, bq)
   (dq,) = _in_place(
       functools.partial(_dq_kernel, geo=geo, bq=bq, bk=bk), "ringdilated_dq",
-      geo, params, grid, [q_spec, kv_spec, kv_spec, q_spec, l_spec, l_spec], [q_spec],
+      run.interpret, params, grid, [q_spec, kv_spec, kv_spec, q_spec, l_spec, l_spec], [q_spec],
       views, [dq])
 
   # dk, dv: a key tile against its segment's queries of every head reading it.
-  bq, bk, params = _tiles_for("dkv", geo)
+  bq, bk, params = _tiles_for("dkv", geo, run)
 
   def k_map(bi, j, kh):
     kv = h0 // g + kh
@@ -395,55 +354,73 @@ def backward(geo: Geometry, q: Array, k: Array, v: Array, dout: Array,
   ls_spec = pl.BlockSpec((None, t, None, g), lambda *a: seg_map(*a)[:4])
   dk, dv = _in_place(
       functools.partial(_dkv_kernel, geo=geo, bq=bq, bk=bk), "ringdilated_dkv",
-      geo, params, (b, m // bk, (h1 - h0) // g),
+      run.interpret, params, (b, m // bk, (h1 - h0) // g),
       [qs_spec, k_spec, k_spec, qs_spec, ls_spec, ls_spec], [k_spec, k_spec],
       views, [dk, dv])
   return tuple(x.reshape(y.shape) for x, y in zip((dq, dk, dv), grads))
 
 
 # ----------------------------------------------------------------------------
-# The same kernels as a block backend of the generic path (r = 1).
+# The backend: the kernels on local branches in place, and with r = 1 as the
+# blocks of the generic path (ring steps, branches not read in place).
 # ----------------------------------------------------------------------------
 
 
-def _block_geometry(q: Array, vis: _blocks.Visibility, scale: float,
-                    interpret: bool) -> Geometry:
+def _block_geometry(q: Array, vis: Visibility, scale: float) -> StridedBranch:
   _, t, kh, g, _ = q.shape
-  return Geometry(kept=t, rate=1, heads=(0, kh * g), group=g, offset=0,
-                  causal=vis.diagonal, scale=scale, interpret=interpret)
+  return StridedBranch(kept=t, rate=1, heads=(0, kh * g), group=g, offset=0,
+                       causal=vis.diagonal, scale=scale)
 
 
-def block_forward(q: Array, k: Array, v: Array, vis: _blocks.Visibility, *,
-                  scale: float, dropout=None, interpret: bool = False):
-  """:func:`_blocks.xla_forward` through the Pallas forward kernel."""
-  del dropout  # excluded by `unavailable`
-  if vis.has_arrays or branch_unavailable(q.shape[1]):
-    return _blocks.xla_forward(q, k, v, vis, scale=scale)
-  x, t, kh, g, d = q.shape
-  out = jnp.zeros_like(q).reshape(x, t, kh * g, d)  # zeros_like: varies as q
-  lse = jnp.full_like(out[..., 0], -jnp.inf, _F32)
-  out, lse = forward(_block_geometry(q, vis, scale, interpret),
-                     q.reshape(out.shape), k, v, out, lse)
-  return out.reshape(q.shape), lse.reshape(x, t, kh, g)
+@dataclasses.dataclass(frozen=True)
+class Pallas(Backend):
+  """Pallas (Triton) flash-attention kernels reading branches in place.
 
+  Attributes:
+    tiles: tile sizes of the three kernels.
+  """
 
-def block_backward(q: Array, k: Array, v: Array, vis: _blocks.Visibility,
-                   dout: Array, out: Array, lse: Array, *, scale: float,
-                   dropout=None, interpret: bool = False):
-  """:func:`_blocks.xla_backward` through the Pallas backward kernels."""
-  del dropout
-  if vis.has_arrays or branch_unavailable(q.shape[1]):
-    return _blocks.xla_backward(q, k, v, vis, dout, out, lse, scale=scale)
-  x, t, kh, g, d = q.shape
-  heads = lambda a: a.reshape(x, t, kh * g, *a.shape[4:]).astype(q.dtype)  # noqa: E731
-  delta = _blocks.row_delta(dout, out).reshape(x, t, kh * g)
-  grads = (jnp.zeros_like(q).reshape(x, t, kh * g, d), jnp.zeros_like(k), jnp.zeros_like(v))
-  dq, dk, dv = backward(_block_geometry(q, vis, scale, interpret), heads(q), k, v,
-                        heads(dout), lse.reshape(x, t, kh * g), delta, grads)
-  return dq.reshape(q.shape), dk, dv
+  name = "pallas"
+  capabilities = Capabilities(platforms=("gpu",), interpret=True, in_place=True)
+  tiles: KernelTiles = KernelTiles()
 
+  def problem(self, request: Request) -> str | None:
+    d = request.head_dim
+    if d < _MIN_TILE or d & (d - 1) or d > 256:
+      return f"head dim {d} (the Pallas kernels need a power of 2 in [16, 256])"
+    if jnp.dtype(request.dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float32)):
+      return f"dtype {jnp.dtype(request.dtype).name}"
+    try:
+      from jax.experimental import pallas  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      return f"cannot import jax.experimental.pallas ({e})"
+    return None
 
-PALLAS = _blocks.Backend("pallas", block_forward, block_backward)
-PALLAS_INTERPRET = _blocks.Backend(
-    "pallas", functools.partial(block_forward, interpret=True),
-    functools.partial(block_backward, interpret=True), interpret=True)
+  def block_problem(self, kept: int) -> str | None:
+    return tile_problem(kept)
+
+  def forward(self, q, k, v, vis, *, scale, dropout=None):
+    del dropout  # not in the capabilities
+    x, t, kh, g, d = q.shape
+    out = jnp.zeros_like(q).reshape(x, t, kh * g, d)  # zeros_like: varies as q
+    lse = jnp.full_like(out[..., 0], -jnp.inf, _F32)
+    out, lse = forward(_block_geometry(q, vis, scale), self,
+                       q.reshape(out.shape), k, v, out, lse)
+    return out.reshape(q.shape), lse.reshape(x, t, kh, g)
+
+  def backward(self, q, k, v, vis, dout, out, lse, *, scale, dropout=None):
+    del dropout
+    x, t, kh, g, d = q.shape
+    heads = lambda a: a.reshape(x, t, kh * g, *a.shape[4:]).astype(q.dtype)  # noqa: E731
+    delta = row_delta(dout, out).reshape(x, t, kh * g)
+    grads = (jnp.zeros_like(q).reshape(x, t, kh * g, d), jnp.zeros_like(k),
+             jnp.zeros_like(v))
+    dq, dk, dv = backward(_block_geometry(q, vis, scale), self, heads(q), k, v,
+                          heads(dout), lse.reshape(x, t, kh * g), delta, grads)
+    return dq.reshape(q.shape), dk, dv
+
+  def branch_forward(self, branch, q, k, v, out, lse):
+    return forward(branch, self, q, k, v, out, lse)
+
+  def branch_backward(self, branch, q, k, v, dout, lse, delta, grads):
+    return backward(branch, self, q, k, v, dout, lse, delta, grads)

@@ -1,0 +1,259 @@
+"""The block protocol every backend implements, and the data blocks share.
+
+A *block* is attention of one query chunk against one key chunk. A backend
+computes it forward, ``(q, k, v, visibility) -> (out, lse)`` with ``lse`` in
+float32, and backward, ``-> (dq, dk, dv)``, fed the *merged* output and
+log-sum-exp of the whole softmax (``_merge``), so a block never keeps
+residuals of its own. Which keys a query sees is data (:class:`Visibility`),
+and so is dropout (:class:`Dropout`, a hash of global identities): every
+backend masks and drops the same weights.
+
+A backend may also read a whole local branch in place (``in_place``): the
+positions a branch keeps are a strided window of the ``[B, L / r, r, H, D]``
+view of ``[B, L, H, D]`` (:class:`StridedBranch`), merged into the running
+``(out, lse)`` and added into ``(dq, dk, dv)`` without compacted copies.
+
+Shape legend: X batch-like (batch times segments), T query tokens,
+S key tokens, K kv heads, G query heads per kv head, D head dim; for strided
+branches B batch, L local length, H query heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+class Visibility(NamedTuple):
+  """Which key of a block each query may see.
+
+  Attributes:
+    kv_valid: shape [X, S, K] bool, False for padding keys, or None.
+    q_seg: shape [X, T, K] int, segment id of each query, or None.
+    kv_seg: shape [X, S, K] int, segment id of each key (None iff q_seg is).
+    diagonal: query ``t`` sees only keys ``s <= t`` (a causal diagonal block:
+      query and key chunks hold the same positions).
+  """
+
+  kv_valid: Array | None
+  q_seg: Array | None
+  kv_seg: Array | None
+  diagonal: bool
+
+  @property
+  def has_arrays(self) -> bool:
+    return self.kv_valid is not None or self.q_seg is not None
+
+
+class Dropout(NamedTuple):
+  """Attention dropout of a block, a function of global identities only.
+
+  Whether the weight of (head, query position, key position) is dropped is a
+  hash of those three numbers and ``seed``: the same in the forward and the
+  backward, and the same whichever blocks (one device, any ring, any layout)
+  the attention is cut into.
+
+  Attributes:
+    rate: probability of dropping a weight.
+    seed: uint32 scalar.
+    heads: shape [K, G] int, the global query head of each slot.
+    q_pos: shape [X, T, K] int, global position of each query.
+    k_pos: shape [X, S, K] int, global position of each key.
+  """
+
+  rate: float
+  seed: Array
+  heads: Array
+  q_pos: Array
+  k_pos: Array
+
+
+def hash32(h: Array) -> Array:
+  """A 32-bit integer hash finalizer (xor-shift-multiply), elementwise."""
+  h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+  h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def keep_threshold(rate: float) -> int:
+  """A weight is kept iff its uint32 hash is below this."""
+  return min(int((1.0 - rate) * 2.0**32), 2**32 - 1)
+
+
+def keep_mask(dropout: Dropout | None) -> Array | None:
+  """shape [X, K, G, T, S] bool keep mask, or None without dropout."""
+  if dropout is None:
+    return None
+  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)  # noqa: E731
+  h = hash32(u32(dropout.seed) ^ u32(dropout.heads)[None, :, :, None, None])
+  h = hash32(h ^ u32(jnp.moveaxis(dropout.q_pos, 1, 2))[:, :, None, :, None])
+  h = hash32(h ^ u32(jnp.moveaxis(dropout.k_pos, 1, 2))[:, :, None, None, :])
+  return h < jnp.uint32(keep_threshold(dropout.rate))
+
+
+@dataclasses.dataclass(frozen=True)
+class StridedBranch:
+  """A local branch as a backend reads it in place; hashable (static).
+
+  Attributes:
+    kept: ``T``, kept tokens per segment (a segment's keys are one window).
+    rate: ``r``.
+    heads: query heads ``[start, stop)`` of the branch, whole GQA groups.
+    group: ``G``, query heads per kv head.
+    offset: kept position mod ``r`` of every head, or None for ``kv head mod
+      r`` (``"mix"`` mode).
+    causal: causal within each segment.
+    scale: logit scale.
+  """
+
+  kept: int
+  rate: int
+  heads: tuple[int, int]
+  group: int
+  offset: int | None
+  causal: bool
+  scale: float
+
+  def off(self, kv_head):
+    return kv_head % self.rate if self.offset is None else self.offset
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """What one call needs of a backend, known at trace time.
+
+  Attributes:
+    platform: ``jax.default_backend()``.
+    dtype: dtype of ``q, k, v``.
+    head_dim: ``D``.
+    masks: a key padding mask or segment ids are given.
+    dropout: dropout is applied.
+  """
+
+  platform: str
+  dtype: np.dtype
+  head_dim: int
+  masks: bool
+  dropout: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+  """What a backend can do; selection reads these, never names.
+
+  Attributes:
+    platforms: where it runs natively (empty: everywhere).
+    interpret: elsewhere it can run in an interpreter (exact, slow; tests).
+    masks: blocks take key padding and segment ids.
+    dropout: blocks take :class:`Dropout`.
+    in_place: ``branch_forward`` / ``branch_backward`` read local branches
+      in place (:class:`StridedBranch`).
+  """
+
+  platforms: tuple[str, ...] = ()
+  interpret: bool = False
+  masks: bool = False
+  dropout: bool = False
+  in_place: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """Base of every backend: a hashable value (a static argument).
+
+  Subclasses set ``name`` and ``capabilities`` and implement :meth:`forward`
+  and :meth:`backward`; optional :meth:`problem` and :meth:`block_problem`
+  refuse what they cannot run, and ``in_place`` backends implement
+  :meth:`branch_forward` and :meth:`branch_backward`. Settings of a backend
+  (tile sizes, say) are dataclass fields, so a tuned copy is a value:
+  ``dataclasses.replace(backend, tiles=...)``.
+
+  Attributes:
+    interpret: run in interpret mode (set by selection off its platforms).
+  """
+
+  name: ClassVar[str] = "abstract"
+  capabilities: ClassVar[Capabilities] = Capabilities()
+  interpret: bool = False
+
+  def problem(self, request: Request) -> str | None:
+    """Why this backend can't run ``request`` beyond its capabilities, or None."""
+    del request
+    return None
+
+  def block_problem(self, kept: int) -> str | None:
+    """Why a block of ``kept`` query and key tokens needs the portable block."""
+    del kept
+    return None
+
+  def forward(self, q: Array, k: Array, v: Array, vis: Visibility, *, scale: float,
+              dropout: Dropout | None = None) -> tuple[Array, Array]:
+    """One block forward.
+
+    Args:
+      q: shape [X, T, K, G, D].
+      k: shape [X, S, K, D].
+      v: shape [X, S, K, D].
+      vis: which keys each query sees.
+      scale: logit scale.
+      dropout: :class:`Dropout` of attention probabilities, or None.
+
+    Returns:
+      ``out`` shape [X, T, K, G, D] (0 for a row with no visible key) and
+      ``lse`` shape [X, T, K, G] float32 (``-inf`` for such a row).
+    """
+    raise NotImplementedError
+
+  def backward(self, q: Array, k: Array, v: Array, vis: Visibility, dout: Array,
+               out: Array, lse: Array, *, scale: float,
+               dropout: Dropout | None = None) -> tuple[Array, Array, Array]:
+    """Gradients of one block given the **global** softmax statistics.
+
+    Args:
+      q, k, v, vis, scale, dropout: as in :meth:`forward`.
+      dout: shape [X, T, K, G, D], cotangent of the global output.
+      out: shape [X, T, K, G, D], the global output of the query rows.
+      lse: shape [X, T, K, G] float32, global log-sum-exp of the query rows.
+
+    Returns:
+      ``dq`` [X, T, K, G, D], ``dk`` and ``dv`` [X, S, K, D].
+    """
+    raise NotImplementedError
+
+  def branch_forward(self, branch: StridedBranch, q: Array, k: Array, v: Array,
+                     out: Array, lse: Array) -> tuple[Array, Array]:
+    """Merges a local branch into ``(out, lse)`` in place (``in_place`` only).
+
+    Args:
+      branch: the branch.
+      q: shape [B, L, H, D].
+      k, v: shape [B, L, K, D].
+      out: shape [B, L, H, D], running output (0 where nothing merged yet).
+      lse: shape [B, L, H] float32, running log-sum-exp (``-inf`` likewise).
+
+    Returns:
+      The updated ``(out, lse)``; positions and heads the branch does not
+      keep are unchanged.
+    """
+    raise NotImplementedError
+
+  def branch_backward(self, branch: StridedBranch, q: Array, k: Array, v: Array,
+                      dout: Array, lse: Array, delta: Array,
+                      grads: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+    """Adds a local branch's gradients into ``grads = (dq, dk, dv)`` in place.
+
+    Args:
+      branch: the branch.
+      q, dout: shape [B, L, H, D].
+      k, v: shape [B, L, K, D].
+      lse: shape [B, L, H] float32, the global log-sum-exp.
+      delta: shape [B, L, H] float32, ``rowsum(dout * out)`` of the global out.
+      grads: accumulators shaped like ``q, k, v``.
+    """
+    raise NotImplementedError

@@ -1,0 +1,83 @@
+"""Compaction: the positions and heads a branch keeps, as dense blocks.
+
+A branch of rate ``r`` keeps, in kv slot ``j``, the positions ``p`` with
+``p mod r == offsets[j]``; the generic path gathers them into dense blocks
+``[X, T, K_b, ...]`` (``X = B * pieces``) and scatters results back. All of
+it is linear and elementwise or a reshape, so XLA fuses it and its
+transpose (the backward scatter) needs no full-size buffer.
+
+Shape legend: B batch, L local length, H query heads, K kv heads,
+X = B * pieces, T kept tokens per piece, K_b kv slots and G_b query heads
+per slot of the branch, D head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._plan import Branch
+
+Array = jax.Array
+
+
+def _take_heads(x: Array, heads: tuple[int, ...]) -> Array:
+  """``x[:, :, heads]`` as a slice when ``heads`` is a range, else a gather."""
+  start = heads[0]
+  if heads == tuple(range(start, start + len(heads))):
+    return x[:, :, start:start + len(heads)]
+  return x[:, :, np.asarray(heads)]
+
+
+def _hits(br: Branch, rest: int) -> np.ndarray:
+  """[1, 1, r, K_b, 1...] bool: slot j keeps position ``offsets[j]`` mod r."""
+  hit = np.arange(br.rate)[:, None] == np.asarray(br.offsets)[None, :]
+  return hit.reshape((1, 1, br.rate, br.num_kv) + (1,) * rest)
+
+
+def _take_offsets(x: Array, br: Branch) -> Array:
+  """[B, L, K_b, ...] -> [X, T, K_b, ...]: slot j keeps ``offsets[j]``."""
+  b, length = x.shape[:2]
+  rest = x.shape[3:]
+  x = x.reshape(b * (length // br.piece), br.kept, br.rate, br.num_kv, *rest)
+  if len(set(br.offsets)) == 1:
+    return x[:, :, br.offsets[0]]
+  # A masked sum rather than a gather: elementwise, so XLA fuses it, and its
+  # transpose (the backward scatter) is elementwise too: no full-size buffer.
+  zero = jnp.zeros((), x.dtype)
+  return jnp.sum(jnp.where(_hits(br, len(rest)), x, zero), axis=2, dtype=x.dtype)
+
+
+def _put_offsets(xc: Array, br: Branch, fill: float, batch: int) -> Array:
+  """Inverse of :func:`_take_offsets`: [X, T, K_b, ...] -> [B, L, K_b, ...]."""
+  rest = xc.shape[3:]
+  full = jnp.where(_hits(br, len(rest)), xc[:, :, None], jnp.asarray(fill, xc.dtype))
+  return full.reshape(batch, -1, br.num_kv, *rest)
+
+
+def compact_q(br: Branch, x: Array) -> Array:
+  """Query-side [B, L, H, ...] -> [X, T, K_b, G_b, ...]."""
+  a, b = br.q_heads
+  x = x[:, :, a:b]
+  x = x.reshape(*x.shape[:2], br.num_kv, br.group, *x.shape[3:])
+  return _take_offsets(x, br)
+
+
+def expand_q(br: Branch, xc: Array, fill: float, batch: int) -> Array:
+  """[X, T, K_b, G_b, ...] -> [B, L, H_b, ...] with ``fill`` where not kept."""
+  full = _put_offsets(xc, br, fill, batch)
+  return full.reshape(*full.shape[:2], br.num_kv * br.group, *full.shape[4:])
+
+
+def compact_kv(br: Branch, x: Array) -> Array:
+  """Key-side [B, L, K, ...] -> [X, T, K_b, ...]."""
+  return _take_offsets(_take_heads(x, br.kv_heads), br)
+
+
+def compact_token(br: Branch, x: Array | None) -> Array | None:
+  """Per-token [B, L] (mask, ids, positions) -> [X, T, K_b], or None."""
+  if x is None:
+    return None
+  x = jnp.broadcast_to(x[:, :, None], (*x.shape, br.num_kv))
+  return _take_offsets(x, br)
