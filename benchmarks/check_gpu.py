@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 import ringdilated as rd
-from ringdilated import _blocks
+from ringdilated import backends
 
 TOL = 2e-2  # relative L2 error, bf16 inputs against float32 math
 
@@ -45,9 +45,10 @@ def _run(q, k, v, cot, backend, ring, **kw):
 
 def main(argv) -> int:
   print("jax", jax.__version__, jax.devices()[0].device_kind)
-  problem = _blocks.cudnn_unavailable(jnp.bfloat16, 128, False, False)
-  print("cudnn problem:", problem)
-  if problem:
+  request = backends.Request(jax.default_backend(), jnp.dtype(jnp.bfloat16), 128, False, False)
+  picked = backends.select("cudnn", request)
+  print("cudnn selected:", picked.name)
+  if picked.name != "cudnn":
     return 1
   backends = argv[1:] or ["cudnn", "pallas"]
   rng = np.random.default_rng(0)

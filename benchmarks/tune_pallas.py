@@ -2,13 +2,14 @@
 
 Run on a GPU machine: ``python benchmarks/tune_pallas.py [fwd|dq|dkv ...]``
 (default: all three). Each kernel is
-varied alone, the others at ``_pallas.TILES``; prints the forward (for
+varied alone, the others at the default ``backends.KernelTiles()``; prints the forward (for
 ``fwd``) or forward+backward time of a dense causal 32K sequence and of the
 LongNet mix configuration at 256K (bf16, B=1, H=16, D=128).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ringdilated as rd
-from ringdilated import _pallas
+from ringdilated import backends
 
 CANDIDATES = {
     "fwd": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3),
@@ -48,16 +49,17 @@ def _time(fn, args, iters=5):
 
 def main(argv) -> int:
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
-  default = dict(_pallas.TILES)
+  default = backends.KernelTiles()
   kernels = argv[1:] or list(CANDIDATES)
   for wname, (n, cfg) in WORKLOADS.items():
     rng = np.random.default_rng(0)
     q, k, v, do = (jnp.asarray(rng.standard_normal((1, n, 16, 128)), jnp.bfloat16)
                    for _ in range(4))
-    attn = functools.partial(rd.dilated_attention, causal=True, backend="pallas", **cfg)
     for kernel in kernels:
       for cand in CANDIDATES[kernel]:
-        _pallas.TILES = {**default, kernel: _pallas.Tiles(*cand)}
+        tiles = dataclasses.replace(default, **{kernel: backends.Tiles(*cand)})
+        backend = dataclasses.replace(backends.REGISTRY["pallas"], tiles=tiles)
+        attn = functools.partial(rd.dilated_attention, causal=True, backend=backend, **cfg)
         try:
           if kernel == "fwd":
             ms = _time(jax.jit(attn), (q, k, v))
@@ -68,7 +70,6 @@ def main(argv) -> int:
         except Exception as e:  # a config that does not compile is reported
           print(f"{wname:12s} {kernel:4s} {cand} ERROR {type(e).__name__}: "
                 f"{str(e)[:120]}", flush=True)
-  _pallas.TILES = default
   return 0
 
 

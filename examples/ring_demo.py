@@ -35,7 +35,6 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as PS  # noqa: E402
 
 import ringdilated as rd  # noqa: E402
-from ringdilated import _plan, _ring  # noqa: E402
 
 
 def _ints(text):
@@ -131,23 +130,24 @@ def main():
           f"{_mib(m.temp_size_in_bytes + m.argument_size_in_bytes):>13s}")
   print(f"  (dense attention: one [H, N, N] float32 score tensor is {_mib(h * n * n * 4).strip()})")
 
-  # Bytes one device sends, from the static plan: a branch whose segment
+  # Bytes one device sends, from the configuration: a branch whose segment
   # spans g devices rotates its compacted K/V chunk [B, L/r, K_b, D] g - 1
   # times forward; backward rotates it again plus the float32 dK/dV
   # accumulators, which travel g hops back to their owner.
-  plan = _plan.make_plan(rd.DilatedConfig(**kw), n, h, hkv, p)
   item = dtype.itemsize
-  print("\nring communication per device (from the plan)")
+  print("\nring communication per device (from the configuration)")
   print(f"  {'w':>6s}{'r':>4s}{'g':>4s}  {'chunk [B,L/r,K,D]':18s}{'forward':>13s}{'fwd+bwd':>13s}")
   fwd_total = both_total = 0
-  for br in plan.branches:
-    chunk = b * br.kept * br.num_kv * d if br.ring_size > 1 else 0
-    fwd = (br.ring_size - 1) * 2 * chunk * item
-    both = 2 * fwd + br.ring_size * 2 * chunk * 4
+  local = n // p
+  for i, (w, r) in enumerate(zip(args.segment_lengths, args.dilation_rates)):
+    g = max(1, w // local)
+    slots = _kv_slots(args.mode, i, len(args.segment_lengths), h, hkv)
+    chunk = b * (local // r) * slots * d if g > 1 else 0
+    fwd = (g - 1) * 2 * chunk * item
+    both = 2 * fwd + g * 2 * chunk * 4
     fwd_total, both_total = fwd_total + fwd, both_total + both
-    shape = f"[{b},{br.kept},{br.num_kv},{d}]" if chunk else "local"
-    print(f"  {br.segment_length:6d}{br.rate:4d}{br.ring_size:4d}  {shape:18s}"
-          f"{_mib(fwd):>13s}{_mib(both):>13s}")
+    shape = f"[{b},{local // r},{slots},{d}]" if chunk else "local"
+    print(f"  {w:6d}{r:4d}{g:4d}  {shape:18s}{_mib(fwd):>13s}{_mib(both):>13s}")
   print(f"  {'ring total':34s}{_mib(fwd_total):>13s}{_mib(both_total):>13s}")
   gather = (p - 1) * (n // p) * b * hkv * d * 2 * item
   scatter = (p - 1) * (n // p) * b * hkv * d * 2 * 4
@@ -163,9 +163,22 @@ def main():
   print(f"  ppermute bytes in the traced program: forward {_mib(traced_fwd).strip()}, "
         f"forward+backward {_mib(traced_both).strip()}")
   if (traced_fwd, traced_both) != (fwd_total, both_total):
-    raise SystemExit("traced communication differs from the plan")
+    raise SystemExit("traced communication differs from the configuration")
   if args.causal:
     _zigzag(args, kw, mesh, (q, k, v), cot, results["single"])
+
+
+def _kv_slots(mode: str, i: int, k: int, h: int, hkv: int) -> int:
+  """K/V heads branch ``i`` of ``k`` reads (its compacted chunk's heads):
+  all in "mix"; in "partition" those of its head group, one per query head
+  when the group cuts a GQA group (the rule of the README)."""
+  if mode == "mix":
+    return hkv
+  base, extra = divmod(h, k)
+  start = i * base + min(i, extra)
+  stop = start + base + (i < extra)
+  g = h // hkv
+  return (stop - start) // g if start % g == 0 and stop % g == 0 else stop - start
 
 
 def _out_and_grads(fn, cot):
@@ -188,8 +201,8 @@ def _zigzag(args, kw, mesh, qkv, cot, single):
   n, p = args.seq_len, args.devices
   print("\nzigzag layout (device d holds half-chunks d and 2P-1-d)")
   try:
-    plans = {layout: _plan.make_plan(rd.DilatedConfig(**kw), n, args.heads, args.kv_heads,
-                                     p, layout) for layout in ("contiguous", "zigzag")}
+    balance = {layout: rd.ring_balance(rd.DilatedConfig(**kw, layout=layout), n, p)
+               for layout in ("contiguous", "zigzag")}
   except ValueError as e:
     print(f"  not available for this configuration: {e}")
     return
@@ -202,8 +215,7 @@ def _zigzag(args, kw, mesh, qkv, cot, single):
             for a, c in zip(got, single))
   print(f"  max |zigzag ring - single device| over out, dq, dk, dv: {err:.2e}")
   print("  busiest device / mean, work per ring step (from the static schedule):")
-  for layout, plan in plans.items():
-    worst, whole = _ring.balance(plan)
+  for layout, (worst, whole) in balance.items():
     print(f"    {layout:10s}  worst step {worst:.2f}, whole pass {whole:.2f}")
 
 
