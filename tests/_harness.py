@@ -1,10 +1,16 @@
-"""Helpers shared by the ring tests (not a test module).
+"""Helpers shared by the tests (not a test module).
 
-Shape legend: B batch, N sequence length, H query heads, K kv heads, D head dim.
+One place for what every comparison needs: inputs, the mesh, a ring of the
+single-device function, outputs and gradients in one jit, and tolerances
+(re-exported from :mod:`ringdilated.testing`, the ones users test with).
+
+Shape legend: B batch, N global sequence length, P ring size, H query heads,
+K kv heads, D head dim.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -12,10 +18,22 @@ import jax.numpy as jnp
 import numpy as np
 
 import ringdilated as rd
+from ringdilated import testing
+from ringdilated.reference import dilated_attention_reference
+from ringdilated.testing import TOLERANCES as TOLERANCES
+from ringdilated.testing import tolerance as tolerance
+
+# Max abs error of a ring against the same call on one device, float32
+# (observed ~1e-6: the two sum the same float32 terms in other orders).
+RING_TOL = 1e-5
 
 # Compiles dominate the run time; LLVM optimization does not change what is
 # tested (HLO, buffer assignment, results) and takes half of each compile.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+jit = functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
+# ringdilated.testing's oracle comparison, compiled likewise.
+assert_matches_reference = functools.partial(testing.assert_matches_reference,
+                                             compiler_options=COMPILER_OPTIONS)
 
 
 def mesh(p: int) -> jax.sharding.Mesh:
@@ -23,13 +41,54 @@ def mesh(p: int) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
 
 
+def attention(**kw):
+  """``(q, k, v, kpm, seg) -> rd.dilated_attention(q, k, v,
+  key_padding_mask=kpm, segment_ids=seg, **kw)``."""
+  def attend(q, k, v, kpm, seg):
+    return rd.dilated_attention(q, k, v, key_padding_mask=kpm, segment_ids=seg, **kw)
+  return attend
+
+
+def settings(config: rd.DilatedConfig) -> dict:
+  """The fields of ``config`` as keyword arguments of ``rd.dilated_attention``."""
+  return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def with_config(config: rd.DilatedConfig):
+  """``(q, k, v) -> rd.dilated_attention(q, k, v, **settings(config))``."""
+  return functools.partial(rd.dilated_attention, **settings(config))
+
+
+def reference(**kw):
+  """:func:`attention` of the dense oracle ``dilated_attention_reference``."""
+  def attend(q, k, v, kpm, seg):
+    return dilated_attention_reference(q, k, v, key_padding_mask=kpm, segment_ids=seg, **kw)
+  return attend
+
+
+def ring(attend, p: int, layout: str = "contiguous", *, check_vma: bool = True):
+  """``attend`` (called on local shards, e.g. ``attention(axis_name="sp")``)
+  under ``shard_map`` over :func:`mesh` ``(p)``, not jitted: global arrays
+  [B, N, ...] in natural order in and out; the ring sees them in ``layout``."""
+  spec = jax.sharding.PartitionSpec(None, "sp")
+  sharded = jax.shard_map(attend, mesh=mesh(p), in_specs=spec, out_specs=spec,
+                          check_vma=check_vma)
+  if layout == "contiguous":
+    return sharded
+
+  def run(*args):
+    laid_out = (None if x is None else rd.to_layout(x, layout, p) for x in args)
+    return rd.from_layout(sharded(*laid_out), layout, p)
+  return run
+
+
 def out_and_grads_fn(fn):
   """``(q, k, v, cot, kpm, seg) -> (out, dq, dk, dv)``: ``out = fn(q, k, v,
-  kpm, seg)`` and d(sum(out * cot))/d(q, k, v)."""
+  kpm, seg)`` and d(sum(out * cot))/d(q, k, v), the sum in float32."""
   def run(q, k, v, cot, kpm, seg):
     def loss(q, k, v):
       out = fn(q, k, v, kpm, seg)
-      return jnp.sum(out * cot), out
+      return jnp.sum(out.astype(jnp.float32) * cot), out
     grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
     return (out,) + grads
   return run
@@ -44,11 +103,14 @@ def out_and_grads(fn, q, k, v, cot, kpm, seg, *, compile=True):
   return (jit(run) if compile else run)(q, k, v, cot, kpm, seg)
 
 
-def inputs(b, n, h, hkv, d, *, masks=True, seed=0):
-  """q, k, v [B, N, ., D] float32, cotangent, key_padding_mask, segment_ids."""
+def inputs(b, n, h, hkv, d, *, masks=True, seed=0, dtype=jnp.float32):
+  """q [B, N, H, D], k, v [B, N, K, D] in ``dtype``, cotangent [B, N, H, D]
+  float32 (all standard normal), key_padding_mask (a quarter padding) and
+  sorted segment_ids [B, N] (three segments), or None twice without masks."""
   rng = np.random.default_rng(seed)
-  q, k, v, cot = (jnp.asarray(rng.standard_normal((b, n, x, d)), jnp.float32)
-                  for x in (h, hkv, hkv, h))
+  q, k, v, cot = (rng.standard_normal((b, n, x, d)) for x in (h, hkv, hkv, h))
+  q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
+  cot = jnp.asarray(cot, jnp.float32)
   if not masks:
     return q, k, v, cot, None, None
   kpm = jnp.asarray(rng.random((b, n)) > 0.25)
@@ -60,13 +122,19 @@ def zigzag_ring(attend, p: int):
   """``attend(q, k, v)`` under ``shard_map`` on a zigzag ring of ``p`` devices,
   jitted, with inputs and output in natural order."""
   spec = jax.sharding.PartitionSpec(None, "sp")
-  ring = jit(jax.shard_map(attend, mesh=mesh(p), in_specs=spec, out_specs=spec))
+  sharded = jit(jax.shard_map(attend, mesh=mesh(p), in_specs=spec, out_specs=spec))
 
   def run(*args):
-    return rd.from_layout(ring(*(rd.to_layout(x, "zigzag", p) for x in args)), "zigzag", p)
+    return rd.from_layout(sharded(*(rd.to_layout(x, "zigzag", p) for x in args)), "zigzag", p)
   return run
 
 
 def max_errs(got, want) -> list[float]:
-  """Max abs difference of each pair (out, dq, dk, dv)."""
-  return [float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want)]
+  """Max abs difference of each pair (out, dq, dk, dv), in float32."""
+  return [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+          for a, b in zip(got, want)]
+
+
+def named(errs) -> dict[str, float]:
+  """``{"out": .., "dq": .., "dk": .., "dv": ..}`` of :func:`max_errs`."""
+  return dict(zip(("out", "dq", "dk", "dv"), errs))
