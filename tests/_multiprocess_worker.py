@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 import ringdilated as rd
-from _harness import jit, out_and_grads_fn  # this script's directory
+from _harness import RING_TOL, jit, mesh, out_and_grads_fn  # this script's directory
 
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 4
@@ -34,8 +34,6 @@ B, N, H, HKV, D = 2, 64, 4, 2, 8
 # w < L (local), w = 4 L (sub-rings of 4 devices, one per process), w = N
 # (ring of all 8 devices: every step crosses processes).
 KW = dict(segment_lengths=(4, 32, 64), dilation_rates=(1, 2, 4), causal=True)
-TOL = 1e-5
-
 
 
 def _inputs():
@@ -64,17 +62,17 @@ def main() -> int:
   devices = jax.devices()
   assert len(devices) == NUM_PROCESSES * LOCAL_DEVICES, devices
 
-  mesh = jax.sharding.Mesh(np.array(devices), ("sp",))
+  ring_mesh = mesh(len(devices))  # all devices of both processes
   host = _inputs()
 
   def global_array(x):
-    sharding = NamedSharding(mesh, PS(None, "sp"))
+    sharding = NamedSharding(ring_mesh, PS(None, "sp"))
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
   ring = jax.shard_map(
       lambda q, k, v, kpm, seg: rd.dilated_attention(
           q, k, v, key_padding_mask=kpm, segment_ids=seg, axis_name="sp", **KW),
-      mesh=mesh, in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
+      mesh=ring_mesh, in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
   args_global = list(map(global_array, host))
   compiled = jit(out_and_grads_fn(ring)).lower(*args_global).compile()
   # The full ring sends chunks from device 3 (process 0) to device 4
@@ -95,7 +93,7 @@ def main() -> int:
     errs = [float(np.max(np.abs(a - b))) for a, b in zip(got, want)]
     signal = min(float(np.max(np.abs(w))) for w in want)
     print(f"errors out/dq/dk/dv: {errs}, smallest max |value| {signal:.3f}", flush=True)
-    ok = max(errs) < TOL and signal > 0.1
+    ok = max(errs) < RING_TOL and signal > 0.1
     print(f"MULTIPROCESS_OK max_err={max(errs):.3g}" if ok else "MULTIPROCESS_MISMATCH",
           flush=True)
   else:

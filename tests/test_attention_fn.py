@@ -205,10 +205,9 @@ def test_flax_mha_on_a_zigzag_ring_equals_single_device():
 
   x = jnp.asarray(np.random.default_rng(0).standard_normal((B, t, E)), jnp.float32)
   params = _random_like(jax.eval_shape(mha().init, _key(0), x))
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
   spec = jax.sharding.PartitionSpec(None, "sp")
   ring = mha(axis_name="sp", layout="zigzag")
-  ringed = jax.jit(jax.shard_map(ring.apply, mesh=mesh,
+  ringed = jax.jit(jax.shard_map(ring.apply, mesh=harness.mesh(p),
                                  in_specs=(jax.sharding.PartitionSpec(), spec),
                                  out_specs=spec))
   got = rd.from_layout(ringed(params, rd.to_layout(x, "zigzag", p)), "zigzag", p)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import functools
 
+import _harness as harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as PS
 
 import ringdilated as rd
 from ringdilated.reference import dense_mask
@@ -61,17 +61,11 @@ def _oracle(q, k, v, *, causal, detach):
 
 
 def _out_and_grads(fn):
-  q, k, v, cot = _inputs()
-
-  def loss(q, k, v):
-    out = fn(q, k, v)
-    return jnp.sum(out * cot), out
-  grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-  return (out,) + grads
+  """Output and d(sum(out * cot))/d(q, k, v) of ``fn(q, k, v)``, jitted."""
+  return harness.out_and_grads(lambda q, k, v, *_: fn(q, k, v), *_inputs(), None, None)
 
 
-def _errs(got, want):
-  return [float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want)]
+_errs = harness.max_errs
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -91,12 +85,10 @@ def test_detached_weights_match_the_stop_gradient_oracle(causal):
 def test_detached_weights_on_a_ring_match_one_device():
   p = 4  # w = 32: sub-rings of 2, w = 64: the whole ring
   kw = dict(CONFIG, causal=True, detach_weights=True)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
-  ring = jax.shard_map(functools.partial(rd.dilated_attention, axis_name="sp", **kw),
-                       mesh=mesh, in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
+  ring = harness.ring(functools.partial(rd.dilated_attention, axis_name="sp", **kw), p)
   got = _out_and_grads(ring)
   want = _out_and_grads(functools.partial(rd.dilated_attention, **kw))
-  assert max(_errs(got, want)) < 1e-5, _errs(got, want)
+  assert max(_errs(got, want)) < harness.RING_TOL, _errs(got, want)
 
 
 def test_detach_weights_changes_nothing_in_partition_mode():

@@ -11,21 +11,14 @@ direction: fixed ``N``, growing ring.)
 
 from __future__ import annotations
 
-import functools
-
+import _harness as harness
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import PartitionSpec as PS
 
 import ringdilated as rd
 
 P = 8
 KEPT = 256  # kept tokens per segment, w / r, in every branch (LongNet)
-
-# memory_analysis does not depend on the LLVM optimization level, which takes
-# half of each compile.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def longnet_config(n: int) -> dict:
@@ -44,15 +37,14 @@ def longnet_config(n: int) -> dict:
 
 
 def _temp_bytes(n: int, kw: dict, h: int = 1, d: int = 4) -> int:
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:P]), ("sp",))
-  ring = jax.shard_map(lambda q, k, v: rd.dilated_attention(q, k, v, axis_name="sp", **kw),
-                       mesh=mesh, in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
+  ring = harness.ring(lambda q, k, v: rd.dilated_attention(q, k, v, axis_name="sp", **kw), P)
 
   def grads(q, k, v):
     return jax.grad(lambda q, k, v: jnp.sum(ring(q, k, v)), argnums=(0, 1, 2))(q, k, v)
 
   x = jax.ShapeDtypeStruct((1, n, h, d), jnp.float32)
-  mem = _jit(grads).lower(x, x, x).compile().memory_analysis()
+  # (memory_analysis does not depend on the LLVM optimization level.)
+  mem = harness.jit(grads).lower(x, x, x).compile().memory_analysis()
   # Per device: the arguments are the local shards of q, k, v.
   assert mem.argument_size_in_bytes == 3 * (n // P) * h * d * 4
   return mem.temp_size_in_bytes

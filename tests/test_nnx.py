@@ -262,10 +262,9 @@ def test_multi_head_zigzag_ring_equals_single_device():
                                          layout="zigzag", **kw)
   nnx.update(ring, nnx.state(one, nnx.Param))  # the same parameters
   x = _x(t=t)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
   spec = jax.sharding.PartitionSpec(None, "sp")
   state, call = _jit_call(ring)
-  ringed = jax.jit(jax.shard_map(call, mesh=mesh,
+  ringed = jax.jit(jax.shard_map(call, mesh=harness.mesh(p),
                                  in_specs=(jax.sharding.PartitionSpec(), spec),
                                  out_specs=spec))
   one_state, one_call = _jit_call(one)

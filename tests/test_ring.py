@@ -39,9 +39,6 @@ from jax.sharding import PartitionSpec as PS
 import ringdilated as rd
 from ringdilated import _plan, _ring
 
-# Max abs error of ring vs one device, float32 (observed ~1e-6).
-TOL = 1e-5
-
 N = 128
 B, H, D = 2, 4, 8
 # LongNet-like: segment lengths double, rates grow; valid for P = 2, 4, 8.
@@ -49,8 +46,6 @@ MIX = dict(segment_lengths=(8, 16, 32, 64, 128), dilation_rates=(1, 2, 2, 4, 4))
 # "partition" needs a head per branch (H = 4): four branches, offsets 0..3.
 PARTITION = dict(segment_lengths=(8, 32, 64, 128), dilation_rates=(1, 2, 4, 4))
 CONFIG = {"mix": MIX, "partition": PARTITION}
-
-
 
 
 @pytest.fixture(autouse=True)
@@ -67,16 +62,12 @@ def _inputs(hkv=2, masks=True, seed=0):
 
 
 def _local(axis_name, kw):
-  def f(q, k, v, kpm, seg):
-    return rd.dilated_attention(q, k, v, key_padding_mask=kpm, segment_ids=seg,
-                                axis_name=axis_name, **kw)
-  return f
+  return harness.attention(axis_name=axis_name, **kw)
 
 
 def _shard_map(p, kw, check_vma=True):
   """Global [B, N, ...] -> [B, N, H, D] through a ring of ``p`` devices."""
-  return jax.shard_map(_local("sp", kw), mesh=_mesh(p), in_specs=PS(None, "sp"),
-                       out_specs=PS(None, "sp"), check_vma=check_vma)
+  return harness.ring(_local("sp", kw), p, check_vma=check_vma)
 
 
 def _pmap(p, kw):
@@ -109,7 +100,7 @@ def _check_ring(p, mode, causal, hkv=2, masks=True, how="shard_map", check_vma=T
   # Not vacuous: every output and gradient has signal.
   assert all(float(jnp.max(jnp.abs(w))) > 0.1 for w in want)
   errs = _max_errs(got, want)
-  assert max(errs) < TOL, dict(zip(("out", "dq", "dk", "dv"), errs))
+  assert max(errs) < harness.RING_TOL, harness.named(errs)
 
 
 def test_config_covers_every_branch_kind():

@@ -30,8 +30,6 @@ from jax.sharding import PartitionSpec as PS
 import ringdilated as rd
 from ringdilated import _plan, _ring, _schedule
 
-TOL = 1e-5  # max abs error, ring vs one device, float32 (observed ~1e-6)
-
 N = 128
 B, H, K, D = 2, 4, 2, 8
 # For P = 2, 4, 8 these cover local branches (w <= C), mirrored sub-rings
@@ -40,7 +38,6 @@ MIX = dict(segment_lengths=(8, 16, 32, 64, 128), dilation_rates=(1, 2, 2, 4, 4))
 PARTITION = dict(segment_lengths=(8, 32, 64, 128), dilation_rates=(1, 2, 4, 4))
 CONFIG = {"mix": MIX, "partition": PARTITION}
 LONGNET = dict(segment_lengths=(2048, 4096, 8192, 16384), dilation_rates=(1, 2, 4, 8))
-
 
 
 @pytest.fixture(autouse=True)
@@ -56,22 +53,12 @@ def _inputs(seed=0):
 
 
 def _attend(axis_name, kw):
-  def f(q, k, v, kpm, seg):
-    return rd.dilated_attention(q, k, v, key_padding_mask=kpm, segment_ids=seg,
-                                axis_name=axis_name, **kw)
-  return f
+  return harness.attention(axis_name=axis_name, **kw)
 
 
 def _ring_in(p, layout, kw, data_layout=None):
   """Natural order in and out; the ring sees the sequence in ``data_layout``."""
-  data_layout = data_layout or layout
-  ring = jax.shard_map(_attend("sp", dict(kw, layout=layout)), mesh=_mesh(p),
-                       in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
-
-  def f(*args):
-    out = ring(*(rd.to_layout(x, data_layout, p) for x in args))
-    return rd.from_layout(out, data_layout, p)
-  return f
+  return harness.ring(_attend("sp", dict(kw, layout=layout)), p, data_layout or layout)
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,7 +144,7 @@ def test_zigzag_ring_matches_single_device(p, mode, causal):
   want = _single_device(mode, causal)
   assert all(float(jnp.max(jnp.abs(w))) > 0.1 for w in want)
   errs = _max_errs(got, want)
-  assert max(errs) < TOL, dict(zip(("out", "dq", "dk", "dv"), errs))
+  assert max(errs) < harness.RING_TOL, harness.named(errs)
 
 
 def test_negative_control_zigzag_data_run_as_contiguous_fails():
@@ -319,7 +306,7 @@ def test_dropout_on_a_ring_equals_dropout_on_one_device(layout):
 
   want = _out_and_grads(single, q, k, v, cot, kpm, seg)
   got = _out_and_grads(laid_out, q, k, v, cot, kpm, seg)
-  assert max(_max_errs(got, want)) < TOL, _max_errs(got, want)
+  assert max(_max_errs(got, want)) < harness.RING_TOL, _max_errs(got, want)
   plain = _single_device("mix", True)
   assert max(_max_errs(want, plain)) > 0.1  # the dropout did something
 
