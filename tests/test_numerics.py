@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import functools
 
+import _harness as harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as PS
 
 import ringdilated as rd
 from ringdilated import _backends
 from ringdilated._backends import xla
-from ringdilated.reference import dense_mask, dilated_attention_reference
+from ringdilated.reference import dense_mask
 
 B, N, H, K, D = 2, 64, 4, 2, 8
 # Rows without keys: every branch is dilated (positions kept by no branch),
@@ -39,14 +39,10 @@ BLIND = dict(segment_lengths=(8, 16, 64), dilation_rates=(2, 2, 4), causal=True)
 # branch (local for P <= 4, on sub-rings of 2 devices for P = 8).
 GROWTH = dict(segment_lengths=(16, 64), dilation_rates=(4, 1), causal=False)
 
-# Max abs error against the float32 oracle, per input dtype (as in
-# tests/test_attention.py; STYLE.md: fp32 ~1e-5, bf16 ~2e-2).
-TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
-
-# Compiles dominate the run time; LLVM optimization changes no result here
-# (results are compared bitwise only between calls of one executable).
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+# Error growth with the ring: the max abs error of each of out, dq, dk, dv on
+# a ring of P devices may exceed its P = 1 value by at most this factor.
+GROWTH_BOUND = 1.1
 
 
 @pytest.fixture(autouse=True)
@@ -108,31 +104,15 @@ def _numpy_oracle(q, k, v, cot, kpm, seg, *, softmax_scale=None, **kw):
   return out, dq, fold(dkf), fold(dvf)
 
 
-def _out_and_grads(attend):
-  """attend(q, k, v, kpm, seg) -> run(q, k, v, cot, kpm, seg) -> (out, dq, dk, dv)."""
-  def run(q, k, v, cot, kpm, seg):
-    def loss(q, k, v):
-      out = attend(q, k, v, kpm, seg)
-      return jnp.sum(out.astype(jnp.float32) * cot), out
-    grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    return (out,) + grads
-  return run
-
-
 @functools.lru_cache(maxsize=None)
 def _ring(p, kw_items):
   """Jitted out and grads through a ring of ``p`` devices (``p = 1``: none)."""
   kw = dict(kw_items)
   if p == 1:
-    attend = lambda q, k, v, kpm, seg: rd.dilated_attention(  # noqa: E731
-        q, k, v, key_padding_mask=kpm, segment_ids=seg, **kw)
+    attend = harness.attention(**kw)
   else:
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
-    attend = jax.shard_map(
-        lambda q, k, v, kpm, seg: rd.dilated_attention(
-            q, k, v, key_padding_mask=kpm, segment_ids=seg, axis_name="sp", **kw),
-        mesh=mesh, in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
-  return _jit(_out_and_grads(attend))
+    attend = harness.ring(harness.attention(axis_name="sp", **kw), p)
+  return harness.jit(harness.out_and_grads_fn(attend))
 
 
 def _run(p, dtype, **kw):
@@ -145,9 +125,7 @@ def _run(p, dtype, **kw):
 
 @functools.lru_cache(maxsize=None)
 def _reference(kw_items):
-  kw = dict(kw_items)
-  return _jit(_out_and_grads(lambda q, k, v, kpm, seg: dilated_attention_reference(
-      q, k, v, key_padding_mask=kpm, segment_ids=seg, **kw)))
+  return harness.jit(harness.out_and_grads_fn(harness.reference(**dict(kw_items))))
 
 
 def _errs(got, want):
@@ -169,7 +147,7 @@ def test_ring_dtype_close_to_fp32_oracle_and_blind_rows_are_zero(dtype):
   # ... which agrees with the hand-written float64 one (independent check).
   assert max(_errs(want, _numpy_oracle(*exact, **BLIND))) < 1e-5
   errs = _errs(got, want)
-  assert max(errs) < TOL[dtype], dict(zip(("out", "dq", "dk", "dv"), errs))
+  assert max(errs) < harness.tolerance(dtype), harness.named(errs)
   assert min(float(np.max(np.abs(w))) for w in want) > 0.1  # not vacuous
 
   out, dq, dk, dv = got
@@ -246,28 +224,48 @@ def test_jit_and_eager_agree():
 # Error does not grow with the ring.
 
 
-def _growth_errors():
-  """Max abs error of bf16 out, dq, dk, dv against float64, per ring size."""
+RING_SIZES = (1, 2, 4, 8)
+
+
+def _growth_errors(ring=_ring):
+  """Max abs error of bf16 out, dq, dk, dv against float64, per ring size;
+  ``ring(p, kw_items)`` gives the jitted out and grads."""
+  exact, arrays = _rounded(jnp.bfloat16)
+  want = _numpy_oracle(*exact, **GROWTH)
   errs = {}
-  for p in (1, 2, 4, 8):
-    got, exact = _run(p, jnp.bfloat16, **GROWTH)
-    errs[p] = _errs(got, _numpy_oracle(*exact, **GROWTH))
+  for p in RING_SIZES:
+    got = ring(p, tuple(sorted(GROWTH.items())))(*arrays)
+    assert all(x.dtype == jnp.bfloat16 for x in got), [x.dtype for x in got]
+    errs[p] = _errs([np.asarray(x.astype(jnp.float32), np.float64) for x in got], want)
   return errs
+
+
+def _check_no_growth(errs):
+  """Every error on a ring within GROWTH_BOUND times its one-device value."""
+  ratios = {(p, name): e / e1 for p in RING_SIZES[1:]
+            for name, e, e1 in zip(("out", "dq", "dk", "dv"), errs[p], errs[1])}
+  grown = {key: ratio for key, ratio in ratios.items() if ratio > GROWTH_BOUND}
+  assert not grown, (grown, errs)
 
 
 def test_bf16_error_does_not_grow_with_ring_size():
   """Blocks merge in float32: P ring steps cost no accuracy. (A ring that keeps
   bfloat16 block statistics, as some PyTorch ring libraries do, fails this:
-  see the negative control below.)"""
+  see the negative control below.)
+
+  Measured: every ratio is 1.00 but out's (0.96 at P = 4, 0.91 at P = 8).
+  The errors are about one bf16 rounding of the results, so other inputs
+  can move a ratio by an ulp flip (up to 1.15 over 8 other seeds); these
+  inputs are fixed.
+  """
   errs = _growth_errors()
-  for p in (2, 4, 8):
-    for name, e, e1 in zip(("out", "dq", "dk", "dv"), errs[p], errs[1]):
-      assert e <= 1.5 * e1, (name, errs)
-  assert max(errs[1]) < TOL[jnp.bfloat16], errs
+  _check_no_growth(errs)
+  assert max(errs[1]) < harness.tolerance(jnp.bfloat16), errs
 
 
 def test_negative_control_bf16_block_statistics_grow_with_ring(monkeypatch):
-  """Rounding each block's (out, lse) to bfloat16 before the merge is caught."""
+  """Rounding each block's (out, lse) to bfloat16 before the merge is caught:
+  out's error grows 1.22x at P = 2, 1.82x at P = 4, 3.18x at P = 8."""
   class Lossy(xla.XLA):
     def forward(self, *args, **kw):
       out, lse = super().forward(*args, **kw)
@@ -275,11 +273,8 @@ def test_negative_control_bf16_block_statistics_grow_with_ring(monkeypatch):
       return bf16(out), bf16(lse)
 
   monkeypatch.setattr(_backends, "select", lambda *a, **kw: Lossy())
-  exact, arrays = _rounded(jnp.bfloat16)
-  want = _numpy_oracle(*exact, **GROWTH)
-  errs = {}
-  for p in (1, 8):
-    # A fresh jit (not the cached, correct one), traced with the lossy blocks.
-    got = _ring.__wrapped__(p, tuple(sorted(GROWTH.items())))(*arrays)
-    errs[p] = _errs([np.asarray(x.astype(jnp.float32), np.float64) for x in got], want)
+  # Fresh jits (not the cached, correct ones), traced with the lossy blocks.
+  errs = _growth_errors(_ring.__wrapped__)
+  with pytest.raises(AssertionError):
+    _check_no_growth(errs)
   assert errs[8][0] > 1.5 * errs[1][0], errs
