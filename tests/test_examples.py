@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # trains small models, runs the demo
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 TINY = ["--steps", "30", "--seq-len", "128", "--batch", "4", "--first-segment", "32",

@@ -7,6 +7,9 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the README's 8K-token examples
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -30,3 +33,4 @@ def test_readme_snippets_run_and_agree():
   np.testing.assert_allclose(np.asarray(env["out_ring"]), np.asarray(single), atol=1e-5)
   np.testing.assert_allclose(np.asarray(env["out_zigzag"]), np.asarray(single), atol=1e-5)
   assert bool(jnp.all(jnp.isfinite(env["out"])))
+  assert callable(env["test_my_attention"])  # "Testing your model" ran
