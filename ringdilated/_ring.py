@@ -306,16 +306,24 @@ def _strided(static: Static, br: Branch) -> StridedBranch | None:
                        scale=static.scale)
 
 
-def _split(static: Static) -> tuple[list[Branch], list[StridedBranch]]:
-  """(branches for the generic path, branches the backend reads in place)."""
+def _split(static: Static) -> tuple[list[Branch], list[tuple[Branch, StridedBranch]]]:
+  """(branches for the generic path, [(branch, view)] read in place)."""
   generic, strided = [], []
   for br in static.plan.branches:
     view = _strided(static, br)
     if view is None:
       generic.append(br)
     else:
-      strided.append(view)
+      strided.append((br, view))
   return generic, strided
+
+
+def _in_place_masks(static: Static, br: Branch, tokens: Tokens, rng: Array | None
+                    ) -> tuple[_backends.Visibility, _backends.Dropout | None]:
+  """The whole local token vectors as an in-place branch reads them."""
+  vis = _backends.Visibility(tokens.valid, tokens.seg, tokens.seg,
+                             static.plan.config.causal)
+  return vis, _dropout(static, rng, br, tokens.pos, tokens.pos)
 
 
 def _tokens(static: Static, q: Array, key_padding_mask: Array | None,
@@ -342,14 +350,18 @@ def _forward(static: Static, q: Array, k: Array, v: Array, tokens: Tokens,
     heads = sorted(merged)
     out = jnp.concatenate([merged[h][0].astype(q.dtype) for h in heads], axis=2)
     return out, jnp.concatenate([merged[h][1] for h in heads], axis=2)
-  # In-place branches merge into full-size accumulators.
+  # In-place branches merge into full-size accumulators, first: their aliased
+  # inputs then never come out of a collective (XLA:GPU crashed compiling
+  # that; see benchmarks/repro_pallas_ring_crash.py). Ring branches merge after.
   out = jnp.zeros_like(q)  # zeros_like: varies over the mesh axes as q does
   lse = jnp.full_like(q[..., 0], -jnp.inf, _F32)
+  for br, view in strided:
+    vis, drop = _in_place_masks(static, br, tokens, rng)
+    out, lse = static.backend.branch_forward(view, q, k, v, vis, drop, out, lse)
   for (start, stop), (ob, lb) in merged.items():
+    ob, lb = merge(out[:, :, start:stop].astype(_F32), lse[:, :, start:stop], ob, lb)
     out = out.at[:, :, start:stop].set(ob.astype(q.dtype))
     lse = lse.at[:, :, start:stop].set(lb)
-  for view in strided:
-    out, lse = static.backend.branch_forward(view, q, k, v, out, lse)
   return out, lse
 
 
@@ -387,9 +399,18 @@ def _attention_bwd(static: Static, res: tuple, dout: Array) -> tuple:
   q, k, v, key_padding_mask, segment_ids, rng, out, lse = res
   tokens = _tokens(static, q, key_padding_mask, segment_ids, rng)
   generic, strided = _split(static)
+  grads = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
+  if strided:  # in-place branches add into the gradients (first: see _forward)
+    delta = row_delta(dout, out)
+    for br, view in strided:
+      vis, drop = _in_place_masks(static, br, tokens, rng)
+      grads = static.backend.branch_backward(view, q, k, v, vis, drop, dout, lse,
+                                             delta, grads)
+  if not generic:
+    return (*grads, None, None, None)
   # Compaction is linear: its transpose scatters (and, for kv heads read by
   # several slots, adds) compacted float32 gradients back to the local layout.
-  grads = [jnp.zeros(x.shape, _F32) for x in (q, k, v)] if generic else None
+  grads = [g.astype(_F32) for g in grads]
   for br in generic:
     queries, chunk = _compact(br, q, k, v, tokens)
     if _needs_own_output(static, br):
@@ -404,13 +425,7 @@ def _attention_bwd(static: Static, res: tuple, dout: Array) -> tuple:
     grads = [grads[0] + pull_q(dqc.astype(_F32))[0],
              grads[1] + pull_kv(dkc.astype(_F32))[0],
              grads[2] + pull_kv(dvc.astype(_F32))[0]]
-  if grads is None:
-    grads = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
   grads = tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
-  if strided:  # in-place branches add into the gradients
-    delta = row_delta(dout, out)
-    for view in strided:
-      grads = static.backend.branch_backward(view, q, k, v, dout, lse, delta, grads)
   return (*grads, None, None, None)
 
 

@@ -27,8 +27,10 @@ REGISTRY = types.MappingProxyType({
 })
 
 # backend="auto" takes the first of these that can run a call natively:
-# fastest first, as measured by benchmarks/bench.py. The last runs anything.
-AUTO = ("cudnn", "xla")
+# fastest first, as measured by benchmarks/bench.py (cuDNN blocks beat the
+# Triton kernels where both run; only the kernels take masks and dropout on
+# a GPU). The last runs anything.
+AUTO = ("cudnn", "pallas", "xla")
 
 _log = logging.getLogger("ringdilated")
 

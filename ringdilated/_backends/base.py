@@ -82,8 +82,9 @@ def hash32(h: Array) -> Array:
 
 
 def keep_threshold(rate: float) -> int:
-  """A weight is kept iff its uint32 hash is below this."""
-  return min(int((1.0 - rate) * 2.0**32), 2**32 - 1)
+  """A weight is kept iff its uint32 hash is below this even number (even,
+  so kernels can compare ``hash >> 1`` with ``threshold >> 1`` in int32)."""
+  return min(int((1.0 - rate) * 2.0**32), 2**32 - 2) // 2 * 2
 
 
 def keep_mask(dropout: Dropout | None) -> Array | None:
@@ -227,13 +228,19 @@ class Backend:
     raise NotImplementedError
 
   def branch_forward(self, branch: StridedBranch, q: Array, k: Array, v: Array,
-                     out: Array, lse: Array) -> tuple[Array, Array]:
+                     vis: Visibility, dropout: Dropout | None, out: Array,
+                     lse: Array) -> tuple[Array, Array]:
     """Merges a local branch into ``(out, lse)`` in place (``in_place`` only).
 
     Args:
       branch: the branch.
       q: shape [B, L, H, D].
       k, v: shape [B, L, K, D].
+      vis: token vectors of the whole local sequence, each shape [B, L]
+        (``kv_valid``, ``q_seg`` and ``kv_seg``, or None); ``diagonal`` is
+        the branch's causality.
+      dropout: with ``q_pos`` and ``k_pos`` shape [B, L] and ``heads`` the
+        branch's global query heads, or None.
       out: shape [B, L, H, D], running output (0 where nothing merged yet).
       lse: shape [B, L, H] float32, running log-sum-exp (``-inf`` likewise).
 
@@ -244,12 +251,13 @@ class Backend:
     raise NotImplementedError
 
   def branch_backward(self, branch: StridedBranch, q: Array, k: Array, v: Array,
-                      dout: Array, lse: Array, delta: Array,
+                      vis: Visibility, dropout: Dropout | None, dout: Array,
+                      lse: Array, delta: Array,
                       grads: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
     """Adds a local branch's gradients into ``grads = (dq, dk, dv)`` in place.
 
     Args:
-      branch: the branch.
+      branch, vis, dropout: as in :meth:`branch_forward`.
       q, dout: shape [B, L, H, D].
       k, v: shape [B, L, K, D].
       lse: shape [B, L, H] float32, the global log-sum-exp.

@@ -15,14 +15,23 @@ the gradients and two ``[B, L, H]`` float32 rows (``lse`` and
 The same kernels with ``r = 1`` are the block backend of the generic path
 (ring steps, branches the fused path does not take).
 
+Masks and dropout are per-token vectors (key validity, segment ids, global
+positions) read tile by tile next to the tensors; :mod:`.tile_masks` turns
+them into the tile's visibility and dropout keep bits, exactly as the XLA
+block does. Key tiles (forward, dq) or query tiles (dk/dv) that no id of
+the other side can meet are skipped: per-tile id ranges are computed once
+per call from the token vectors (not per head), and each program loops only
+over the range of live tiles.
+
 Three kernels, flash-attention 2 style: the forward (grid over query tiles
 and query heads, loop over key tiles), ``dq`` (the same grid) and ``dk, dv``
 (grid over key tiles and kv heads, loop over query heads and query tiles), so
 every output tile is written by exactly one program: no atomics.
 
-Shape legend: B batch, L local sequence length, H query heads, K kv heads,
-G = H / K, D head dim, M = L / r kept positions per offset, T kept tokens
-per segment, r rate.
+Shape legend: B batch (or X, batched segments, for blocks), L local
+sequence length, H query heads, K kv heads, G = H / K, D head dim,
+M = L / r kept positions per offset, T kept tokens per segment, r rate,
+bq / bk query / key tile.
 """
 
 from __future__ import annotations
@@ -30,12 +39,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._merge import row_delta
-from .base import Backend, Capabilities, Request, StridedBranch, Visibility
+from . import tile_masks as tm
+from .base import Backend, Capabilities, Dropout, Request, StridedBranch, Visibility
 
 Array = jax.Array
 
@@ -86,15 +98,48 @@ def _pl():
   return pl
 
 
-def _tiles_for(kernel: str, geo: StridedBranch, run: Pallas):
-  """(query tile, key tile, compiler params) of ``kernel`` for ``geo``."""
-  want = getattr(run.tiles, kernel)
-  bq, bk = tile(geo.kept, want.q), tile(geo.kept, want.k)
-  if run.interpret:
-    return bq, bk, None
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  """What a kernel launch knows statically; hashable.
+
+  Attributes:
+    geo: the branch (or block, ``rate = 1``).
+    bq, bk: query and key tiles.
+    valid: key padding vectors are given.
+    seg: segment id vectors are given.
+    rate: dropout rate, 0 without dropout.
+    head0: global query head of the kernel's head 0 (dropout hash).
+    per_kv: token vectors have a kv-head axis (blocks) rather than one
+      vector shared by all heads (branches read in place).
+  """
+
+  geo: StridedBranch
+  bq: int
+  bk: int
+  valid: bool = False
+  seg: bool = False
+  rate: float = 0.0
+  head0: int = 0
+  per_kv: bool = False
+
+  @property
+  def masks(self) -> bool:
+    return self.valid or self.seg
+
+  def kvt(self, kv):
+    """Index of kv head ``kv`` on the token vectors' last axis."""
+    return kv if self.per_kv else 0
+
+  def name(self, kernel: str) -> str:
+    flags = "m" * self.masks + "d" * bool(self.rate)
+    return f"ringdilated_{kernel}_r{self.geo.rate}_t{self.geo.kept}{'_' + flags if flags else ''}"
+
+
+def _compiler_params(want: Tiles, interpret: bool):
+  if interpret:
+    return None
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  return bq, bk, plgpu.CompilerParams(num_warps=want.num_warps,
-                                      num_stages=want.num_stages)
+  return plgpu.CompilerParams(num_warps=want.num_warps, num_stages=want.num_stages)
 
 
 def _view(x: Array, rate: int) -> Array:
@@ -109,17 +154,24 @@ def _like(x: Array) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, manual_axis_type=mat)
 
 
-def _in_place(kernel, name: str, interpret: bool, params, grid, in_specs, acc_specs,
-              inputs: list[Array], accs: list[Array]) -> list[Array]:
-  """Runs ``kernel(*input_refs, *acc_refs_in, *acc_refs_out)`` over ``grid``;
-  the outputs are the accumulators ``accs``, updated in place (aliased)."""
-  n = len(inputs)
+def _in_place(kernel: Callable, name: str, interpret: bool, params, grid,
+              inputs: dict[str, tuple[Array, object]], acc_specs: list,
+              accs: list[Array]) -> list[Array]:
+  """Runs ``kernel(refs, acc_in_refs, acc_out_refs)`` over ``grid``, with
+  ``refs`` the named ``inputs`` (array, BlockSpec); the outputs are the
+  accumulators ``accs``, updated in place (aliased)."""
+  names = tuple(inputs)
+  n = len(names)
+
+  def body(*refs):
+    kernel(dict(zip(names, refs[:n])), refs[n:n + len(accs)], refs[n + len(accs):])
+
   return _pl().pallas_call(
-      kernel, grid=grid, in_specs=[*in_specs, *acc_specs], out_specs=list(acc_specs),
-      out_shape=[_like(a) for a in accs],
+      body, grid=grid, in_specs=[spec for _, spec in inputs.values()] + list(acc_specs),
+      out_specs=list(acc_specs), out_shape=[_like(a) for a in accs],
       input_output_aliases={n + i: i for i in range(len(accs))},
       compiler_params=params, interpret=interpret, name=name,
-  )(*inputs, *accs)
+  )(*(x for x, _ in inputs.values()), *accs)
 
 
 def _dot_t(a: Array, b: Array) -> Array:
@@ -136,43 +188,56 @@ def _tdot(a: Array, b: Array) -> Array:
   return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
 
 
-def _logits(q: Array, k: Array, geo: StridedBranch, q0, k0, masked: bool) -> Array:
-  """[nq, nk] float32 logits in log2 units (``exp2`` of them is ``exp`` of the
-  scaled logits) of queries ``q0 + i`` against keys ``k0 + j`` of a segment;
-  ``masked``: keys after their query get ``_NEG`` (a tile on the causal
-  diagonal)."""
-  s = _dot_t(q, k) * (geo.scale * _LOG2E)
-  if masked:
-    shape = s.shape
-    seen = (q0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-            >= k0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1))
-    s = jnp.where(seen, s, _NEG)
-  return s
+def _masked_logits(q: Array, k: Array, c: _Call, vis: Array | None) -> Array:
+  """[bq, bk] float32 logits in log2 units (``exp2`` of them is ``exp`` of
+  the scaled logits), ``_NEG`` where not visible."""
+  s = _dot_t(q, k) * (c.geo.scale * _LOG2E)
+  return s if vis is None else jnp.where(vis, s, _NEG)
 
 
-def _tiles(body, carry, *, causal: bool, start, stop, diagonal):
+def _tiles(body: Callable, carry, *, causal: bool, start, stop, diagonal):
   """Runs ``body(j, carry, masked)`` for tiles ``j`` in ``[start, stop)``.
 
   With ``causal``, tiles in ``diagonal = (lo, hi)`` straddle the causal
-  diagonal and run masked; ``[start, stop)`` holds only visible tiles.
+  diagonal and run masked; ``[start, stop)`` holds only tiles that may be
+  visible.
   """
   run = lambda a, b, c, masked: jax.lax.fori_loop(  # noqa: E731
       a, b, functools.partial(body, masked=masked), c)
   if not causal:
     return run(start, stop, carry, False)
   lo, hi = diagonal
-  carry = run(start, lo, carry, False)
-  carry = run(lo, hi, carry, True)
-  return run(hi, stop, carry, False)
+  clip = lambda x: jnp.minimum(jnp.maximum(x, start), stop)  # noqa: E731
+  if isinstance(start, int) and isinstance(stop, int):
+    clip = lambda x: x  # noqa: E731  (no skipping: the diagonal lies inside)
+  carry = run(start, clip(lo), carry, False)
+  carry = run(clip(lo), clip(hi), carry, True)
+  return run(clip(hi), stop, carry, False)
 
 
-def _key_tiles(body, carry, geo: StridedBranch, t0, bq: int, bk: int):
+def _key_tiles(body: Callable, carry, c: _Call, t0, live: tuple):
   """Runs ``body(j, carry, masked)`` over the key tiles that the query tile
-  at ``t0`` (within its segment) sees: all, or with ``causal`` those up to
-  the diagonal."""
+  at ``t0`` (within its segment) may see: all, or with ``causal`` those up
+  to the diagonal, within the ``live = (lo, hi)`` range."""
+  geo, bq, bk = c.geo, c.bq, c.bk
   hi = (t0 + bq + bk - 1) // bk  # key tiles up to the diagonal
-  return _tiles(body, carry, causal=geo.causal, start=0,
-                stop=hi if geo.causal else geo.kept // bk, diagonal=(t0 // bk, hi))
+  start, stop = 0, (hi if geo.causal else geo.kept // bk)
+  if live is not None:
+    start, stop = live[0], jnp.minimum(stop, live[1])
+  return _tiles(body, carry, causal=geo.causal, start=start, stop=stop,
+                diagonal=(t0 // bk, hi))
+
+
+def _vector(ins: dict, name: str, index=None) -> Array | None:
+  """Token vector ``name`` (all of its block, or ``index``), or None if absent."""
+  ref = ins.get(name)
+  if ref is None:
+    return None
+  return ref[...] if index is None else ref[index]
+
+
+def _seed(ins: dict) -> Array:
+  return ins["seed"][0]
 
 
 # ----------------------------------------------------------------------------
@@ -180,82 +245,54 @@ def _key_tiles(body, carry, geo: StridedBranch, t0, bq: int, bk: int):
 # ----------------------------------------------------------------------------
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_in, l_in, o_ref, l_ref, *,
-                    geo: StridedBranch, bq: int, bk: int):
+def _forward_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
   pl = _pl()
+  (o_in, l_in), (o_ref, l_ref) = accs_in, accs_out
+  geo, bq, bk = c.geo, c.bq, c.bk
   t0 = (pl.program_id(1) % (geo.kept // bq)) * bq  # query tile, within segment
-  q = q_ref[...]
+  q = ins["q"][...]
+  q_seg = _vector(ins, "q_seg")
+  live = None
+  if c.masks:
+    q_lo, q_hi = tm.id_range(q_seg, jnp.ones((bq,), jnp.int32))
+    live = tm.span(tm.live(ins["k_lo"][...], ins["k_hi"][...], q_lo, q_hi))
+  rows = (tm.row_hash(_seed(ins), c.head0 + pl.program_id(2), ins["q_pos"][...])
+          if c.rate else None)
 
   def body(j, carry, masked):  # logits and m in log2 units
     acc, m, l = carry
-    k = k_ref[pl.ds(j * bk, bk), :]
-    s = _logits(q, k, geo, t0, j * bk, masked)
+    keys = pl.ds(j * bk, bk)
+    vis = tm.visible((bq, bk), diagonal=masked, q0=t0, k0=j * bk, q_seg=q_seg,
+                     k_seg=_vector(ins, "k_seg", keys),
+                     k_valid=_vector(ins, "k_valid", keys))
+    s = _masked_logits(q, ins["k"][keys, :], c, vis)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.exp2(s - m_new[:, None])
+    if c.masks:  # a row may have seen no key yet: its m_new is _NEG
+      p = jnp.where(vis, p, 0.0)
     corr = jnp.exp2(m - m_new)
-    v = v_ref[pl.ds(j * bk, bk), :]
+    l = l * corr + jnp.sum(p, axis=1)
+    if c.rate:
+      p = jnp.where(tm.keep(rows, ins["k_pos"][keys], c.rate), p, 0.0)
+    v = ins["v"][keys, :]
     acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l * corr + jnp.sum(p, axis=1)
+    return acc, m_new, l
 
   d = q.shape[-1]
   carry = (jnp.zeros((bq, d), _F32), jnp.full((bq,), -jnp.inf, _F32), jnp.zeros((bq,), _F32))
-  acc, m, l = _key_tiles(body, carry, geo, t0, bq, bk)
-  lse_b = (m + jnp.log2(l)) / _LOG2E  # every query sees itself: finite
-  out_b = acc / l[:, None]
+  acc, m, l = _key_tiles(body, carry, c, t0, live)
+  seen = l > 0  # rows that see no key get out 0, lse -inf
+  l_safe = jnp.where(seen, l, 1.0)
+  lse_b = jnp.where(seen, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+  out_b = acc / (l_safe * (1.0 - c.rate))[:, None]
   lse = l_in[...]
   top = jnp.maximum(lse, lse_b)
+  top = jnp.where(top == -jnp.inf, 0.0, top)
   new = top + jnp.log(jnp.exp(lse - top) + jnp.exp(lse_b - top))
-  weight = jnp.exp(lse_b - new)
+  weight = jnp.where(seen, jnp.exp(lse_b - new), 0.0)
   out = o_in[...].astype(_F32)
   o_ref[...] = (out + weight[:, None] * (out_b - out)).astype(o_ref.dtype)
   l_ref[...] = new
-
-
-def _query_grid(geo: StridedBranch, shape, bq: int):
-  """Grid (B, M / bq, query heads) and the BlockSpecs of the query-tile
-  kernels: a query (or out, dout, dq) tile, its segment's K/V window, and
-  the matching [bq] tile of a per-token row (lse, delta)."""
-  pl = _pl()
-  b, length, _, d = shape
-  t, g, h0 = geo.kept, geo.group, geo.heads[0]
-
-  def q_map(bi, i, hq):
-    h = h0 + hq
-    return bi, i, geo.off(h // g), h, 0
-
-  def kv_map(bi, i, hq):
-    kv = (h0 + hq) // g
-    return bi, i // (t // bq), geo.off(kv), kv, 0
-
-  return ((b, length // geo.rate // bq, geo.heads[1] - h0),
-          pl.BlockSpec((None, bq, None, None, d), q_map),
-          pl.BlockSpec((None, t, None, None, d), kv_map),
-          pl.BlockSpec((None, bq, None, None), lambda *a: q_map(*a)[:4]))
-
-
-def forward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
-            out: Array, lse: Array) -> tuple[Array, Array]:
-  """Merges the branch into ``(out, lse)`` in place.
-
-  Args:
-    geo: the branch.
-    q: shape [B, L, H, D].
-    k, v: shape [B, L, K, D].
-    out: shape [B, L, H, D], running output (0 where nothing merged yet).
-    lse: shape [B, L, H] float32, running log-sum-exp (``-inf`` likewise).
-
-  Returns:
-    The updated ``(out, lse)``; positions and heads the branch does not keep
-    are unchanged.
-  """
-  bq, bk, params = _tiles_for("fwd", geo, run)
-  grid, q_spec, kv_spec, l_spec = _query_grid(geo, q.shape, bq)
-  o5, l4 = _view(out, geo.rate), _view(lse, geo.rate)
-  o5, l4 = _in_place(
-      functools.partial(_forward_kernel, geo=geo, bq=bq, bk=bk), "ringdilated_fwd",
-      run.interpret, params, grid, [q_spec, kv_spec, kv_spec], [q_spec, l_spec],
-      [_view(x, geo.rate) for x in (q, k, v)], [o5, l4])
-  return o5.reshape(out.shape), l4.reshape(lse.shape)
 
 
 # ----------------------------------------------------------------------------
@@ -264,58 +301,241 @@ def forward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
 # ----------------------------------------------------------------------------
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, dl_ref, dq_in, dq_ref, *,
-               geo: StridedBranch, bq: int, bk: int):
+def _row_lse(l_ref_value: Array, masks: bool) -> Array:
+  """The global log-sum-exp in log2 units; 0 for rows that see no key (their
+  weights are masked to 0 anyway)."""
+  lse = l_ref_value * _LOG2E
+  return jnp.where(lse == -jnp.inf, 0.0, lse) if masks else lse
+
+
+def _dq_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
   pl = _pl()
+  (dq_in,), (dq_ref,) = accs_in, accs_out
+  geo, bq, bk = c.geo, c.bq, c.bk
   t0 = (pl.program_id(1) % (geo.kept // bq)) * bq
-  q, do = q_ref[...], do_ref[...]
-  lse, delta = l_ref[...] * _LOG2E, dl_ref[...]
+  q, do = ins["q"][...], ins["do"][...]
+  lse, delta = _row_lse(ins["lse"][...], c.masks), ins["delta"][...]
+  q_seg = _vector(ins, "q_seg")
+  live = None
+  if c.masks:
+    q_lo, q_hi = tm.id_range(q_seg, jnp.ones((bq,), jnp.int32))
+    live = tm.span(tm.live(ins["k_lo"][...], ins["k_hi"][...], q_lo, q_hi))
+  rows = (tm.row_hash(_seed(ins), c.head0 + pl.program_id(2), ins["q_pos"][...])
+          if c.rate else None)
 
   def body(j, dq, masked):
-    k = k_ref[pl.ds(j * bk, bk), :]
-    v = v_ref[pl.ds(j * bk, bk), :]
-    p = jnp.exp2(_logits(q, k, geo, t0, j * bk, masked) - lse[:, None])
-    ds = p * (_dot_t(do, v) - delta[:, None])
+    keys = pl.ds(j * bk, bk)
+    vis = tm.visible((bq, bk), diagonal=masked, q0=t0, k0=j * bk, q_seg=q_seg,
+                     k_seg=_vector(ins, "k_seg", keys),
+                     k_valid=_vector(ins, "k_valid", keys))
+    k, v = ins["k"][keys, :], ins["v"][keys, :]
+    p = jnp.exp2(_masked_logits(q, k, c, vis) - lse[:, None])
+    if c.masks:
+      p = jnp.where(vis, p, 0.0)
+    dp = _dot_t(do, v)
+    if c.rate:
+      dp = jnp.where(tm.keep(rows, ins["k_pos"][keys], c.rate), dp, 0.0) / (1.0 - c.rate)
+    ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = _key_tiles(body, jnp.zeros(q.shape, _F32), geo, t0, bq, bk)
+  dq = _key_tiles(body, jnp.zeros(q.shape, _F32), c, t0, live)
   dq_ref[...] = (dq_in[...].astype(_F32) + dq * geo.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, dl_ref, dk_in, dv_in,
-                dk_ref, dv_ref, *, geo: StridedBranch, bq: int, bk: int):
+def _dkv_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
   pl = _pl()
+  (dk_in, dv_in), (dk_ref, dv_ref) = accs_in, accs_out
+  geo, bq, bk = c.geo, c.bq, c.bk
   s0 = (pl.program_id(1) % (geo.kept // bk)) * bk  # key tile, within segment
-  k, v = k_ref[...], v_ref[...]
+  k, v = ins["k"][...], ins["v"][...]
+  k_seg, k_valid = _vector(ins, "k_seg"), _vector(ins, "k_valid")
+  n_q = geo.kept // bq
+  start, stop = (s0 // bq if geo.causal else 0), n_q  # query tiles from the diagonal on
+  if c.masks:
+    k_lo, k_hi = tm.id_range(k_seg, k_valid)
+    if c.seg:
+      alive = tm.live(ins["q_lo"][...], ins["q_hi"][...], k_lo, k_hi)
+    else:
+      alive = jnp.broadcast_to(tm.live(k_lo, k_hi, 0, 0), (n_q,))
+    lo, hi = tm.span(alive)
+    start, stop = jnp.maximum(start, lo), hi
 
-  def body(i, carry, masked, head):
+  def body(i, carry, masked, head, rows):
     dk, dv = carry
-    q = q_ref[pl.ds(i * bq, bq), head, :]
-    do = do_ref[pl.ds(i * bq, bq), head, :]
-    s = _logits(q, k, geo, i * bq, s0, masked)
-    p = jnp.exp2(s - _LOG2E * l_ref[pl.ds(i * bq, bq), head][:, None])
-    dv = dv + _tdot(p.astype(do.dtype), do)
-    ds = p * (_dot_t(do, v) - dl_ref[pl.ds(i * bq, bq), head][:, None])
+    queries = pl.ds(i * bq, bq)
+    q = ins["q"][queries, head, :]
+    do = ins["do"][queries, head, :]
+    vis = tm.visible((bq, bk), diagonal=masked, q0=i * bq, k0=s0,
+                     q_seg=_vector(ins, "q_seg", queries), k_seg=k_seg, k_valid=k_valid)
+    lse = _row_lse(ins["lse"][queries, head], c.masks)
+    p = jnp.exp2(_masked_logits(q, k, c, vis) - lse[:, None])
+    if c.masks:
+      p = jnp.where(vis, p, 0.0)
+    dp = _dot_t(do, v)
+    p_drop = p
+    if c.rate:
+      kept = tm.keep(rows(queries), ins["k_pos"][...], c.rate)
+      p_drop = jnp.where(kept, p, 0.0) / (1.0 - c.rate)
+      dp = jnp.where(kept, dp, 0.0) / (1.0 - c.rate)
+    dv = dv + _tdot(p_drop.astype(do.dtype), do)
+    ds = p * (dp - ins["delta"][queries, head][:, None])
     return dk + _tdot(ds.astype(q.dtype), q), dv
 
   carry = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
   for head in range(geo.group):  # query heads of this kv head
-    lo = s0 // bq  # query tiles from the diagonal on
-    carry = _tiles(functools.partial(body, head=head), carry, causal=geo.causal,
-                   start=lo if geo.causal else 0, stop=geo.kept // bq,
-                   diagonal=(lo, (s0 + bk + bq - 1) // bq))
+    rows = None
+    if c.rate:
+      global_head = c.head0 + pl.program_id(2) * geo.group + head
+      rows = functools.partial(lambda h, queries: tm.row_hash(
+          _seed(ins), h, ins["q_pos"][queries]), global_head)
+    carry = _tiles(functools.partial(body, head=head, rows=rows), carry,
+                   causal=geo.causal, start=start, stop=stop,
+                   diagonal=(s0 // bq, (s0 + bk + bq - 1) // bq))
   dk, dv = carry
   dk_ref[...] = (dk_in[...].astype(_F32) + dk * geo.scale).astype(dk_ref.dtype)
   dv_ref[...] = (dv_in[...].astype(_F32) + dv).astype(dv_ref.dtype)
 
 
-def backward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
-             dout: Array, lse: Array, delta: Array,
-             grads: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-  """Adds the branch's gradients into ``grads = (dq, dk, dv)`` in place.
+# ----------------------------------------------------------------------------
+# Launchers: BlockSpecs of the tensors, token vectors and tile id ranges.
+# ----------------------------------------------------------------------------
+
+
+def _tokens(x: Array | None, rate: int) -> Array | None:
+  """A token vector as [B, M, r, Kt]: [B, L] (shared by the kv heads) or
+  [X, T, K] (one per kv head, blocks: r = 1)."""
+  if x is None:
+    return None
+  x = _view(x, rate)
+  x = x[..., None] if x.ndim == 3 else x
+  return x.astype(jnp.int32)
+
+
+def _id_ranges(seg: Array | None, valid: Array | None, tile_len: int) -> tuple[Array, Array]:
+  """Per tile of ``tile_len`` tokens along axis 1 of [B, M, r, Kt] vectors:
+  min and max segment id over its valid tokens, each [B, M / tile, r, Kt].
+  Computed once per call, for every head."""
+  ref = seg if seg is not None else valid
+  b, m, r, kt = ref.shape
+  ids = jnp.zeros(ref.shape, jnp.int32) if seg is None else seg
+  ids = ids.reshape(b, m // tile_len, tile_len, r, kt)
+  if valid is None:
+    return jnp.min(ids, axis=2), jnp.max(ids, axis=2)
+  ok = valid.reshape(ids.shape) != 0
+  return (jnp.min(jnp.where(ok, ids, tm.BIG), axis=2),
+          jnp.max(jnp.where(ok, ids, -tm.BIG), axis=2))
+
+
+def _masking(geo: StridedBranch, vis: Visibility, dropout: Dropout | None) -> dict:
+  """The static flags and the [B, M, r, Kt] token vectors of a launch."""
+  r = geo.rate
+  tokens = dict(q_seg=_tokens(vis.q_seg, r), k_seg=_tokens(vis.kv_seg, r),
+                k_valid=_tokens(vis.kv_valid, r))
+  flags = dict(valid=vis.kv_valid is not None, seg=vis.q_seg is not None)
+  if dropout is not None:
+    heads = np.asarray(dropout.heads).reshape(-1)
+    if not np.array_equal(heads, heads[0] + np.arange(heads.size)):
+      raise ValueError(f"dropout heads {heads} must be consecutive")
+    tokens.update(q_pos=_tokens(dropout.q_pos, r), k_pos=_tokens(dropout.k_pos, r),
+                  seed=jax.lax.bitcast_convert_type(
+                      jnp.asarray(dropout.seed).astype(jnp.uint32), jnp.int32).reshape(1))
+    flags.update(rate=float(dropout.rate), head0=int(heads[0]))
+  some = next((x for x in tokens.values() if x is not None and x.ndim == 4), None)
+  flags["per_kv"] = some is not None and some.shape[-1] > 1
+  return dict(tokens=tokens, flags=flags)
+
+
+def _query_grid(c: _Call, shape, tokens: dict) -> tuple[tuple, dict, object, object]:
+  """Grid (B, M / bq, query heads) of the query-tile kernels and the specs
+  of its inputs: ``q`` tiles (and out, dout, dq), the segment's K/V window,
+  per-token rows (lse, delta), and the token vectors / key-tile id ranges."""
+  pl = _pl()
+  b, length, _, d = shape
+  geo, bq, bk = c.geo, c.bq, c.bk
+  t, g, h0 = geo.kept, geo.group, geo.heads[0]
+  per_seg = t // bq
+
+  def q_map(bi, i, hq):
+    h = h0 + hq
+    return bi, i, geo.off(h // g), h, 0
+
+  def kv_map(bi, i, hq):
+    kv = (h0 + hq) // g
+    return bi, i // per_seg, geo.off(kv), kv, 0
+
+  def tok_tile(bi, i, hq):
+    kv = (h0 + hq) // g
+    return bi, i, geo.off(kv), c.kvt(kv)
+
+  def tok_window(bi, i, hq):
+    kv = (h0 + hq) // g
+    return bi, i // per_seg, geo.off(kv), c.kvt(kv)
+
+  specs = dict(
+      q_seg=pl.BlockSpec((None, bq, None, None), tok_tile),
+      q_pos=pl.BlockSpec((None, bq, None, None), tok_tile),
+      k_seg=pl.BlockSpec((None, t, None, None), tok_window),
+      k_valid=pl.BlockSpec((None, t, None, None), tok_window),
+      k_pos=pl.BlockSpec((None, t, None, None), tok_window),
+      k_lo=pl.BlockSpec((None, t // bk, None, None), tok_window),
+      k_hi=pl.BlockSpec((None, t // bk, None, None), tok_window),
+      seed=pl.BlockSpec((1,), lambda *a: (0,)))
+  inputs = {}
+  if c.masks:
+    tokens = dict(tokens, **dict(zip(("k_lo", "k_hi"), _id_ranges(
+        tokens["k_seg"], tokens["k_valid"], bk))))
+  for name, x in tokens.items():
+    if x is not None:
+      inputs[name] = (x, specs[name])
+  return ((b, length // geo.rate // bq, geo.heads[1] - h0), inputs,
+          pl.BlockSpec((None, bq, None, None, d), q_map),
+          (pl.BlockSpec((None, t, None, None, d), kv_map),
+           pl.BlockSpec((None, bq, None, None), lambda *a: q_map(*a)[:4])))
+
+
+def _launch(kernel: str, geo: StridedBranch, run: Pallas, masking: dict) -> _Call:
+  want = getattr(run.tiles, kernel)
+  return _Call(geo, tile(geo.kept, want.q), tile(geo.kept, want.k), **masking["flags"])
+
+
+def forward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
+            vis: Visibility, dropout: Dropout | None, out: Array,
+            lse: Array) -> tuple[Array, Array]:
+  """Merges the branch into ``(out, lse)`` in place.
 
   Args:
     geo: the branch.
+    run: the backend (tiles, interpret mode).
+    q: shape [B, L, H, D].
+    k, v: shape [B, L, K, D].
+    vis: token vectors, [B, L] (or [X, T, K] for blocks), or None.
+    dropout: dropout with positions shaped like the token vectors, or None.
+    out: shape [B, L, H, D], running output (0 where nothing merged yet).
+    lse: shape [B, L, H] float32, running log-sum-exp (``-inf`` likewise).
+
+  Returns:
+    The updated ``(out, lse)``; positions and heads the branch does not keep
+    are unchanged.
+  """
+  masking = _masking(geo, vis, dropout)
+  c = _launch("fwd", geo, run, masking)
+  grid, tokens, q_spec, (kv_spec, l_spec) = _query_grid(c, q.shape, masking["tokens"])
+  qv, kv_, vv = (_view(x, geo.rate) for x in (q, k, v))
+  o5, l4 = _in_place(
+      functools.partial(_forward_kernel, c=c), c.name("fwd"), run.interpret,
+      _compiler_params(run.tiles.fwd, run.interpret), grid,
+      dict(q=(qv, q_spec), k=(kv_, kv_spec), v=(vv, kv_spec), **tokens),
+      [q_spec, l_spec], [_view(out, geo.rate), _view(lse, geo.rate)])
+  return o5.reshape(out.shape), l4.reshape(lse.shape)
+
+
+def backward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
+             vis: Visibility, dropout: Dropout | None, dout: Array, lse: Array,
+             delta: Array, grads: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+  """Adds the branch's gradients into ``grads = (dq, dk, dv)`` in place.
+
+  Args:
+    geo, run, vis, dropout: as in :func:`forward`.
     q, dout: shape [B, L, H, D].
     k, v: shape [B, L, K, D].
     lse: shape [B, L, H] float32, the global log-sum-exp.
@@ -327,19 +547,22 @@ def backward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
   t, r, g = geo.kept, geo.rate, geo.group
   h0, h1 = geo.heads
   m = length // r
-  views = [_view(x, r) for x in (q, k, v, dout, lse, delta)]
+  qv, kv_, vv, dov, lv, dlv = (_view(x, r) for x in (q, k, v, dout, lse, delta))
   dq, dk, dv = (_view(x, r) for x in grads)
+  masking = _masking(geo, vis, dropout)
 
   # dq: a query tile against its segment's keys.
-  bq, bk, params = _tiles_for("dq", geo, run)
-  grid, q_spec, kv_spec, l_spec = _query_grid(geo, q.shape, bq)
+  c = _launch("dq", geo, run, masking)
+  grid, tokens, q_spec, (kv_spec, l_spec) = _query_grid(c, q.shape, masking["tokens"])
   (dq,) = _in_place(
-      functools.partial(_dq_kernel, geo=geo, bq=bq, bk=bk), "ringdilated_dq",
-      run.interpret, params, grid, [q_spec, kv_spec, kv_spec, q_spec, l_spec, l_spec], [q_spec],
-      views, [dq])
+      functools.partial(_dq_kernel, c=c), c.name("dq"), run.interpret,
+      _compiler_params(run.tiles.dq, run.interpret), grid,
+      dict(q=(qv, q_spec), k=(kv_, kv_spec), v=(vv, kv_spec), do=(dov, q_spec),
+           lse=(lv, l_spec), delta=(dlv, l_spec), **tokens), [q_spec], [dq])
 
   # dk, dv: a key tile against its segment's queries of every head reading it.
-  bq, bk, params = _tiles_for("dkv", geo, run)
+  c = _launch("dkv", geo, run, masking)
+  bq, bk = c.bq, c.bk
 
   def k_map(bi, j, kh):
     kv = h0 // g + kh
@@ -349,14 +572,34 @@ def backward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
     kv = h0 // g + kh
     return bi, j // (t // bk), geo.off(kv), kv, 0
 
+  def tok_tile(bi, j, kh):
+    return k_map(bi, j, kh)[:3] + (c.kvt(h0 // g + kh),)
+
+  def tok_window(bi, j, kh):
+    return seg_map(bi, j, kh)[:3] + (c.kvt(h0 // g + kh),)
+
   k_spec = pl.BlockSpec((None, bk, None, None, d), k_map)
   qs_spec = pl.BlockSpec((None, t, None, g, d), seg_map)
   ls_spec = pl.BlockSpec((None, t, None, g), lambda *a: seg_map(*a)[:4])
+  specs = dict(
+      q_seg=pl.BlockSpec((None, t, None, None), tok_window),
+      q_pos=pl.BlockSpec((None, t, None, None), tok_window),
+      k_seg=pl.BlockSpec((None, bk, None, None), tok_tile),
+      k_valid=pl.BlockSpec((None, bk, None, None), tok_tile),
+      k_pos=pl.BlockSpec((None, bk, None, None), tok_tile),
+      q_lo=pl.BlockSpec((None, t // bq, None, None), tok_window),
+      q_hi=pl.BlockSpec((None, t // bq, None, None), tok_window),
+      seed=pl.BlockSpec((1,), lambda *a: (0,)))
+  tokens = dict(masking["tokens"])
+  if c.seg:
+    tokens.update(zip(("q_lo", "q_hi"), _id_ranges(tokens["q_seg"], None, bq)))
+  inputs = dict(q=(qv, qs_spec), k=(kv_, k_spec), v=(vv, k_spec), do=(dov, qs_spec),
+                lse=(lv, ls_spec), delta=(dlv, ls_spec))
+  inputs.update((name, (x, specs[name])) for name, x in tokens.items() if x is not None)
   dk, dv = _in_place(
-      functools.partial(_dkv_kernel, geo=geo, bq=bq, bk=bk), "ringdilated_dkv",
-      run.interpret, params, (b, m // bk, (h1 - h0) // g),
-      [qs_spec, k_spec, k_spec, qs_spec, ls_spec, ls_spec], [k_spec, k_spec],
-      views, [dk, dv])
+      functools.partial(_dkv_kernel, c=c), c.name("dkv"), run.interpret,
+      _compiler_params(run.tiles.dkv, run.interpret), (b, m // bk, (h1 - h0) // g),
+      inputs, [k_spec, k_spec], [dk, dv])
   return tuple(x.reshape(y.shape) for x, y in zip((dq, dk, dv), grads))
 
 
@@ -381,7 +624,8 @@ class Pallas(Backend):
   """
 
   name = "pallas"
-  capabilities = Capabilities(platforms=("gpu",), interpret=True, in_place=True)
+  capabilities = Capabilities(platforms=("gpu",), interpret=True, in_place=True,
+                              masks=True, dropout=True)
   tiles: KernelTiles = KernelTiles()
 
   def problem(self, request: Request) -> str | None:
@@ -400,27 +644,25 @@ class Pallas(Backend):
     return tile_problem(kept)
 
   def forward(self, q, k, v, vis, *, scale, dropout=None):
-    del dropout  # not in the capabilities
     x, t, kh, g, d = q.shape
     out = jnp.zeros_like(q).reshape(x, t, kh * g, d)  # zeros_like: varies as q
     lse = jnp.full_like(out[..., 0], -jnp.inf, _F32)
-    out, lse = forward(_block_geometry(q, vis, scale), self,
-                       q.reshape(out.shape), k, v, out, lse)
+    out, lse = forward(_block_geometry(q, vis, scale), self, q.reshape(out.shape), k, v,
+                       vis, dropout, out, lse)
     return out.reshape(q.shape), lse.reshape(x, t, kh, g)
 
   def backward(self, q, k, v, vis, dout, out, lse, *, scale, dropout=None):
-    del dropout
     x, t, kh, g, d = q.shape
     heads = lambda a: a.reshape(x, t, kh * g, *a.shape[4:]).astype(q.dtype)  # noqa: E731
     delta = row_delta(dout, out).reshape(x, t, kh * g)
     grads = (jnp.zeros_like(q).reshape(x, t, kh * g, d), jnp.zeros_like(k),
              jnp.zeros_like(v))
-    dq, dk, dv = backward(_block_geometry(q, vis, scale), self, heads(q), k, v,
-                          heads(dout), lse.reshape(x, t, kh * g), delta, grads)
+    dq, dk, dv = backward(_block_geometry(q, vis, scale), self, heads(q), k, v, vis,
+                          dropout, heads(dout), lse.reshape(x, t, kh * g), delta, grads)
     return dq.reshape(q.shape), dk, dv
 
-  def branch_forward(self, branch, q, k, v, out, lse):
-    return forward(branch, self, q, k, v, out, lse)
+  def branch_forward(self, branch, q, k, v, vis, dropout, out, lse):
+    return forward(branch, self, q, k, v, vis, dropout, out, lse)
 
-  def branch_backward(self, branch, q, k, v, dout, lse, delta, grads):
-    return backward(branch, self, q, k, v, dout, lse, delta, grads)
+  def branch_backward(self, branch, q, k, v, vis, dropout, dout, lse, delta, grads):
+    return backward(branch, self, q, k, v, vis, dropout, dout, lse, delta, grads)
