@@ -5,6 +5,7 @@ dumps on and prints the largest allocations of the memory-usage report with
 the shapes that share each one::
 
   python benchmarks/memory_report.py ours_longnet_mix 1048576 [--top 30]
+  python benchmarks/memory_report.py ours_docs64k_longnet_mix 1048576
 """
 
 from __future__ import annotations
@@ -32,19 +33,21 @@ def main(argv=None) -> int:
   parser.add_argument("seq_len", type=int)
   parser.add_argument("--top", type=int, default=30)
   args = parser.parse_args(argv)
-  found = [c for c in bench.cases({"dense", "longnet", "zigzag", "pallas"})
-           if c[0] == args.name and c[2] == args.seq_len]
+  found = [c for c in bench.cases(set(bench.GROUPS))
+           if c.name == args.name and c.n == args.seq_len]
   if not found:
     parser.error(f"no case {args.name} at N={args.seq_len}")
-  _, impl, n, _, _ = found[0]
+  case = found[0]
+  n = case.n
   x = jax.ShapeDtypeStruct((bench.B, n, bench.H, bench.D), jnp.bfloat16)
+  extra = case.extra(n) if case.extra else ()  # masks / dropout key: small, concrete
 
   @jax.jit
-  def fwd_bwd(q, k, v, dout):
-    _, pull = jax.vjp(impl, q, k, v)
+  def fwd_bwd(q, k, v, dout, *extra):
+    _, pull = jax.vjp(lambda q, k, v: case.impl(q, k, v, *extra), q, k, v)
     return pull(dout)
 
-  m = fwd_bwd.lower(x, x, x, x).compile().memory_analysis()
+  m = fwd_bwd.lower(x, x, x, x, *extra).compile().memory_analysis()
   gib = 2.0**30
   print(f"{args.name} N={n}: arguments {m.argument_size_in_bytes / gib:.2f} GiB, "
         f"outputs {m.output_size_in_bytes / gib:.2f} GiB, "

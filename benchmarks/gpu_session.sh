@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# One 10-minute device call on the 2-GPU machine: every step in priority
+# order, each under `timeout` with its output tee'd to $OUT/<step>.log, the
+# results JSON and the target checks copied to $OUT (8 files at most).
+#
+#   bash benchmarks/gpu_session.sh                      # repro check_gpu bench_multi bench
+#   bash benchmarks/gpu_session.sh bench_multi longest  # a second call: the rest
+#   T_MULTI=300 T_LONGEST=250 bash benchmarks/gpu_session.sh bench_multi longest
+#   PYTHON=.venv/bin/python SMOKE=1 OUT=/tmp/out bash benchmarks/gpu_session.sh  # CPU
+#
+# Steps (default order and budgets in seconds; a step never runs past the
+# session limit SESSION_LIMIT=580, the last one is cut to fit):
+#   repro        T_REPRO=90     repro_pallas_ring_crash.py, 4 variants at a time (60 s each
+#                               at most: REPRO_VARIANT_TIMEOUT)
+#   check_gpu    T_CHECK=120    check_gpu.py: rings over both GPUs, then one GPU
+#   bench_multi  T_MULTI=240    bench_multi_gpu.py -> results/h200x2.json (resumes)
+#   bench        T_BENCH=120    bench.py masked + slice baselines -> results/h200.json
+#   longest      T_LONGEST=300  bench_multi_gpu.py --only longest (log: bench_multi.log)
+# Each script gets an internal --time-budget below its timeout, so it stops
+# starting cases in time and keeps what it measured. RESUME=0 re-measures
+# cases already in the results files; TRACE=1 adds a jax.profiler trace of
+# one ring (trace.tgz, if under 16 MiB).
+#
+# Files in $OUT: session.log (machine, versions, step exit codes,
+# check_targets.py on both files), repro.log, check_gpu.log, bench_multi.log,
+# bench.log, h200.json, h200x2.json (+ trace.tgz).
+
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=${OUT:-/tmp/gpu_session_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+SMOKE=${SMOKE:-0}
+SESSION_LIMIT=${SESSION_LIMIT:-580}
+T_REPRO=${T_REPRO:-90}
+T_CHECK=${T_CHECK:-120}
+T_MULTI=${T_MULTI:-240}
+T_BENCH=${T_BENCH:-120}
+T_LONGEST=${T_LONGEST:-300}
+REPRO_VARIANT_TIMEOUT=${REPRO_VARIANT_TIMEOUT:-60}
+RESUME=${RESUME:-1}
+TRACE=${TRACE:-0}
+if [ "$SMOKE" = 1 ]; then
+  SMOKE_FLAG=--smoke
+  RESULTS=${RESULTS:-/tmp/gpu_session_smoke_results}
+else
+  SMOKE_FLAG=
+  RESULTS=${RESULTS:-benchmarks/results}
+fi
+mkdir -p "$RESULTS"
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(repro check_gpu bench_multi bench)
+
+export NCCL_NVLS_ENABLE=0          # the machine sets it; NVLink multicast stays off
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+log() { echo "$*" | tee -a "$OUT/session.log"; }
+
+log "=== gpu_session $(date -u +%FT%TZ): steps ${STEPS[*]}, limit ${SESSION_LIMIT}s"
+{
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1 || true
+  "$PY" -c "import sys, jax, jaxlib; print('python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__)" 2>&1
+  "$PY" -c "import ringdilated; print('ringdilated', ringdilated.__version__, ringdilated.__file__)" 2>&1
+  env | grep -E '^(NCCL_|XLA_|CUDA_VISIBLE)' | sort
+} >> "$OUT/session.log" 2>&1
+
+# run STEP BUDGET LOG CMD...: CMD under timeout, cut to what is left of the session.
+run() {
+  local step=$1 budget=$2 logfile=$3; shift 3
+  local left=$((SESSION_LIMIT - SECONDS - 10))
+  if [ "$left" -lt 30 ]; then
+    log "--- $step: skipped, ${left}s left of the session"
+    return
+  fi
+  local t=$((budget < left ? budget : left))
+  log "--- $step: start at ${SECONDS}s, timeout ${t}s: $*"
+  echo "=== $step (timeout ${t}s): $*" >> "$OUT/$logfile"
+  timeout -k 10 "$t" "$@" 2>&1 | tee -a "$OUT/$logfile"
+  local rc=${PIPESTATUS[0]}
+  log "--- $step: exit $rc$([ "$rc" = 124 ] && echo ' (timed out)') at ${SECONDS}s"
+}
+
+# An internal budget: the step's timeout less MARGIN (what one case may take).
+inner() {
+  local budget=$1 margin=$2
+  local left=$((SESSION_LIMIT - SECONDS - 10))
+  local t=$((budget < left ? budget : left))
+  local b=$((t - margin))
+  echo $((b > 10 ? b : 10))
+}
+
+RESUME_FLAG=
+[ "$RESUME" = 1 ] && RESUME_FLAG=--resume
+TRACE_FLAGS=()
+[ "$TRACE" = 1 ] && TRACE_FLAGS=(--trace /tmp/ringdilated_trace)
+
+for step in "${STEPS[@]}"; do
+  case $step in
+    repro)
+      run repro "$T_REPRO" repro.log \
+        "$PY" benchmarks/repro_pallas_ring_crash.py --jobs 4 \
+        --timeout "$REPRO_VARIANT_TIMEOUT" $SMOKE_FLAG ;;
+    check_gpu)
+      run check_gpu "$T_CHECK" check_gpu.log \
+        "$PY" benchmarks/check_gpu.py --time-budget "$(inner "$T_CHECK" 35)" $SMOKE_FLAG ;;
+    bench_multi)
+      run bench_multi "$T_MULTI" bench_multi.log \
+        "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" --iters 5 \
+        --time-budget "$(inner "$T_MULTI" 90)" $RESUME_FLAG "${TRACE_FLAGS[@]}" $SMOKE_FLAG ;;
+    bench)
+      run bench "$T_BENCH" bench.log \
+        "$PY" benchmarks/bench.py --out "$RESULTS/h200.json" --only masked,slice \
+        --seqs 1048576,524288 --iters 5 --no-fwd --time-budget "$(inner "$T_BENCH" 60)" \
+        $SMOKE_FLAG ;;
+    longest)
+      run longest "$T_LONGEST" bench_multi.log \
+        "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" --only longest \
+        --time-budget "$(inner "$T_LONGEST" 100)" $SMOKE_FLAG ;;
+    *)
+      log "--- unknown step $step (known: repro check_gpu bench_multi bench longest)" ;;
+  esac
+done
+
+for f in h200.json h200x2.json; do
+  if [ -f "$RESULTS/$f" ]; then
+    cp "$RESULTS/$f" "$OUT/$f"
+    log "=== check_targets.py $f"
+    "$PY" benchmarks/check_targets.py "$RESULTS/$f" >> "$OUT/session.log" 2>&1
+    log "=== check_targets.py $f: exit $?"
+  fi
+done
+if [ "$TRACE" = 1 ] && [ -d /tmp/ringdilated_trace ]; then
+  tar czf /tmp/ringdilated_trace.tgz -C /tmp ringdilated_trace
+  if [ "$(stat -c %s /tmp/ringdilated_trace.tgz)" -lt $((16 * 1024 * 1024)) ]; then
+    cp /tmp/ringdilated_trace.tgz "$OUT/trace.tgz"
+  else
+    log "trace over 16 MiB: not copied"
+  fi
+fi
+log "=== done at ${SECONDS}s; files: $(ls "$OUT" | tr '\n' ' ')"

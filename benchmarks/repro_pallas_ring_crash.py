@@ -1,0 +1,325 @@
+"""Which programs crash: ``backend="pallas"`` rings on 2 GPUs (SIGSEGV while compiling).
+
+On 2 H200s, ``backend="pallas"`` used to kill the process with SIGSEGV while
+compiling a program that holds both a local branch (the fused in-place path:
+``pallas_call`` with ``input_output_aliases``) and a branch spanning the
+devices (ring blocks: Pallas kernels inside ``lax.scan`` with ``ppermute``).
+This script runs variants, each in its own subprocess (a segfault is an exit
+code, not a dead driver), up to 4 at once with
+``XLA_PYTHON_CLIENT_PREALLOCATE=false``, and prints a table
+variant -> exit code / result::
+
+  python benchmarks/repro_pallas_ring_crash.py            # all variants, 2 GPUs
+  python benchmarks/repro_pallas_ring_crash.py a_contiguous d1_alias_of_ppermute
+  python benchmarks/repro_pallas_ring_crash.py --smoke    # CPU: interpret mode, 2 devices
+
+Variants:
+  a_*  the library's minimal case: N=16384, B=1, H=4, D=64, bf16,
+       segment_lengths=(2048, 16384), dilation_rates=(1, 2), forward only,
+       ring of 2 (contiguous, zigzag, causal), with controls holding only the
+       local branch or only the spanning one, and one forward+backward.
+  b_*  a_* with XLA_FLAGS ``--xla_gpu_enable_command_buffer=`` (no command buffers).
+  c_*  a_* with ``--xla_gpu_enable_latency_hiding_scheduler=false``.
+  d*   an upstream-style reproducer without ringdilated: a tiny Pallas Triton
+       kernel (``input_output_aliases={1: 0}``: adds its first input into
+       an accumulator) under ``jax.shard_map`` over 2 devices, whose aliased
+       accumulator is: d0 local (control), d1 the output of a ppermute, d2
+       built by ``.at[].set`` from a ppermute result; d3 kernels inside a
+       ``lax.scan`` that ppermutes plus an aliased call outside it on the
+       scan's result; d4 the aliased call inside the scan; d5 d3 with the
+       scan of length 0 and one more step after it (the shape of a ring of
+       2 in ``ringdilated._ring``).
+
+Each child checks its result against the same program in plain jax (the a_*
+variants against one device's float32 ``backend="xla"``) and exits 0 (ok),
+1 (wrong values) or 2 (exception); a negative code is a signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+N, B, H, D = 16384, 1, 4, 64
+BRANCHES = ((2048, 1), (16384, 2))
+FLAGS = {
+    "b": "--xla_gpu_enable_command_buffer=",
+    "c": "--xla_gpu_enable_latency_hiding_scheduler=false",
+}
+# name -> (description, child arguments)
+LIBRARY = {
+    "contiguous": "local + spanning branch, contiguous, forward",
+    "zigzag": "local + spanning branch, zigzag, forward",
+    "causal": "local + spanning branch, contiguous, causal, forward",
+    "local_only": "control: only the local branch (2048, 1), forward",
+    "ring_only": "control: only the spanning branch (16384, 2), forward",
+    "fwd_bwd": "local + spanning branch, contiguous, forward+backward",
+}
+STANDALONE = {
+    "d0_alias_local": "aliased kernel, accumulator computed locally (control)",
+    "d1_alias_of_ppermute": "aliased accumulator = ppermute output",
+    "d2_alias_set_from_ppermute": "aliased accumulator = zeros.at[].set(ppermute output)",
+    "d3_scan_then_alias": "kernels in a scan with ppermute (length 2), aliased call after",
+    "d4_alias_in_scan": "aliased call inside a scan with ppermute (length 2)",
+    "d5_ring_of_2_shape": "scan of length 0 + ppermute + kernel, then an aliased call",
+}
+
+
+def variants() -> dict[str, tuple[str, str, str]]:
+  """name -> (description, child variant, extra XLA_FLAGS), in run order."""
+  out = {f"a_{k}": (v, f"a_{k}", "") for k, v in LIBRARY.items()}
+  for letter, flag in FLAGS.items():
+    for k in ("contiguous", "zigzag"):
+      out[f"{letter}_{k}"] = (f"a_{k} with {flag}", f"a_{k}", flag)
+  out.update({k: (v, k, "") for k, v in STANDALONE.items()})
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Children.
+# ----------------------------------------------------------------------------
+
+
+def _rel(a, b) -> float:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def child_library(variant: str, smoke: bool) -> int:
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import ringdilated as rd  # pylint: disable=g-import-not-at-top
+
+  scale = 16 if smoke else 1
+  n = N // scale
+  branches = [(w // scale, r) for w, r in BRANCHES]
+  kind = variant[2:]
+  if kind == "local_only":
+    branches = branches[:1]
+  elif kind == "ring_only":
+    branches = branches[1:]
+  layout = "zigzag" if kind == "zigzag" else "contiguous"
+  causal = kind == "causal"
+  kw = dict(segment_lengths=tuple(w for w, _ in branches),
+            dilation_rates=tuple(r for _, r in branches), causal=causal)
+  rng = np.random.default_rng(0)
+  q, k, v, cot = (rng.standard_normal((B, n, H, D)).astype(jnp.bfloat16) for _ in range(4))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
+  attend = functools.partial(rd.dilated_attention, axis_name="sp", layout=layout,
+                             backend="pallas", **kw)
+  # shard_map's varying-axes check mistypes Pallas' interpreter loop (jax 0.10).
+  ring = jax.shard_map(attend, mesh=mesh, in_specs=(P(None, "sp"),) * 3,
+                       out_specs=P(None, "sp"), check_vma=jax.default_backend() == "gpu")
+  if kind == "fwd_bwd":
+    fn = jax.jit(lambda q, k, v, c: (lambda o, pull: (o,) + pull(c))(*jax.vjp(ring, q, k, v)))
+    args = [rd.to_layout(x, layout, 2) for x in (q, k, v, cot)]
+  else:
+    fn, args = jax.jit(ring), [rd.to_layout(x, layout, 2) for x in (q, k, v)]
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  print(f"compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+  got = compiled(*args)
+  got = got if isinstance(got, tuple) else (got,)
+  got = [rd.from_layout(np.asarray(x.astype(jnp.float32)), layout, 2) for x in got]
+
+  def single(q, k, v, c):
+    o, pull = jax.vjp(functools.partial(rd.dilated_attention, backend="xla", **kw), q, k, v)
+    return (o,) + pull(c)
+  want = jax.jit(single)(*(x.astype(np.float32) for x in (q, k, v, cot)))[:len(got)]
+  errs = [_rel(g, w) for g, w in zip(got, want)]
+  print("relative L2 error vs one device float32: " + " ".join(f"{e:.1e}" for e in errs),
+        flush=True)
+  return 0 if max(errs) < 2e-2 else 1
+
+
+def child_standalone(variant: str, smoke: bool) -> int:
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  interpret = smoke or jax.default_backend() != "gpu"
+  if interpret:
+    params = None
+  else:
+    from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+    params = plgpu.CompilerParams(num_warps=4, num_stages=2)
+  rows, cols, block = 256, 128, 64
+
+  def spec():
+    return pl.BlockSpec((block, cols), lambda i: (i, 0))
+
+  def add_into(x, acc):
+    """acc + x, written into acc's buffer (input 1 aliased to output 0)."""
+    def kernel(x_ref, acc_ref, o_ref):
+      o_ref[...] = acc_ref[...] + x_ref[...]
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(acc.shape, acc.dtype),
+                          grid=(acc.shape[0] // block,), in_specs=[spec(), spec()],
+                          out_specs=spec(), input_output_aliases={1: 0},
+                          compiler_params=params, interpret=interpret)(x, acc)
+
+  def twice(x):
+    """2 x, a plain (non-aliased) kernel: a ring block's stand-in."""
+    def kernel(x_ref, o_ref):
+      o_ref[...] = x_ref[...] * 2
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          grid=(x.shape[0] // block,), in_specs=[spec()], out_specs=spec(),
+                          compiler_params=params, interpret=interpret)(x)
+
+  def program(x, add, dbl, pperm):
+    """The variant's body on one device's [rows, cols] block."""
+    if variant == "d0_alias_local":
+      return add(x, x * 3.0)
+    if variant == "d1_alias_of_ppermute":
+      return add(x, pperm(x))
+    if variant == "d2_alias_set_from_ppermute":
+      acc = jnp.zeros((2 * rows, cols), x.dtype).at[:rows].set(pperm(x))
+      return add(jnp.concatenate([x, x]), acc)[:rows] + 0.0
+    if variant in ("d3_scan_then_alias", "d4_alias_in_scan", "d5_ring_of_2_shape"):
+      length = 0 if variant == "d5_ring_of_2_shape" else 2
+      inside_alias = variant == "d4_alias_in_scan"
+
+      def body(carry, _):
+        kv, acc = carry
+        nxt = pperm(kv)  # in flight while this step computes, as in the ring
+        acc = add(kv, acc) if inside_alias else acc + dbl(kv)
+        return (nxt, acc), None
+      (kv, acc), _ = jax.lax.scan(body, (pperm(x), jnp.zeros_like(x)), None, length=length)
+      acc = acc + dbl(kv)  # the ring's last step, after the scan
+      out = jnp.zeros((rows, cols), x.dtype).at[:].set(acc)
+      return add(x, out)
+    raise ValueError(variant)
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
+  perm = [(0, 1), (1, 0)]
+  real = functools.partial(program, add=add_into, dbl=twice,
+                           pperm=lambda x: jax.lax.ppermute(x, "sp", perm))
+  ref = functools.partial(program, add=lambda x, acc: acc + x, dbl=lambda x: 2 * x,
+                          pperm=lambda x: jax.lax.ppermute(x, "sp", perm))
+  # Without the varying-axes check: the kernels' out_shape carries no mesh axes.
+  sm = functools.partial(jax.shard_map, mesh=mesh, in_specs=P("sp"), out_specs=P("sp"),
+                         check_vma=False)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2 * rows, cols)), jnp.float32)
+  t0 = time.perf_counter()
+  compiled = jax.jit(sm(real)).lower(x).compile()
+  print(f"compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+  got = np.asarray(compiled(x))
+  want = np.asarray(jax.jit(sm(ref))(x))
+  err = float(np.max(np.abs(got - want)))
+  print(f"max |kernel - plain jax| = {err:.1e}", flush=True)
+  return 0 if err < 1e-5 else 1
+
+
+def child(variant: str, smoke: bool) -> int:
+  import traceback  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  print(f"{variant}: jax {jax.__version__}, {len(jax.devices())} x "
+        f"{jax.devices()[0].device_kind}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+        flush=True)
+  try:
+    if variant.startswith("a_"):
+      return child_library(variant, smoke)
+    return child_standalone(variant, smoke)
+  except Exception:  # pylint: disable=broad-except
+    traceback.print_exc()
+    return 2
+
+
+# ----------------------------------------------------------------------------
+# Driver.
+# ----------------------------------------------------------------------------
+
+
+def _result(code) -> str:
+  if code is None:
+    return "timeout"
+  if code == 0:
+    return "ok"
+  if code == 1:
+    return "WRONG VALUES"
+  if code == 2:
+    return "EXCEPTION"
+  if code < 0:
+    try:
+      return f"CRASH {signal.Signals(-code).name}"
+    except ValueError:
+      return f"CRASH signal {-code}"
+  return f"exit {code}"
+
+
+def run_variant(name, description, child_variant, flags, smoke, timeout):
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+  base = env.get("XLA_FLAGS", "")
+  if smoke and "xla_force_host_platform_device_count" not in base:
+    base += (" --xla_force_host_platform_device_count=2"
+             " --xla_cpu_enable_concurrency_optimized_scheduler=false")
+  env["XLA_FLAGS"] = f"{base} {flags}".strip()
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", child_variant]
+  cmd += ["--smoke"] * smoke
+  with tempfile.TemporaryFile("w+") as log:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+      code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      proc.kill()  # this child, by its pid
+      proc.wait()
+      code = None
+    seconds = time.perf_counter() - t0
+    log.seek(0)
+    output = log.read()
+  return name, description, flags, code, seconds, output
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("variants", nargs="*", help="names (default: all)")
+  parser.add_argument("--jobs", type=int, default=4, help="subprocesses at once")
+  parser.add_argument("--timeout", type=float, default=60.0, help="seconds per variant")
+  parser.add_argument("--smoke", action="store_true", help="CPU: interpret mode, 2 devices")
+  parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.child:
+    return child(args.child, args.smoke)
+  table = variants()
+  names = args.variants or list(table)
+  unknown = [n for n in names if n not in table]
+  if unknown:
+    parser.error(f"unknown variants {unknown}; known: {list(table)}")
+  print(f"{len(names)} variants, {args.jobs} at a time, {args.timeout:.0f} s each at most",
+        flush=True)
+  results = {}
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    futures = [pool.submit(run_variant, n, *table[n], args.smoke, args.timeout) for n in names]
+    for fut in concurrent.futures.as_completed(futures):
+      name, _, _, code, seconds, output = fut.result()
+      results[name] = fut.result()
+      last = (output.strip().splitlines() or [""])[-1][:120]
+      print(f"  done {name:30s} {_result(code):16s} {seconds:6.1f} s  {last}", flush=True)
+  print(f"\n{'variant':30s} {'result':16s} {'exit':>6s} {'s':>6s}  what")
+  for name in names:
+    _, description, _, code, seconds, _ = results[name]
+    print(f"{name:30s} {_result(code):16s} {str(code):>6s} {seconds:6.1f}  {description}")
+  bad = [n for n in names if results[n][3] != 0]
+  for name in bad:
+    output = results[name][5].strip().splitlines()
+    print(f"\n--- {name} ({_result(results[name][3])}): last lines of its output")
+    print("\n".join(output[-15:]))
+  print(f"\n{len(names) - len(bad)} ok, {len(bad)} not ok", flush=True)
+  return 1 if bad else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
