@@ -15,7 +15,8 @@
 #   check_gpu    T_CHECK=120    check_gpu.py: rings over both GPUs, then one GPU
 #   bench_multi  T_MULTI=240    bench_multi_gpu.py -> results/h200x2.json (resumes)
 #   bench        T_BENCH=120    bench.py masked + slice baselines -> results/h200.json
-#   longest      T_LONGEST=300  bench_multi_gpu.py --only longest (log: bench_multi.log)
+#   longest      T_LONGEST=300  bench_multi_gpu.py --only longest (log: bench_multi.log),
+#                               LONGEST_BACKENDS=pallas,auto (searched in this order)
 # Each script gets an internal --time-budget below its timeout, so it stops
 # starting cases in time and keeps what it measured. RESUME=0 re-measures
 # cases already in the results files; TRACE=1 adds a jax.profiler trace of
@@ -39,6 +40,8 @@ T_MULTI=${T_MULTI:-240}
 T_BENCH=${T_BENCH:-120}
 T_LONGEST=${T_LONGEST:-300}
 REPRO_VARIANT_TIMEOUT=${REPRO_VARIANT_TIMEOUT:-60}
+# searched in this order (with SMOKE=1: auto; Pallas interprets on CPU, minutes a case)
+LONGEST_BACKENDS=${LONGEST_BACKENDS:-$([ "$SMOKE" = 1 ] && echo auto || echo pallas,auto)}
 RESUME=${RESUME:-1}
 TRACE=${TRACE:-0}
 if [ "$SMOKE" = 1 ]; then
@@ -117,7 +120,7 @@ for step in "${STEPS[@]}"; do
     longest)
       run longest "$T_LONGEST" bench_multi.log \
         "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" --only longest \
-        --time-budget "$(inner "$T_LONGEST" 100)" $SMOKE_FLAG ;;
+        --backends "$LONGEST_BACKENDS" --time-budget "$(inner "$T_LONGEST" 100)" $SMOKE_FLAG ;;
     *)
       log "--- unknown step $step (known: repro check_gpu bench_multi bench longest)" ;;
   esac
