@@ -158,6 +158,13 @@ def test_tile_skipping_really_happens():
   assert computed.sum(axis=1).tolist() == [4] * 8
   everything = _tiles_reaching(jax.jit(attend)(q, k, v), 16)
   assert everything.sum(axis=1).tolist() == [8] * 8
+  # Whole documents of whole tiles take the kernels' unmasked loop: still exact.
+  clean = _poisoned(2, None)
+  kw = dict(segment_lengths=(128,), dilation_rates=(1,), causal=True)
+  got = out_and_grads(lambda q, k, v, kpm, seg: attend(q, k, v, segment_ids=seg, causal=True),
+                      *clean, clean[0], None, seg[:2])
+  want = out_and_grads(_oracle(**kw), *clean, clean[0], None, seg[:2])
+  assert max(max_errs(got, want)) < TOL, max_errs(got, want)
 
   # Backward: dk/dv of a key tile loop over the query tiles of its document
   # only (poisoned cotangents of the other document never reach them).

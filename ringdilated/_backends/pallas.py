@@ -240,6 +240,30 @@ def _seed(ins: dict) -> Array:
   return ins["seed"][0]
 
 
+def _token_masks(ins: dict, tokens: bool, q_seg: Array | None, keys) -> dict:
+  """The token vectors :func:`tm.visible` needs for key tile ``keys``; none
+  on the unmasked path."""
+  if not tokens:
+    return {}
+  return dict(q_seg=q_seg, k_seg=_vector(ins, "k_seg", keys),
+              k_valid=_vector(ins, "k_valid", keys))
+
+
+def _over_key_tiles(body: Callable, carry, ins: dict, c: _Call, t0, q_seg: Array | None):
+  """The key-tile loop of a query tile (forward, dq): ``body(j, carry,
+  masked, tokens)`` over the live key tiles, without the token masks when
+  the tiles hold only this query tile's document (``tm.uniform``)."""
+  if not c.masks:
+    return _key_tiles(functools.partial(body, tokens=False), carry, c, t0, None)
+  q_lo, q_hi = tm.id_range(q_seg, jnp.ones((c.bq,), jnp.int32))
+  k_lo, k_hi = ins["k_lo"][...], ins["k_hi"][...]
+  live = tm.span(tm.live(k_lo, k_hi, q_lo, q_hi))
+  pure = tm.uniform(k_lo, k_hi, ins["k_full"][...], live[0], live[1], q_lo, q_hi)
+  loops = [lambda carry, tokens=tokens: _key_tiles(
+      functools.partial(body, tokens=tokens), carry, c, t0, live) for tokens in (True, False)]
+  return jax.lax.cond(pure, loops[1], loops[0], carry)
+
+
 # ----------------------------------------------------------------------------
 # Forward: grid (B, M / bq, heads); merges into the running (out, lse).
 # ----------------------------------------------------------------------------
@@ -252,23 +276,18 @@ def _forward_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
   t0 = (pl.program_id(1) % (geo.kept // bq)) * bq  # query tile, within segment
   q = ins["q"][...]
   q_seg = _vector(ins, "q_seg")
-  live = None
-  if c.masks:
-    q_lo, q_hi = tm.id_range(q_seg, jnp.ones((bq,), jnp.int32))
-    live = tm.span(tm.live(ins["k_lo"][...], ins["k_hi"][...], q_lo, q_hi))
   rows = (tm.row_hash(_seed(ins), c.head0 + pl.program_id(2), ins["q_pos"][...])
           if c.rate else None)
 
-  def body(j, carry, masked):  # logits and m in log2 units
+  def body(j, carry, masked, tokens):  # logits and m in log2 units
     acc, m, l = carry
     keys = pl.ds(j * bk, bk)
-    vis = tm.visible((bq, bk), diagonal=masked, q0=t0, k0=j * bk, q_seg=q_seg,
-                     k_seg=_vector(ins, "k_seg", keys),
-                     k_valid=_vector(ins, "k_valid", keys))
+    vis = tm.visible((bq, bk), diagonal=masked, q0=t0, k0=j * bk,
+                     **_token_masks(ins, tokens, q_seg, keys))
     s = _masked_logits(q, ins["k"][keys, :], c, vis)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.exp2(s - m_new[:, None])
-    if c.masks:  # a row may have seen no key yet: its m_new is _NEG
+    if tokens:  # a row may have seen no key yet: its m_new is _NEG
       p = jnp.where(vis, p, 0.0)
     corr = jnp.exp2(m - m_new)
     l = l * corr + jnp.sum(p, axis=1)
@@ -280,7 +299,7 @@ def _forward_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
 
   d = q.shape[-1]
   carry = (jnp.zeros((bq, d), _F32), jnp.full((bq,), -jnp.inf, _F32), jnp.zeros((bq,), _F32))
-  acc, m, l = _key_tiles(body, carry, c, t0, live)
+  acc, m, l = _over_key_tiles(body, carry, ins, c, t0, q_seg)
   seen = l > 0  # rows that see no key get out 0, lse -inf
   l_safe = jnp.where(seen, l, 1.0)
   lse_b = jnp.where(seen, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
@@ -316,21 +335,16 @@ def _dq_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
   q, do = ins["q"][...], ins["do"][...]
   lse, delta = _row_lse(ins["lse"][...], c.masks), ins["delta"][...]
   q_seg = _vector(ins, "q_seg")
-  live = None
-  if c.masks:
-    q_lo, q_hi = tm.id_range(q_seg, jnp.ones((bq,), jnp.int32))
-    live = tm.span(tm.live(ins["k_lo"][...], ins["k_hi"][...], q_lo, q_hi))
   rows = (tm.row_hash(_seed(ins), c.head0 + pl.program_id(2), ins["q_pos"][...])
           if c.rate else None)
 
-  def body(j, dq, masked):
+  def body(j, dq, masked, tokens):
     keys = pl.ds(j * bk, bk)
-    vis = tm.visible((bq, bk), diagonal=masked, q0=t0, k0=j * bk, q_seg=q_seg,
-                     k_seg=_vector(ins, "k_seg", keys),
-                     k_valid=_vector(ins, "k_valid", keys))
+    vis = tm.visible((bq, bk), diagonal=masked, q0=t0, k0=j * bk,
+                     **_token_masks(ins, tokens, q_seg, keys))
     k, v = ins["k"][keys, :], ins["v"][keys, :]
     p = jnp.exp2(_masked_logits(q, k, c, vis) - lse[:, None])
-    if c.masks:
+    if tokens:
       p = jnp.where(vis, p, 0.0)
     dp = _dot_t(do, v)
     if c.rate:
@@ -338,7 +352,7 @@ def _dq_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = _key_tiles(body, jnp.zeros(q.shape, _F32), c, t0, live)
+  dq = _over_key_tiles(body, jnp.zeros(q.shape, _F32), ins, c, t0, q_seg)
   dq_ref[...] = (dq_in[...].astype(_F32) + dq * geo.scale).astype(dq_ref.dtype)
 
 
@@ -351,25 +365,28 @@ def _dkv_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
   k_seg, k_valid = _vector(ins, "k_seg"), _vector(ins, "k_valid")
   n_q = geo.kept // bq
   start, stop = (s0 // bq if geo.causal else 0), n_q  # query tiles from the diagonal on
+  pure = None
   if c.masks:
     k_lo, k_hi = tm.id_range(k_seg, k_valid)
-    if c.seg:
-      alive = tm.live(ins["q_lo"][...], ins["q_hi"][...], k_lo, k_hi)
-    else:
-      alive = jnp.broadcast_to(tm.live(k_lo, k_hi, 0, 0), (n_q,))
-    lo, hi = tm.span(alive)
+    zeros = jnp.zeros((n_q,), jnp.int32)
+    q_lo, q_hi = (ins["q_lo"][...], ins["q_hi"][...]) if c.seg else (zeros, zeros)
+    lo, hi = tm.span(tm.live(q_lo, q_hi, k_lo, k_hi))
     start, stop = jnp.maximum(start, lo), hi
+    full = jnp.ones((n_q,), jnp.int32) * (jnp.min(k_valid) if c.valid else 1)
+    # the key tile's one id against every query tile in range (roles swapped)
+    pure = tm.uniform(q_lo, q_hi, full, lo, hi, k_lo, k_hi)
 
-  def body(i, carry, masked, head, rows):
+  def body(i, carry, masked, head, rows, tokens):
     dk, dv = carry
     queries = pl.ds(i * bq, bq)
     q = ins["q"][queries, head, :]
     do = ins["do"][queries, head, :]
-    vis = tm.visible((bq, bk), diagonal=masked, q0=i * bq, k0=s0,
-                     q_seg=_vector(ins, "q_seg", queries), k_seg=k_seg, k_valid=k_valid)
+    vis = tm.visible((bq, bk), diagonal=masked, q0=i * bq, k0=s0, **(dict(
+        q_seg=_vector(ins, "q_seg", queries), k_seg=k_seg, k_valid=k_valid)
+        if tokens else {}))
     lse = _row_lse(ins["lse"][queries, head], c.masks)
     p = jnp.exp2(_masked_logits(q, k, c, vis) - lse[:, None])
-    if c.masks:
+    if tokens:
       p = jnp.where(vis, p, 0.0)
     dp = _dot_t(do, v)
     p_drop = p
@@ -381,17 +398,26 @@ def _dkv_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
     ds = p * (dp - ins["delta"][queries, head][:, None])
     return dk + _tdot(ds.astype(q.dtype), q), dv
 
+  first_head = c.head0 + pl.program_id(2) * geo.group  # (not inside the cond)
+
+  def heads(carry, tokens):
+    for head in range(geo.group):  # query heads of this kv head
+      rows = None
+      if c.rate:
+        global_head = first_head + head
+        rows = functools.partial(lambda h, queries: tm.row_hash(
+            _seed(ins), h, ins["q_pos"][queries]), global_head)
+      carry = _tiles(functools.partial(body, head=head, rows=rows, tokens=tokens), carry,
+                     causal=geo.causal, start=start, stop=stop,
+                     diagonal=(s0 // bq, (s0 + bk + bq - 1) // bq))
+    return carry
+
   carry = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
-  for head in range(geo.group):  # query heads of this kv head
-    rows = None
-    if c.rate:
-      global_head = c.head0 + pl.program_id(2) * geo.group + head
-      rows = functools.partial(lambda h, queries: tm.row_hash(
-          _seed(ins), h, ins["q_pos"][queries]), global_head)
-    carry = _tiles(functools.partial(body, head=head, rows=rows), carry,
-                   causal=geo.causal, start=start, stop=stop,
-                   diagonal=(s0 // bq, (s0 + bk + bq - 1) // bq))
-  dk, dv = carry
+  if c.masks:
+    dk, dv = jax.lax.cond(pure, functools.partial(heads, tokens=False),
+                          functools.partial(heads, tokens=True), carry)
+  else:
+    dk, dv = heads(carry, tokens=False)
   dk_ref[...] = (dk_in[...].astype(_F32) + dk * geo.scale).astype(dk_ref.dtype)
   dv_ref[...] = (dv_in[...].astype(_F32) + dv).astype(dv_ref.dtype)
 
@@ -411,19 +437,22 @@ def _tokens(x: Array | None, rate: int) -> Array | None:
   return x.astype(jnp.int32)
 
 
-def _id_ranges(seg: Array | None, valid: Array | None, tile_len: int) -> tuple[Array, Array]:
+def _id_ranges(seg: Array | None, valid: Array | None,
+               tile_len: int) -> tuple[Array, Array, Array]:
   """Per tile of ``tile_len`` tokens along axis 1 of [B, M, r, Kt] vectors:
-  min and max segment id over its valid tokens, each [B, M / tile, r, Kt].
-  Computed once per call, for every head."""
+  min and max segment id over its valid tokens, and whether all its tokens
+  are valid (int32), each [B, M / tile, r, Kt]. Computed once per call, for
+  every head."""
   ref = seg if seg is not None else valid
   b, m, r, kt = ref.shape
   ids = jnp.zeros(ref.shape, jnp.int32) if seg is None else seg
   ids = ids.reshape(b, m // tile_len, tile_len, r, kt)
   if valid is None:
-    return jnp.min(ids, axis=2), jnp.max(ids, axis=2)
+    return jnp.min(ids, axis=2), jnp.max(ids, axis=2), jnp.ones_like(ids[:, :, 0])
   ok = valid.reshape(ids.shape) != 0
   return (jnp.min(jnp.where(ok, ids, tm.BIG), axis=2),
-          jnp.max(jnp.where(ok, ids, -tm.BIG), axis=2))
+          jnp.max(jnp.where(ok, ids, -tm.BIG), axis=2),
+          jnp.all(ok, axis=2).astype(jnp.int32))
 
 
 def _masking(geo: StridedBranch, vis: Visibility, dropout: Dropout | None) -> dict:
@@ -479,10 +508,11 @@ def _query_grid(c: _Call, shape, tokens: dict) -> tuple[tuple, dict, object, obj
       k_pos=pl.BlockSpec((None, t, None, None), tok_window),
       k_lo=pl.BlockSpec((None, t // bk, None, None), tok_window),
       k_hi=pl.BlockSpec((None, t // bk, None, None), tok_window),
+      k_full=pl.BlockSpec((None, t // bk, None, None), tok_window),
       seed=pl.BlockSpec((1,), lambda *a: (0,)))
   inputs = {}
   if c.masks:
-    tokens = dict(tokens, **dict(zip(("k_lo", "k_hi"), _id_ranges(
+    tokens = dict(tokens, **dict(zip(("k_lo", "k_hi", "k_full"), _id_ranges(
         tokens["k_seg"], tokens["k_valid"], bk))))
   for name, x in tokens.items():
     if x is not None:
@@ -592,7 +622,7 @@ def backward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
       seed=pl.BlockSpec((1,), lambda *a: (0,)))
   tokens = dict(masking["tokens"])
   if c.seg:
-    tokens.update(zip(("q_lo", "q_hi"), _id_ranges(tokens["q_seg"], None, bq)))
+    tokens.update(zip(("q_lo", "q_hi"), _id_ranges(tokens["q_seg"], None, bq)[:2]))
   inputs = dict(q=(qv, qs_spec), k=(kv_, k_spec), v=(vv, k_spec), do=(dov, qs_spec),
                 lse=(lv, ls_spec), delta=(dlv, ls_spec))
   inputs.update((name, (x, specs[name])) for name, x in tokens.items() if x is not None)

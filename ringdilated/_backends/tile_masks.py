@@ -14,6 +14,9 @@ meet a query tile's ids is dead; :func:`span` turns per-tile liveness into
 the loop range ``[lo, hi)`` that covers every live tile, so dead tiles at
 the ends (other documents, trailing padding) cost nothing. For packed
 documents with non-decreasing ids the live tiles are exactly that range.
+When every tile of that range holds valid keys of the query tile's one id
+(:func:`uniform`), no token mask can hide anything and the kernel runs the
+unmasked loop.
 
 Shape legend: bq query tile, bk key tile, n tiles of a segment.
 """
@@ -95,6 +98,18 @@ def id_range(seg: Array | None, valid: Array | None) -> tuple[Array, Array]:
     lo = jnp.min(jnp.where(valid != 0, ids, BIG))
     return lo, jnp.max(jnp.where(valid != 0, ids, -BIG))
   return jnp.min(ids), jnp.max(ids)
+
+
+def uniform(lo: Array, hi: Array, full: Array, start, stop, q_lo: Array,
+            q_hi: Array) -> Array:
+  """Whether every tile in ``[start, stop)`` (of [n] per-tile id ranges
+  ``lo, hi`` and all-valid flags ``full``) holds only valid tokens of the one
+  id ``q_lo == q_hi`` of the other side: then no token mask can hide a weight
+  and a kernel may skip the masks (a document well inside a segment)."""
+  idx = jax.lax.broadcasted_iota(jnp.int32, lo.shape, 0)
+  inside = (idx >= start) & (idx < stop)
+  same = (full != 0) & (lo == q_lo) & (hi == q_lo)
+  return (q_lo == q_hi) & (jnp.min(jnp.where(inside & ~same, 0, 1)) == 1)
 
 
 def live(lo: Array, hi: Array, other_lo: Array, other_hi: Array) -> Array:
