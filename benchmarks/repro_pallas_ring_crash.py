@@ -60,6 +60,8 @@ LIBRARY = {
     "local_only": "control: only the local branch (2048, 1), forward",
     "ring_only": "control: only the spanning branch (16384, 2), forward",
     "fwd_bwd": "local + spanning branch, contiguous, forward+backward",
+    "generic_only": "a_contiguous with no in-place branch: every kernel fresh, none aliased",
+    "ring_only_fwd_bwd": "control: only the spanning branch, forward+backward",
 }
 STANDALONE = {
     "d0_alias_local": "aliased kernel, accumulator computed locally (control)",
@@ -68,6 +70,29 @@ STANDALONE = {
     "d3_scan_then_alias": "kernels in a scan with ppermute (length 2), aliased call after",
     "d4_alias_in_scan": "aliased call inside a scan with ppermute (length 2)",
     "d5_ring_of_2_shape": "scan of length 0 + ppermute + kernel, then an aliased call",
+    "e1_d5_named": "d5 with distinct kernel names",
+    "e2_d5_no_alias": "d5 with the aliased kernel made non-aliased",
+    "e3_two_kernels_on_ppermute": "two distinct non-aliased kernels on a ppermute output, no scan",
+    "e4_two_kernels_beside_ppermute": "two distinct non-aliased kernels on local data, ppermute beside",
+    "e5_one_kernel_twice_on_ppermute": "one non-aliased kernel twice, on a ppermute output",
+}
+_NO_SHARDY = "ENV:JAX_USE_SHARDY_PARTITIONER=false"
+# Round 2: flags on the minimal standalone crash (d5) and the library case.
+FLAG_VARIANTS = {
+    "f1_d5_one_compile_thread": ("d5_ring_of_2_shape", "--xla_gpu_force_compilation_parallelism=1"),
+    "f2_d5_autotune_0": ("d5_ring_of_2_shape", "--xla_gpu_autotune_level=0"),
+    "f3_d5_no_p2p_decompose": ("d5_ring_of_2_shape",
+                               "--xla_gpu_collective_permute_decomposer_threshold=9223372036854775807"),
+    "f4_a_one_compile_thread": ("a_contiguous", "--xla_gpu_force_compilation_parallelism=1"),
+    "f5_d5_no_async_cp": ("d5_ring_of_2_shape",
+                          "--xla_gpu_disable_async_collectives=COLLECTIVEPERMUTE"),
+    # The crash is in Shardy's canonicalizer (ManualComputationUnusedInputsPattern,
+    # cuda-gdb backtrace): the same programs partitioned by GSPMD instead.
+    "g1_a_contiguous_gspmd": ("a_contiguous", _NO_SHARDY),
+    "g2_a_zigzag_gspmd": ("a_zigzag", _NO_SHARDY),
+    "g3_a_fwd_bwd_gspmd": ("a_fwd_bwd", _NO_SHARDY),
+    "g4_d5_gspmd": ("d5_ring_of_2_shape", _NO_SHARDY),
+    "g5_e2_gspmd": ("e2_d5_no_alias", _NO_SHARDY),
 }
 
 
@@ -78,6 +103,8 @@ def variants() -> dict[str, tuple[str, str, str]]:
     for k in ("contiguous", "zigzag"):
       out[f"{letter}_{k}"] = (f"a_{k} with {flag}", f"a_{k}", flag)
   out.update({k: (v, k, "") for k, v in STANDALONE.items()})
+  out.update({k: (f"{child} with {flag}", child, flag)
+              for k, (child, flag) in FLAG_VARIANTS.items()})
   return out
 
 
@@ -106,8 +133,11 @@ def child_library(variant: str, smoke: bool) -> int:
   kind = variant[2:]
   if kind == "local_only":
     branches = branches[:1]
-  elif kind == "ring_only":
+  elif kind.startswith("ring_only"):
     branches = branches[1:]
+  if kind == "generic_only":
+    from ringdilated import _ring  # pylint: disable=g-import-not-at-top
+    _ring._strided = lambda *a: None  # pylint: disable=protected-access
   layout = "zigzag" if kind == "zigzag" else "contiguous"
   causal = kind == "causal"
   kw = dict(segment_lengths=tuple(w for w, _ in branches),
@@ -120,7 +150,7 @@ def child_library(variant: str, smoke: bool) -> int:
   # shard_map's varying-axes check mistypes Pallas' interpreter loop (jax 0.10).
   ring = jax.shard_map(attend, mesh=mesh, in_specs=(P(None, "sp"),) * 3,
                        out_specs=P(None, "sp"), check_vma=jax.default_backend() == "gpu")
-  if kind == "fwd_bwd":
+  if kind in ("fwd_bwd", "ring_only_fwd_bwd"):
     fn = jax.jit(lambda q, k, v, c: (lambda o, pull: (o,) + pull(c))(*jax.vjp(ring, q, k, v)))
     args = [rd.to_layout(x, layout, 2) for x in (q, k, v, cot)]
   else:
@@ -161,22 +191,29 @@ def child_standalone(variant: str, smoke: bool) -> int:
   def spec():
     return pl.BlockSpec((block, cols), lambda i: (i, 0))
 
+  named = variant != "d5_ring_of_2_shape" or variant.startswith("e1")
+  alias = variant != "e2_d5_no_alias"
+
   def add_into(x, acc):
     """acc + x, written into acc's buffer (input 1 aliased to output 0)."""
     def kernel(x_ref, acc_ref, o_ref):
       o_ref[...] = acc_ref[...] + x_ref[...]
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(acc.shape, acc.dtype),
                           grid=(acc.shape[0] // block,), in_specs=[spec(), spec()],
-                          out_specs=spec(), input_output_aliases={1: 0},
-                          compiler_params=params, interpret=interpret)(x, acc)
+                          out_specs=spec(), input_output_aliases={1: 0} if alias else {},
+                          compiler_params=params, interpret=interpret,
+                          name="add_into" if named else None)(x, acc)
 
-  def twice(x):
-    """2 x, a plain (non-aliased) kernel: a ring block's stand-in."""
+  def scaled(x, by, name):
+    """by * x, a plain (non-aliased) kernel: a ring block's stand-in."""
     def kernel(x_ref, o_ref):
-      o_ref[...] = x_ref[...] * 2
+      o_ref[...] = x_ref[...] * by
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
                           grid=(x.shape[0] // block,), in_specs=[spec()], out_specs=spec(),
-                          compiler_params=params, interpret=interpret)(x)
+                          compiler_params=params, interpret=interpret,
+                          name=name if named else None)(x)
+
+  twice = functools.partial(scaled, by=2.0, name="twice")
 
   def program(x, add, dbl, pperm):
     """The variant's body on one device's [rows, cols] block."""
@@ -187,8 +224,15 @@ def child_standalone(variant: str, smoke: bool) -> int:
     if variant == "d2_alias_set_from_ppermute":
       acc = jnp.zeros((2 * rows, cols), x.dtype).at[:rows].set(pperm(x))
       return add(jnp.concatenate([x, x]), acc)[:rows] + 0.0
-    if variant in ("d3_scan_then_alias", "d4_alias_in_scan", "d5_ring_of_2_shape"):
-      length = 0 if variant == "d5_ring_of_2_shape" else 2
+    if variant == "e3_two_kernels_on_ppermute":
+      return scaled(dbl(pperm(x)), 3.0, "thrice")
+    if variant == "e4_two_kernels_beside_ppermute":
+      return scaled(dbl(x), 3.0, "thrice") + pperm(x)
+    if variant == "e5_one_kernel_twice_on_ppermute":
+      return dbl(dbl(pperm(x)))
+    if variant in ("d3_scan_then_alias", "d4_alias_in_scan", "d5_ring_of_2_shape",
+                   "e1_d5_named", "e2_d5_no_alias"):
+      length = 2 if variant in ("d3_scan_then_alias", "d4_alias_in_scan") else 0
       inside_alias = variant == "d4_alias_in_scan"
 
       def body(carry, _):
@@ -265,6 +309,10 @@ def run_variant(name, description, child_variant, flags, smoke, timeout):
   if smoke and "xla_force_host_platform_device_count" not in base:
     base += (" --xla_force_host_platform_device_count=2"
              " --xla_cpu_enable_concurrency_optimized_scheduler=false")
+  if flags.startswith("ENV:"):  # an environment variable, not an XLA flag
+    key, value = flags[4:].split("=", 1)
+    env[key] = value
+    flags = ""
   env["XLA_FLAGS"] = f"{base} {flags}".strip()
   cmd = [sys.executable, os.path.abspath(__file__), "--child", child_variant]
   cmd += ["--smoke"] * smoke
@@ -290,9 +338,24 @@ def main(argv=None) -> int:
   parser.add_argument("--timeout", type=float, default=60.0, help="seconds per variant")
   parser.add_argument("--smoke", action="store_true", help="CPU: interpret mode, 2 devices")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--gdb", default=None, metavar="VARIANT",
+                      help="run one variant under cuda-gdb and print the crash backtrace")
   args = parser.parse_args(argv)
   if args.child:
     return child(args.child, args.smoke)
+  if args.gdb:
+    _, child_variant, flags = variants()[args.gdb]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+    cmd = ["cuda-gdb", "-q", "-batch", "-ex", "set pagination off", "-ex", "run",
+           "-ex", "bt 40", "--args", sys.executable, os.path.abspath(__file__),
+           "--child", child_variant]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout,
+                         check=False)
+    lines = [l for l in (out.stdout + out.stderr).splitlines()
+             if l.startswith("#") or "SIGSEGV" in l or "signal" in l.lower()]
+    print("\n".join(line[:300] for line in lines[:60]), flush=True)
+    return 0
   table = variants()
   names = args.variants or list(table)
   unknown = [n for n in names if n not in table]

@@ -70,6 +70,54 @@ def expand_q(br: Branch, xc: Array, fill: float, batch: int) -> Array:
   return full.reshape(*full.shape[:2], br.num_kv * br.group, *full.shape[4:])
 
 
+def _at_kept(br: Branch, full: Array, heads: tuple[int, int], slots: tuple[int, ...],
+             xc: Array, add: bool) -> Array:
+  """``full`` [B, L, heads...] with the kept positions of heads
+  ``[start, stop)`` (as ``slots`` x the rest of ``xc``) set to, or
+  incremented by (in float32, once rounded), ``xc`` [X, T, K_b, ...].
+  Elementwise on that head range, so XLA writes it in place: no full-size
+  float32 copy, whatever the branch's share of the positions."""
+  a, b = heads
+  part = full[:, :, a:b]
+  rest = xc.shape[3:]
+  view = part.reshape(full.shape[0] * (full.shape[1] // br.piece), br.kept, br.rate,
+                      len(slots), *rest)
+  new = xc[:, :, None]
+  if add:
+    new = view.astype(jnp.float32) + new.astype(jnp.float32)
+  new = jnp.where(_hits(br, len(rest)), new.astype(full.dtype), view)
+  return full.at[:, :, a:b].set(new.reshape(part.shape))
+
+
+def update_q(br: Branch, full: Array, xc: Array) -> Array:
+  """``full`` [B, L, H, ...] with the positions and heads ``br`` keeps
+  replaced by ``xc`` [X, T, K_b, G_b, ...] (the inverse of
+  :func:`compact_q` on them)."""
+  return _at_kept(br, full, br.q_heads, br.kv_heads, xc, add=False)
+
+
+def add_q(br: Branch, full: Array, xc: Array) -> Array:
+  """``full`` [B, L, H, D] plus the query-side ``xc`` [X, T, K_b, G_b, D]
+  at the positions and heads ``br`` keeps (the transpose of
+  :func:`compact_q`, added)."""
+  return _at_kept(br, full, br.q_heads, br.kv_heads, xc, add=True)
+
+
+def distinct_kv(br: Branch) -> bool:
+  """Whether the branch's kv slots are one range of distinct kv heads (not
+  so for partition groups cutting a GQA group: a kv head read twice)."""
+  start = br.kv_heads[0]
+  return br.kv_heads == tuple(range(start, start + br.num_kv))
+
+
+def add_kv(br: Branch, full: Array, xc: Array) -> Array:
+  """``full`` [B, L, K, D] plus the key-side ``xc`` [X, T, K_b, D] at the
+  positions ``br`` keeps (the transpose of :func:`compact_kv`, added); only
+  for :func:`distinct_kv` branches."""
+  start = br.kv_heads[0]
+  return _at_kept(br, full, (start, start + br.num_kv), br.kv_heads, xc, add=True)
+
+
 def compact_kv(br: Branch, x: Array) -> Array:
   """Key-side [B, L, K, ...] -> [X, T, K_b, ...]."""
   return _take_offsets(_take_heads(x, br.kv_heads), br)

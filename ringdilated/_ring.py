@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
@@ -36,7 +37,8 @@ import numpy as np
 
 from . import _backends
 from ._backends import Backend, StridedBranch
-from ._compact import compact_kv, compact_q, compact_token, expand_q
+from ._compact import (add_kv, add_q, compact_kv, compact_q, compact_token, distinct_kv,
+                       expand_q, update_q)
 from ._layout import global_positions
 from ._merge import merge, row_delta
 from ._plan import Branch, Plan
@@ -306,11 +308,33 @@ def _strided(static: Static, br: Branch) -> StridedBranch | None:
                        scale=static.scale)
 
 
+def _in_place_beside_ring(static: Static) -> bool:
+  """Whether branches may be read in place in this program.
+
+  XLA's Shardy partitioner (jax 0.11.2) segfaults compiling a program whose
+  ring (kernels in a ``scan`` with ``ppermute``) sits beside kernels read in
+  place (in ``ManualComputationUnusedInputsPattern``; reproduced without
+  ringdilated in benchmarks/repro_pallas_ring_crash.py). GSPMD compiles it.
+  So next to a ring, with Shardy on, local branches take the generic path.
+  """
+  if all(br.ring_size == 1 for br in static.plan.branches) or static.backend.interpret:
+    return True
+  if not jax.config.jax_use_shardy_partitioner:
+    return True
+  logging.getLogger("ringdilated").warning(
+      "backend=%r: local branches beside a ring take the generic path (more memory) "
+      "because XLA's Shardy partitioner crashes compiling them in place; "
+      "jax.config.update('jax_use_shardy_partitioner', False) lifts this",
+      static.backend.name)
+  return False
+
+
 def _split(static: Static) -> tuple[list[Branch], list[tuple[Branch, StridedBranch]]]:
   """(branches for the generic path, [(branch, view)] read in place)."""
   generic, strided = [], []
+  in_place = static.backend.capabilities.in_place and _in_place_beside_ring(static)
   for br in static.plan.branches:
-    view = _strided(static, br)
+    view = _strided(static, br) if in_place else None
     if view is None:
       generic.append(br)
     else:
@@ -339,6 +363,8 @@ def _forward(static: Static, q: Array, k: Array, v: Array, tokens: Tokens,
   """(out [B, L, H, D] in q.dtype, lse [B, L, H] float32) over all branches."""
   b = q.shape[0]
   generic, strided = _split(static)
+  if strided:
+    return _forward_in_place(static, q, k, v, tokens, rng, generic, strided)
   merged = {}  # query-head range -> (out, lse): one range in "mix" mode
   for br in generic:
     ob, lb = _branch_forward(static, br, rng, *_compact(br, q, k, v, tokens))
@@ -346,22 +372,27 @@ def _forward(static: Static, q: Array, k: Array, v: Array, tokens: Tokens,
     if br.q_heads in merged:
       ob, lb = merge(*merged[br.q_heads], ob, lb)
     merged[br.q_heads] = ob, lb
-  if not strided:
-    heads = sorted(merged)
-    out = jnp.concatenate([merged[h][0].astype(q.dtype) for h in heads], axis=2)
-    return out, jnp.concatenate([merged[h][1] for h in heads], axis=2)
-  # In-place branches merge into full-size accumulators, first: their aliased
-  # inputs then never come out of a collective (XLA:GPU crashed compiling
-  # that; see benchmarks/repro_pallas_ring_crash.py). Ring branches merge after.
+  heads = sorted(merged)
+  out = jnp.concatenate([merged[h][0].astype(q.dtype) for h in heads], axis=2)
+  return out, jnp.concatenate([merged[h][1] for h in heads], axis=2)
+
+
+def _forward_in_place(static: Static, q: Array, k: Array, v: Array, tokens: Tokens,
+                      rng: Array | None, generic: list[Branch],
+                      strided: list[tuple[Branch, StridedBranch]]) -> tuple[Array, Array]:
+  """:func:`_forward` when some branches are read in place: they merge into
+  full-size ``(out [q.dtype], lse)``; every other branch then merges there at
+  the positions it keeps only, so no full-size float32 copy ever exists (a
+  ring branch of rate 512 at 8M tokens touches 1/512 of them)."""
   out = jnp.zeros_like(q)  # zeros_like: varies over the mesh axes as q does
   lse = jnp.full_like(q[..., 0], -jnp.inf, _F32)
   for br, view in strided:
     vis, drop = _in_place_masks(static, br, tokens, rng)
     out, lse = static.backend.branch_forward(view, q, k, v, vis, drop, out, lse)
-  for (start, stop), (ob, lb) in merged.items():
-    ob, lb = merge(out[:, :, start:stop].astype(_F32), lse[:, :, start:stop], ob, lb)
-    out = out.at[:, :, start:stop].set(ob.astype(q.dtype))
-    lse = lse.at[:, :, start:stop].set(lb)
+  for br in generic:
+    ob, lb = _branch_forward(static, br, rng, *_compact(br, q, k, v, tokens))
+    ob, lb = merge(compact_q(br, out).astype(_F32), compact_q(br, lse), ob, lb)
+    out, lse = update_q(br, out, ob), update_q(br, lse, lb)
   return out, lse
 
 
@@ -410,7 +441,11 @@ def _attention_bwd(static: Static, res: tuple, dout: Array) -> tuple:
     return (*grads, None, None, None)
   # Compaction is linear: its transpose scatters (and, for kv heads read by
   # several slots, adds) compacted float32 gradients back to the local layout.
-  grads = [g.astype(_F32) for g in grads]
+  # Next to in-place branches the sums stay in the input dtype (the kernels
+  # add in it too; one rounding per branch, no full-size float32 copies),
+  # else float32 until the end.
+  acc_dtype = q.dtype if strided else _F32
+  grads = [g.astype(acc_dtype) for g in grads]
   for br in generic:
     queries, chunk = _compact(br, q, k, v, tokens)
     if _needs_own_output(static, br):
@@ -420,11 +455,15 @@ def _attention_bwd(static: Static, res: tuple, dout: Array) -> tuple:
     queries = queries._replace(dout=compact_q(br, dout), out=own_out,
                                lse=compact_q(br, lse))
     dqc, dkc, dvc = _branch_backward(static, br, rng, queries, chunk)
+    if strided and distinct_kv(br):
+      # In the input dtype, at the kept positions only: no full-size float32.
+      grads = [add_q(br, grads[0], dqc), add_kv(br, grads[1], dkc),
+               add_kv(br, grads[2], dvc)]
+      continue
     pull_q = jax.vjp(functools.partial(compact_q, br), q.astype(_F32))[1]
     pull_kv = jax.vjp(functools.partial(compact_kv, br), k.astype(_F32))[1]
-    grads = [grads[0] + pull_q(dqc.astype(_F32))[0],
-             grads[1] + pull_kv(dkc.astype(_F32))[0],
-             grads[2] + pull_kv(dvc.astype(_F32))[0]]
+    grads = [(g.astype(_F32) + pull(x.astype(_F32))[0]).astype(acc_dtype)
+             for g, pull, x in zip(grads, (pull_q, pull_kv, pull_kv), (dqc, dkc, dvc))]
   grads = tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
   return (*grads, None, None, None)
 

@@ -272,3 +272,27 @@ def test_linen_module_passes_the_backend():
   calls = _pallas_calls(lambda x: rd.MultiHeadDilatedAttention(**kw, backend="pallas")
                         .apply(params, x), x)
   assert calls["ringdilated_fwd"] == 2
+
+
+def test_in_place_beside_a_ring_waits_for_gspmd(caplog):
+  """XLA's Shardy partitioner segfaults compiling Triton kernels read in
+  place beside a ring (jax 0.11.2, 2 H200s: benchmarks/repro_pallas_ring_crash.py).
+  With Shardy on, such programs take the generic path and say why; under
+  GSPMD, without a ring, or interpreted, branches are read in place."""
+  from ringdilated import _plan, _ring  # pylint: disable=g-import-not-at-top
+  ring = _plan.make_plan(rd.DilatedConfig((32, 256), (1, 2)), 256, 4, 2, 2)
+  local = _plan.make_plan(rd.DilatedConfig((32, 64), (1, 2)), 256, 4, 2, 2)
+  triton = _pallas.Pallas()
+  static = lambda plan, backend: _ring.Static(plan, 0.25, 0.0, "sp", backend)  # noqa: E731
+  shardy = jax.config.jax_use_shardy_partitioner
+  try:
+    jax.config.update("jax_use_shardy_partitioner", True)
+    with caplog.at_level(logging.WARNING, logger="ringdilated"):
+      assert not _ring._in_place_beside_ring(static(ring, triton))
+    assert "jax_use_shardy_partitioner', False" in caplog.text
+    assert _ring._in_place_beside_ring(static(local, triton))
+    assert _ring._in_place_beside_ring(static(ring, _pallas.Pallas(interpret=True)))
+    jax.config.update("jax_use_shardy_partitioner", False)
+    assert _ring._in_place_beside_ring(static(ring, triton))
+  finally:
+    jax.config.update("jax_use_shardy_partitioner", shardy)

@@ -147,28 +147,43 @@ def _view(x: Array, rate: int) -> Array:
   return x.reshape(x.shape[0], x.shape[1] // rate, rate, *x.shape[2:])
 
 
-def _like(x: Array) -> jax.ShapeDtypeStruct:
-  """The type of the accumulator ``x``, which an output aliases, including
-  the mesh axes it varies over inside ``shard_map``."""
+def _view_out(x: Array | jax.ShapeDtypeStruct, rate: int):
+  """:func:`_view` of an accumulator, or of a fresh output's type."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((x.shape[0], x.shape[1] // rate, rate, *x.shape[2:]),
+                                x.dtype, manual_axis_type=getattr(x, "manual_axis_type", None))
+  return _view(x, rate)
+
+
+def _like(x: Array, shape=None, dtype=None) -> jax.ShapeDtypeStruct:
+  """The type of ``x`` (or of ``shape`` / ``dtype`` varying as ``x`` does),
+  including the mesh axes it varies over inside ``shard_map``."""
   mat = getattr(jax.typeof(x), "mat", None)
-  return jax.ShapeDtypeStruct(x.shape, x.dtype, manual_axis_type=mat)
+  return jax.ShapeDtypeStruct(x.shape if shape is None else shape,
+                              x.dtype if dtype is None else dtype, manual_axis_type=mat)
 
 
-def _in_place(kernel: Callable, name: str, interpret: bool, params, grid,
-              inputs: dict[str, tuple[Array, object]], acc_specs: list,
-              accs: list[Array]) -> list[Array]:
-  """Runs ``kernel(refs, acc_in_refs, acc_out_refs)`` over ``grid``, with
-  ``refs`` the named ``inputs`` (array, BlockSpec); the outputs are the
-  accumulators ``accs``, updated in place (aliased)."""
+def _launch(kernel: Callable, name: str, interpret: bool, params, grid,
+            inputs: dict[str, tuple[Array, object]], out_specs: list,
+            outs: list[Array | jax.ShapeDtypeStruct]) -> list[Array]:
+  """Runs ``kernel(refs, acc_in_refs, out_refs)`` over ``grid``, with
+  ``refs`` the named ``inputs`` (array, BlockSpec).
+
+  ``outs`` are arrays (accumulators: the outputs alias them, updated in place,
+  and ``acc_in_refs`` reads them) or ``ShapeDtypeStruct`` (fresh outputs, no
+  ``acc_in_refs``: the kernel writes every element of them).
+  """
   names = tuple(inputs)
   n = len(names)
+  accumulate = not isinstance(outs[0], jax.ShapeDtypeStruct)
+  accs = list(outs) if accumulate else []
 
   def body(*refs):
     kernel(dict(zip(names, refs[:n])), refs[n:n + len(accs)], refs[n + len(accs):])
 
   return _pl().pallas_call(
-      body, grid=grid, in_specs=[spec for _, spec in inputs.values()] + list(acc_specs),
-      out_specs=list(acc_specs), out_shape=[_like(a) for a in accs],
+      body, grid=grid, in_specs=[spec for _, spec in inputs.values()] + list(out_specs)[:len(accs)],
+      out_specs=list(out_specs), out_shape=[_like(a) if accumulate else a for a in outs],
       input_output_aliases={n + i: i for i in range(len(accs))},
       compiler_params=params, interpret=interpret, name=name,
   )(*(x for x, _ in inputs.values()), *accs)
@@ -271,7 +286,7 @@ def _over_key_tiles(body: Callable, carry, ins: dict, c: _Call, t0, q_seg: Array
 
 def _forward_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
   pl = _pl()
-  (o_in, l_in), (o_ref, l_ref) = accs_in, accs_out
+  o_ref, l_ref = accs_out
   geo, bq, bk = c.geo, c.bq, c.bk
   t0 = (pl.program_id(1) % (geo.kept // bq)) * bq  # query tile, within segment
   q = ins["q"][...]
@@ -304,6 +319,11 @@ def _forward_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
   l_safe = jnp.where(seen, l, 1.0)
   lse_b = jnp.where(seen, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
   out_b = acc / (l_safe * (1.0 - c.rate))[:, None]
+  if not accs_in:  # a block: its own (out, lse)
+    o_ref[...] = out_b.astype(o_ref.dtype)
+    l_ref[...] = lse_b
+    return
+  o_in, l_in = accs_in
   lse = l_in[...]
   top = jnp.maximum(lse, lse_b)
   top = jnp.where(top == -jnp.inf, 0.0, top)
@@ -320,6 +340,14 @@ def _forward_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
 # ----------------------------------------------------------------------------
 
 
+def _store(ref, acc_in, value: Array) -> None:
+  """``ref = value`` (fresh output) or ``ref = acc + value`` (``acc_in``: the
+  one aliased accumulator), rounded to ``ref``'s dtype once."""
+  if acc_in:
+    value = acc_in[0][...].astype(_F32) + value
+  ref[...] = value.astype(ref.dtype)
+
+
 def _row_lse(l_ref_value: Array, masks: bool) -> Array:
   """The global log-sum-exp in log2 units; 0 for rows that see no key (their
   weights are masked to 0 anyway)."""
@@ -329,7 +357,7 @@ def _row_lse(l_ref_value: Array, masks: bool) -> Array:
 
 def _dq_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
   pl = _pl()
-  (dq_in,), (dq_ref,) = accs_in, accs_out
+  (dq_ref,) = accs_out
   geo, bq, bk = c.geo, c.bq, c.bk
   t0 = (pl.program_id(1) % (geo.kept // bq)) * bq
   q, do = ins["q"][...], ins["do"][...]
@@ -353,12 +381,12 @@ def _dq_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
     return dq + _dot(ds.astype(k.dtype), k)
 
   dq = _over_key_tiles(body, jnp.zeros(q.shape, _F32), ins, c, t0, q_seg)
-  dq_ref[...] = (dq_in[...].astype(_F32) + dq * geo.scale).astype(dq_ref.dtype)
+  _store(dq_ref, accs_in, dq * geo.scale)
 
 
 def _dkv_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
   pl = _pl()
-  (dk_in, dv_in), (dk_ref, dv_ref) = accs_in, accs_out
+  dk_ref, dv_ref = accs_out
   geo, bq, bk = c.geo, c.bq, c.bk
   s0 = (pl.program_id(1) % (geo.kept // bk)) * bk  # key tile, within segment
   k, v = ins["k"][...], ins["v"][...]
@@ -418,8 +446,8 @@ def _dkv_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
                           functools.partial(heads, tokens=True), carry)
   else:
     dk, dv = heads(carry, tokens=False)
-  dk_ref[...] = (dk_in[...].astype(_F32) + dk * geo.scale).astype(dk_ref.dtype)
-  dv_ref[...] = (dv_in[...].astype(_F32) + dv).astype(dv_ref.dtype)
+  _store(dk_ref, accs_in[:1], dk * geo.scale)
+  _store(dv_ref, accs_in[1:], dv)
 
 
 # ----------------------------------------------------------------------------
@@ -523,15 +551,15 @@ def _query_grid(c: _Call, shape, tokens: dict) -> tuple[tuple, dict, object, obj
            pl.BlockSpec((None, bq, None, None), lambda *a: q_map(*a)[:4])))
 
 
-def _launch(kernel: str, geo: StridedBranch, run: Pallas, masking: dict) -> _Call:
+def _call_for(kernel: str, geo: StridedBranch, run: Pallas, masking: dict) -> _Call:
   want = getattr(run.tiles, kernel)
   return _Call(geo, tile(geo.kept, want.q), tile(geo.kept, want.k), **masking["flags"])
 
 
 def forward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
-            vis: Visibility, dropout: Dropout | None, out: Array,
-            lse: Array) -> tuple[Array, Array]:
-  """Merges the branch into ``(out, lse)`` in place.
+            vis: Visibility, dropout: Dropout | None, out: Array | None = None,
+            lse: Array | None = None) -> tuple[Array, Array]:
+  """Merges the branch into ``(out, lse)`` in place, or (None) returns its own.
 
   Args:
     geo: the branch.
@@ -540,28 +568,32 @@ def forward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
     k, v: shape [B, L, K, D].
     vis: token vectors, [B, L] (or [X, T, K] for blocks), or None.
     dropout: dropout with positions shaped like the token vectors, or None.
-    out: shape [B, L, H, D], running output (0 where nothing merged yet).
+    out: shape [B, L, H, D], running output (0 where nothing merged yet), or
+      None for a block (``rate = 1``, every position kept): fresh outputs.
     lse: shape [B, L, H] float32, running log-sum-exp (``-inf`` likewise).
 
   Returns:
     The updated ``(out, lse)``; positions and heads the branch does not keep
     are unchanged.
   """
+  if out is None:
+    out, lse = _like(q), _like(q, q.shape[:3], _F32)
   masking = _masking(geo, vis, dropout)
-  c = _launch("fwd", geo, run, masking)
+  c = _call_for("fwd", geo, run, masking)
   grid, tokens, q_spec, (kv_spec, l_spec) = _query_grid(c, q.shape, masking["tokens"])
   qv, kv_, vv = (_view(x, geo.rate) for x in (q, k, v))
-  o5, l4 = _in_place(
+  o5, l4 = _launch(
       functools.partial(_forward_kernel, c=c), c.name("fwd"), run.interpret,
       _compiler_params(run.tiles.fwd, run.interpret), grid,
       dict(q=(qv, q_spec), k=(kv_, kv_spec), v=(vv, kv_spec), **tokens),
-      [q_spec, l_spec], [_view(out, geo.rate), _view(lse, geo.rate)])
+      [q_spec, l_spec], [_view_out(out, geo.rate), _view_out(lse, geo.rate)])
   return o5.reshape(out.shape), l4.reshape(lse.shape)
 
 
 def backward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
              vis: Visibility, dropout: Dropout | None, dout: Array, lse: Array,
-             delta: Array, grads: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+             delta: Array, grads: tuple[Array, Array, Array] | None
+             ) -> tuple[Array, Array, Array]:
   """Adds the branch's gradients into ``grads = (dq, dk, dv)`` in place.
 
   Args:
@@ -570,28 +602,31 @@ def backward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
     k, v: shape [B, L, K, D].
     lse: shape [B, L, H] float32, the global log-sum-exp.
     delta: shape [B, L, H] float32, ``rowsum(dout * out)`` of the global out.
-    grads: accumulators shaped like ``q, k, v``.
+    grads: accumulators shaped like ``q, k, v``, or None for a block
+      (``rate = 1``): fresh gradients.
   """
   pl = _pl()
+  if grads is None:
+    grads = (_like(q), _like(k), _like(v))
   b, length, _, d = q.shape
   t, r, g = geo.kept, geo.rate, geo.group
   h0, h1 = geo.heads
   m = length // r
   qv, kv_, vv, dov, lv, dlv = (_view(x, r) for x in (q, k, v, dout, lse, delta))
-  dq, dk, dv = (_view(x, r) for x in grads)
+  dq, dk, dv = (_view_out(x, r) for x in grads)
   masking = _masking(geo, vis, dropout)
 
   # dq: a query tile against its segment's keys.
-  c = _launch("dq", geo, run, masking)
+  c = _call_for("dq", geo, run, masking)
   grid, tokens, q_spec, (kv_spec, l_spec) = _query_grid(c, q.shape, masking["tokens"])
-  (dq,) = _in_place(
+  (dq,) = _launch(
       functools.partial(_dq_kernel, c=c), c.name("dq"), run.interpret,
       _compiler_params(run.tiles.dq, run.interpret), grid,
       dict(q=(qv, q_spec), k=(kv_, kv_spec), v=(vv, kv_spec), do=(dov, q_spec),
            lse=(lv, l_spec), delta=(dlv, l_spec), **tokens), [q_spec], [dq])
 
   # dk, dv: a key tile against its segment's queries of every head reading it.
-  c = _launch("dkv", geo, run, masking)
+  c = _call_for("dkv", geo, run, masking)
   bq, bk = c.bq, c.bk
 
   def k_map(bi, j, kh):
@@ -626,7 +661,7 @@ def backward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
   inputs = dict(q=(qv, qs_spec), k=(kv_, k_spec), v=(vv, k_spec), do=(dov, qs_spec),
                 lse=(lv, ls_spec), delta=(dlv, ls_spec))
   inputs.update((name, (x, specs[name])) for name, x in tokens.items() if x is not None)
-  dk, dv = _in_place(
+  dk, dv = _launch(
       functools.partial(_dkv_kernel, c=c), c.name("dkv"), run.interpret,
       _compiler_params(run.tiles.dkv, run.interpret), (b, m // bk, (h1 - h0) // g),
       inputs, [k_spec, k_spec], [dk, dv])
@@ -675,20 +710,16 @@ class Pallas(Backend):
 
   def forward(self, q, k, v, vis, *, scale, dropout=None):
     x, t, kh, g, d = q.shape
-    out = jnp.zeros_like(q).reshape(x, t, kh * g, d)  # zeros_like: varies as q
-    lse = jnp.full_like(out[..., 0], -jnp.inf, _F32)
-    out, lse = forward(_block_geometry(q, vis, scale), self, q.reshape(out.shape), k, v,
-                       vis, dropout, out, lse)
+    out, lse = forward(_block_geometry(q, vis, scale), self, q.reshape(x, t, kh * g, d),
+                       k, v, vis, dropout)
     return out.reshape(q.shape), lse.reshape(x, t, kh, g)
 
   def backward(self, q, k, v, vis, dout, out, lse, *, scale, dropout=None):
     x, t, kh, g, d = q.shape
     heads = lambda a: a.reshape(x, t, kh * g, *a.shape[4:]).astype(q.dtype)  # noqa: E731
     delta = row_delta(dout, out).reshape(x, t, kh * g)
-    grads = (jnp.zeros_like(q).reshape(x, t, kh * g, d), jnp.zeros_like(k),
-             jnp.zeros_like(v))
     dq, dk, dv = backward(_block_geometry(q, vis, scale), self, heads(q), k, v, vis,
-                          dropout, heads(dout), lse.reshape(x, t, kh * g), delta, grads)
+                          dropout, heads(dout), lse.reshape(x, t, kh * g), delta, None)
     return dq.reshape(q.shape), dk, dv
 
   def branch_forward(self, branch, q, k, v, vis, dropout, out, lse):
