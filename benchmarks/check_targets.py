@@ -97,7 +97,11 @@ def targets(rec, errors=None):
     v = ratio(get(ours, n, "peak_bytes"), get(ours, n // 2, "peak_bytes"))
     yield f"LongNet {mode} peak(1M)/peak(512K) (pallas) <= 2.1", v, v is not None and v <= 2.1
   v = ratio(get("ringattention_pkg", 32768), get("ours_dense_ring1", 32768))
-  yield ">= 10x the ringattention package at 32K (fwd+bwd)", v, v is not None and v >= 10
+  if v is None:  # the package is not installed on every GPU machine
+    yield ("the ringattention package at 32K (fwd+bwd): not measured here "
+           "(H100, benchmarks/results/h100.json: 18.5x)"), None, None
+  else:
+    yield ">= 10x the ringattention package at 32K (fwd+bwd)", v, v >= 10
   yield from masked_targets(rec, errors)
 
 
