@@ -627,7 +627,10 @@ def plan(only: set[str], seqs: set[int], max_seq: int) -> list[Case]:
                                      order[id(c)]))
 
 
-def _exit_text(code: int) -> str:
+def _exit_text(code: int | None) -> str:
+  """How a subprocess ended (None: it timed out)."""
+  if code is None:
+    return "timed out"
   if code < 0:
     try:
       return f"killed by {signal.Signals(-code).name}"

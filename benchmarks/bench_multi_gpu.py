@@ -78,7 +78,6 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -576,17 +575,6 @@ def merge(path: str, rec: dict, keep_measured: bool = False) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _exit_text(code) -> str:
-  if code is None:
-    return "timed out"
-  if code < 0:
-    try:
-      return f"killed by {signal.Signals(-code).name}"
-    except ValueError:
-      return f"killed by signal {-code}"
-  return f"exit code {code}"
-
-
 def _child(args, extra: list[str], timeout: float | None) -> int | None:
   cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out,
          "--iters", str(args.iters)] + ["--smoke"] * args.smoke + extra
@@ -623,7 +611,7 @@ def _died(args, case: Case, rc) -> None:
   """Records how ``case``'s process ended if it left no record of its own."""
   rec = next((r for r in load(args.out) if r.get("name") == case.name), None)
   if rec is None or rec.get("error") == STARTED:
-    rec = _stub(case, error=f"{STARTED} ({_exit_text(rc)})")
+    rec = _stub(case, error=f"{STARTED} ({bench._exit_text(rc)})")
     merge(args.out, rec)
     print(f"{case.name:48s} ERROR {rec['error']}", flush=True)
 
@@ -802,7 +790,7 @@ def main(argv=None) -> int:
                 None if left() is None else left() + 600)
     os.unlink(f.name)
     if rc != 0:  # a crash: record where, then go on after that case
-      print(f"worker {_exit_text(rc)}", flush=True)
+      print(f"worker {bench._exit_text(rc)}", flush=True)
       recs = {r["name"]: r for r in load(args.out)}
       dead = next((c for c in cases[i:j] if recs.get(c.name, {}).get("error") == STARTED),
                   None)

@@ -275,6 +275,23 @@ def main(argv=None) -> int:
   def over_budget():
     return args.time_budget is not None and time.monotonic() - start > args.time_budget
 
+  def check(label, errors):
+    """Prints ``label``, runs ``errors()`` -> [rel err of out, dq, dk, dv],
+    records a failure (an exception or an error over TOL); the worst error."""
+    print(f"{label} ...", flush=True)
+    try:
+      errs = errors()
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"{label} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
+      failed.append(label)
+      return 0.0
+    ok = max(errs) < TOL
+    print(f"{label} rel err out/dq/dk/dv = " + " ".join(f"{e:.1e}" for e in errs)
+          + ("" if ok else "  FAIL"), flush=True)
+    if not ok:
+      failed.append(label)
+    return max(errs)
+
   rng = np.random.default_rng(0)
   if "multi" in sections:
     if p < 2:
@@ -302,21 +319,13 @@ def main(argv=None) -> int:
         except ValueError as e:
           print(f"{label} not valid on this ring: {e}", flush=True)
           continue
-        print(f"{label} ...", flush=True)
-        try:
+
+        def errors(backend=backend, layout=layout, mode=mode, cfg=cfg, cfg_name=cfg_name,
+                   causal=causal, masks=masks):
           want = _reference(cfg_name, mode, causal, masks, data, tokens)
           got = ring_out_and_grads(backend, layout, mode, cfg, causal, masks, data, tokens, p)
-          errs = [_rel(g, w) for g, w in zip(got, want)]
-        except Exception as e:  # pylint: disable=broad-except
-          print(f"{label} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
-          failed.append(label)
-          continue
-        ok = max(errs) < TOL
-        worst = max(worst, max(errs))
-        print(f"{label} rel err out/dq/dk/dv = " + " ".join(f"{e:.1e}" for e in errs)
-              + ("" if ok else "  FAIL"), flush=True)
-        if not ok:
-          failed.append(label)
+          return [_rel(g, w) for g, w in zip(got, want)]
+        worst = max(worst, check(label, errors))
 
   if "single" in sections:
     names = args.backends or ["cudnn", "pallas"]
@@ -326,19 +335,8 @@ def main(argv=None) -> int:
       if over_budget():
         left_out += 1
         continue
-      print(f"{label} ...", flush=True)
-      try:
-        errs = run_single(backend, kw, causal, ring, rng)
-      except Exception as e:  # pylint: disable=broad-except
-        print(f"{label} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
-        failed.append(label)
-        continue
-      ok = max(errs) < TOL
-      worst = max(worst, max(errs))
-      print(f"{label} rel err out/dq/dk/dv = " + " ".join(f"{e:.1e}" for e in errs)
-            + ("" if ok else "  FAIL"), flush=True)
-      if not ok:
-        failed.append(label)
+      worst = max(worst, check(label, functools.partial(run_single, backend, kw, causal,
+                                                        ring, rng)))
 
   print(f"worst relative error {worst:.2e} (tolerance {TOL}); {len(failed)} failed"
         + (f"; {left_out} case(s) left out by the time budget" if left_out else ""),
