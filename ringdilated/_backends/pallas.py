@@ -502,6 +502,26 @@ def _masking(geo: StridedBranch, vis: Visibility, dropout: Dropout | None) -> di
   return dict(tokens=tokens, flags=flags)
 
 
+def _token_inputs(tokens: dict, tiled: str, tile_len: int, window: int, range_tile: int,
+                  tile_map, window_map) -> dict:
+  """``{name: (vector, BlockSpec)}`` of the token vectors present in
+  ``tokens``: the grid's side ``tiled`` (``"q"`` or ``"k"``) by tile of
+  ``tile_len``, the other side by segment window of ``window``, with its
+  per-tile id ranges (tiles of ``range_tile``) by window too."""
+  pl = _pl()
+  other = "k" if tiled == "q" else "q"
+
+  def spec(n, index):
+    return pl.BlockSpec((None, n, None, None), index)
+
+  specs = {f"{tiled}_{x}": spec(tile_len, tile_map) for x in ("seg", "valid", "pos")}
+  specs.update({f"{other}_{x}": spec(window, window_map) for x in ("seg", "valid", "pos")})
+  specs.update({f"{other}_{x}": spec(window // range_tile, window_map)
+                for x in ("lo", "hi", "full")})
+  specs["seed"] = pl.BlockSpec((1,), lambda *a: (0,))
+  return {name: (x, specs[name]) for name, x in tokens.items() if x is not None}
+
+
 def _query_grid(c: _Call, shape, tokens: dict) -> tuple[tuple, dict, object, object]:
   """Grid (B, M / bq, query heads) of the query-tile kernels and the specs
   of its inputs: ``q`` tiles (and out, dout, dq), the segment's K/V window,
@@ -528,23 +548,10 @@ def _query_grid(c: _Call, shape, tokens: dict) -> tuple[tuple, dict, object, obj
     kv = (h0 + hq) // g
     return bi, i // per_seg, geo.off(kv), c.kvt(kv)
 
-  specs = dict(
-      q_seg=pl.BlockSpec((None, bq, None, None), tok_tile),
-      q_pos=pl.BlockSpec((None, bq, None, None), tok_tile),
-      k_seg=pl.BlockSpec((None, t, None, None), tok_window),
-      k_valid=pl.BlockSpec((None, t, None, None), tok_window),
-      k_pos=pl.BlockSpec((None, t, None, None), tok_window),
-      k_lo=pl.BlockSpec((None, t // bk, None, None), tok_window),
-      k_hi=pl.BlockSpec((None, t // bk, None, None), tok_window),
-      k_full=pl.BlockSpec((None, t // bk, None, None), tok_window),
-      seed=pl.BlockSpec((1,), lambda *a: (0,)))
-  inputs = {}
   if c.masks:
     tokens = dict(tokens, **dict(zip(("k_lo", "k_hi", "k_full"), _id_ranges(
         tokens["k_seg"], tokens["k_valid"], bk))))
-  for name, x in tokens.items():
-    if x is not None:
-      inputs[name] = (x, specs[name])
+  inputs = _token_inputs(tokens, "q", bq, t, bk, tok_tile, tok_window)
   return ((b, length // geo.rate // bq, geo.heads[1] - h0), inputs,
           pl.BlockSpec((None, bq, None, None, d), q_map),
           (pl.BlockSpec((None, t, None, None, d), kv_map),
@@ -646,21 +653,12 @@ def backward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
   k_spec = pl.BlockSpec((None, bk, None, None, d), k_map)
   qs_spec = pl.BlockSpec((None, t, None, g, d), seg_map)
   ls_spec = pl.BlockSpec((None, t, None, g), lambda *a: seg_map(*a)[:4])
-  specs = dict(
-      q_seg=pl.BlockSpec((None, t, None, None), tok_window),
-      q_pos=pl.BlockSpec((None, t, None, None), tok_window),
-      k_seg=pl.BlockSpec((None, bk, None, None), tok_tile),
-      k_valid=pl.BlockSpec((None, bk, None, None), tok_tile),
-      k_pos=pl.BlockSpec((None, bk, None, None), tok_tile),
-      q_lo=pl.BlockSpec((None, t // bq, None, None), tok_window),
-      q_hi=pl.BlockSpec((None, t // bq, None, None), tok_window),
-      seed=pl.BlockSpec((1,), lambda *a: (0,)))
   tokens = dict(masking["tokens"])
   if c.seg:
     tokens.update(zip(("q_lo", "q_hi"), _id_ranges(tokens["q_seg"], None, bq)[:2]))
   inputs = dict(q=(qv, qs_spec), k=(kv_, k_spec), v=(vv, k_spec), do=(dov, qs_spec),
-                lse=(lv, ls_spec), delta=(dlv, ls_spec))
-  inputs.update((name, (x, specs[name])) for name, x in tokens.items() if x is not None)
+                lse=(lv, ls_spec), delta=(dlv, ls_spec),
+                **_token_inputs(tokens, "k", bk, t, bq, tok_tile, tok_window))
   dk, dv = _launch(
       functools.partial(_dkv_kernel, c=c), c.name("dkv"), run.interpret,
       _compiler_params(run.tiles.dkv, run.interpret), (b, m // bk, (h1 - h0) // g),
