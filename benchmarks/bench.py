@@ -43,8 +43,10 @@ Cases (bf16, B=1, H=16, D=128):
              the jitted program); plus the portable block (backend="xla")
              with 64K documents in mix mode.
   ringattn   the ``ringattention`` package (if importable) at 8K/32K causal.
-  pallas     backend="pallas" (strided in-place kernels) on the dense and
-             LongNet cases, with the cuDNN references at the same lengths.
+  pallas     backend="pallas" (strided in-place Triton kernels) on the dense
+             and LongNet cases, with the default backend and the cuDNN /
+             strided-slice references at the same lengths.
+  mosaic     the same with backend="mosaic" (the Hopper kernels).
   zigzag     the dense causal case on a 1-device ring in the zigzag layout
              (overhead vs the contiguous ``ours_dense_ring1`` of ``dense``:
              run both groups together), and the attention work of one ring
@@ -95,7 +97,8 @@ _M = 1 << 20
 # Most important first: the targets of check_targets.py (issue 15 at 1M,
 # then the honest baselines at 1M), then context. (name, nominal N).
 PRIORITY = (
-    ("ours_longnet_mix", _M), ("ours_docs64k_longnet_mix", _M),
+    ("ours_longnet_mix", _M), ("ours_mosaic_longnet_mix", _M),
+    ("ours_mosaic_longnet_partition", _M), ("ours_mosaic_dense", 32768), ("ours_docs64k_longnet_mix", _M),
     ("ours_pad10_longnet_mix", _M), ("ours_dropout_longnet_mix", _M),
     ("ours_docs8k_longnet_mix", _M),
     ("slice_cudnn_longnet_partition", _M), ("ours_pallas_longnet_partition", _M),
@@ -565,18 +568,22 @@ def cases(only):
           ours_docs, mode="mix", backend="xla", **LONGNET), n, fl,
           dict(cfg, backend="xla", segment_ids="documents of 65536 tokens"),
           _documents(65536 // SCALE))
-  if "pallas" in only:
+  for kernels in ("pallas", "mosaic"):  # the in-place kernel families
+    if kernels not in only:
+      continue
     for n in _ns(8192, 32768):
       cfg, fl = _dense(n)
       yield Case("cudnn_dense", cudnn_dense, n, fl, cfg)
-      yield Case("ours_pallas_dense", functools.partial(
-          ours, segment_lengths=(n,), dilation_rates=(1,), backend="pallas"), n, fl,
-          dict(cfg, backend="pallas"))
+      yield Case("ours_dense", functools.partial(ours, segment_lengths=(n,),
+                                                 dilation_rates=(1,)), n, fl, cfg)
+      yield Case(f"ours_{kernels}_dense", functools.partial(
+          ours, segment_lengths=(n,), dilation_rates=(1,), backend=kernels), n, fl,
+          dict(cfg, backend=kernels))
     for n in _ns(65536, 262144, 524288, 1048576):
       for mode in ("mix", "partition"):
         cfg, fl = _longnet(n, mode)
-        yield Case(f"ours_pallas_longnet_{mode}", functools.partial(
-            ours, mode=mode, backend="pallas", **LONGNET), n, fl, dict(cfg, backend="pallas"))
+        yield Case(f"ours_{kernels}_longnet_{mode}", functools.partial(
+            ours, mode=mode, backend=kernels, **LONGNET), n, fl, dict(cfg, backend=kernels))
         yield Case(f"ours_longnet_{mode}", functools.partial(ours, mode=mode, **LONGNET),
                    n, fl, cfg)
         yield Case(f"slice_cudnn_longnet_{mode}", _slice_baseline(mode), n, fl, cfg)
@@ -604,7 +611,7 @@ def cases(only):
 SMOKE_ONLY = ("masked,slice_cudnn_longnet_mix,slice_cudnn_longnet_partition,"
               "slice_cudnn_set_longnet_partition")
 SMOKE_SEQS = "262144,524288"
-GROUPS = ("dense", "longnet", "slice", "masked", "ringattn", "zigzag", "pallas")
+GROUPS = ("dense", "longnet", "slice", "masked", "ringattn", "zigzag", "pallas", "mosaic")
 
 
 def plan(only: set[str], seqs: set[int], max_seq: int) -> list[Case]:

@@ -23,8 +23,9 @@ from ._backends import Request as Request
 from ._backends import StridedBranch as StridedBranch
 from ._backends import Visibility as Visibility
 from ._backends import select as select
+from ._backends.mosaic import MosaicTiles as MosaicTiles
 from ._backends.pallas import KernelTiles as KernelTiles
 from ._backends.pallas import Tiles as Tiles
 
 __all__ = ["AUTO", "REGISTRY", "Backend", "Capabilities", "Dropout", "KernelTiles",
-           "Request", "StridedBranch", "Tiles", "Visibility", "select"]
+           "MosaicTiles", "Request", "StridedBranch", "Tiles", "Visibility", "select"]

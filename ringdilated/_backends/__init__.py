@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import types
 
-from . import cudnn, pallas, xla
+from . import cudnn, mosaic, pallas, xla
 from .base import Backend, Capabilities, Dropout, Request, StridedBranch, Visibility
 
 __all__ = ["AUTO", "Backend", "Capabilities", "Dropout", "REGISTRY", "Request",
@@ -24,6 +24,7 @@ REGISTRY = types.MappingProxyType({
     "xla": xla.XLA(),
     "cudnn": cudnn.CuDNN(),
     "pallas": pallas.Pallas(),
+    "mosaic": mosaic.Mosaic(),
 })
 
 # backend="auto" takes the first of these that can run a call natively:

@@ -672,7 +672,7 @@ def backward(geo: StridedBranch, run: Pallas, q: Array, k: Array, v: Array,
 # ----------------------------------------------------------------------------
 
 
-def _block_geometry(q: Array, vis: Visibility, scale: float) -> StridedBranch:
+def block_geometry(q: Array, vis: Visibility, scale: float) -> StridedBranch:
   _, t, kh, g, _ = q.shape
   return StridedBranch(kept=t, rate=1, heads=(0, kh * g), group=g, offset=0,
                        causal=vis.diagonal, scale=scale)
@@ -708,7 +708,7 @@ class Pallas(Backend):
 
   def forward(self, q, k, v, vis, *, scale, dropout=None):
     x, t, kh, g, d = q.shape
-    out, lse = forward(_block_geometry(q, vis, scale), self, q.reshape(x, t, kh * g, d),
+    out, lse = forward(block_geometry(q, vis, scale), self, q.reshape(x, t, kh * g, d),
                        k, v, vis, dropout)
     return out.reshape(q.shape), lse.reshape(x, t, kh, g)
 
@@ -716,7 +716,7 @@ class Pallas(Backend):
     x, t, kh, g, d = q.shape
     heads = lambda a: a.reshape(x, t, kh * g, *a.shape[4:]).astype(q.dtype)  # noqa: E731
     delta = row_delta(dout, out).reshape(x, t, kh * g)
-    dq, dk, dv = backward(_block_geometry(q, vis, scale), self, heads(q), k, v, vis,
+    dq, dk, dv = backward(block_geometry(q, vis, scale), self, heads(q), k, v, vis,
                           dropout, heads(dout), lse.reshape(x, t, kh * g), delta, None)
     return dq.reshape(q.shape), dk, dv
 

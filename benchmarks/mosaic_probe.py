@@ -1,0 +1,154 @@
+"""The Mosaic GPU kernels alone on one Hopper GPU: exactness against the
+Triton kernels (same in-place calls, random running accumulators) and speed
+against cuDNN and the Triton kernels on dense causal attention.
+
+  python3 benchmarks/mosaic_probe.py            # every case, each in a child
+                                                # process under a timeout
+  python3 benchmarks/mosaic_probe.py exact:dense_causal   # one case
+
+A kernel that deadlocks shows as a timeout of its case, not a hung run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ringdilated._backends import mosaic, pallas
+from ringdilated._backends.base import StridedBranch, Visibility
+
+EXACT = {  # name: (L, H, K, D, kept, rate, heads, offset, causal)
+    "dense_causal": (4096, 4, 4, 128, 4096, 1, (0, 4), None, True),
+    "dense_full": (2048, 4, 4, 128, 2048, 1, (0, 4), None, False),
+    "mix_r2_gqa": (4096, 4, 2, 128, 1024, 2, (0, 4), None, True),
+    "part_r4_d64": (8192, 8, 8, 64, 512, 4, (4, 8), 1, True),
+    "mix_r8_gqa4": (16384, 8, 2, 128, 256, 8, (0, 8), None, False),
+}
+SPEED = ("dense32k",)
+
+
+def _inputs(length, h, k, d, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 8)
+  n = lambda key, heads: jax.random.normal(key, (1, length, heads, d), jnp.bfloat16)  # noqa: E731
+  return dict(q=n(keys[0], h), k=n(keys[1], k), v=n(keys[2], k), do=n(keys[3], h),
+              out=n(keys[4], h), lse=jax.random.normal(keys[5], (1, length, h), jnp.float32),
+              delta=jax.random.normal(keys[6], (1, length, h), jnp.float32),
+              dq=n(keys[7], h), dk=n(keys[1], k) * 0.5, dv=n(keys[2], k) * 0.5)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def exact(name: str) -> dict:
+  length, h, kh, d, kept, rate, heads, offset, causal = EXACT[name]
+  geo = StridedBranch(kept=kept, rate=rate, heads=heads, group=h // kh, offset=offset,
+                      causal=causal, scale=d ** -0.5)
+  x = _inputs(length, h, kh, d)
+  vis = Visibility(None, None, None, causal)
+  tri = pallas.Pallas()
+  tiles = mosaic.MosaicTiles()
+  got = jax.jit(lambda x: mosaic.forward(geo, tiles, x["q"], x["k"], x["v"], x["out"], x["lse"]))(x)
+  want = jax.jit(lambda x: pallas.forward(geo, tri, x["q"], x["k"], x["v"], vis, None,
+                                          x["out"], x["lse"]))(x)
+  rec = dict(out=_rel(got[0], want[0]), lse=_rel(got[1], want[1]))
+  grads = (x["dq"], x["dk"], x["dv"])
+  got = jax.jit(lambda x: mosaic.backward(geo, tiles, x["q"], x["k"], x["v"], x["do"], want[1],
+                                          x["delta"], grads))(x)
+  ref = jax.jit(lambda x: pallas.backward(geo, tri, x["q"], x["k"], x["v"], vis, None, x["do"],
+                                          want[1], x["delta"], grads))(x)
+  rec.update({n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dv"), got, ref)})
+  # the branch's own gradient part, relative to itself (accumulators removed)
+  rec.update({f"{n}_own": _rel(a.astype(np.float32) - g.astype(np.float32),
+                               b.astype(np.float32) - g.astype(np.float32))
+              for n, a, b, g in zip(("dq", "dk", "dv"), got, ref, grads)})
+  return rec
+
+
+def _time(fn, *args, iters=10):
+  jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append((time.perf_counter() - t0) * 1e3)
+  return float(np.median(ts))
+
+
+def speed(name: str, tiles: mosaic.MosaicTiles = mosaic.MosaicTiles(),
+          references: bool = True) -> dict:
+  assert name == "dense32k"
+  length, h, d = 32768, 16, 128
+  x = _inputs(length, h, h, d)
+  geo = StridedBranch(kept=length, rate=1, heads=(0, h), group=1, offset=None, causal=True,
+                      scale=d ** -0.5)
+  vis = Visibility(None, None, None, True)
+  tri = pallas.Pallas()
+  zeros, ninf = jnp.zeros_like(x["q"]), jnp.full(x["lse"].shape, -jnp.inf, jnp.float32)
+  grads = (jnp.zeros_like(x["q"]), jnp.zeros_like(x["k"]), jnp.zeros_like(x["v"]))
+  rec = {}
+  fm = jax.jit(lambda q, k, v: mosaic.forward(geo, tiles, q, k, v, zeros, ninf))
+  ft = jax.jit(lambda q, k, v: pallas.forward(geo, tri, q, k, v, vis, None, zeros, ninf))
+  out, lse = fm(x["q"], x["k"], x["v"])
+  bm = jax.jit(lambda q, k, v, do: mosaic.backward(geo, tiles, q, k, v, do, lse,
+                                                   x["delta"], grads))
+  bt = jax.jit(lambda q, k, v, do: pallas.backward(geo, tri, q, k, v, vis, None, do, lse,
+                                                   x["delta"], grads))
+  args = (x["q"], x["k"], x["v"])
+  rec["mosaic_fwd"] = _time(fm, *args)
+  rec["mosaic_bwd"] = _time(bm, *args, x["do"])
+  if not references:
+    rec["mosaic_fwdbwd"] = rec["mosaic_fwd"] + rec["mosaic_bwd"]
+    return rec
+  rec["triton_fwd"] = _time(ft, *args)
+  rec["triton_bwd"] = _time(bt, *args, x["do"])
+  cud = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+      q, k, v, is_causal=True, implementation="cudnn")
+  rec["cudnn_fwd"] = _time(jax.jit(cud), *args)
+  loss = lambda q, k, v: jnp.sum(cud(q, k, v).astype(jnp.float32) * x["do"])  # noqa: E731
+  rec["cudnn_fwdbwd"] = _time(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), *args)
+  flops = 4 * length * length * d * h / 2
+  for kind in ("mosaic", "triton"):
+    rec[f"{kind}_fwdbwd"] = rec[f"{kind}_fwd"] + rec[f"{kind}_bwd"]
+  rec["tflops_fwd"] = {k: flops / rec[f"{k}_fwd"] / 1e9 for k in ("mosaic", "triton", "cudnn")}
+  rec["tflops_fwdbwd"] = {k: 3.5 * flops / rec[f"{k}_fwdbwd"] / 1e9
+                          for k in ("mosaic", "triton", "cudnn")}
+  return rec
+
+
+def main(argv) -> int:
+  if argv:
+    kind, name, *tiles = argv[0].split(":")
+    if kind == "tune":
+      rec = speed(name, mosaic.MosaicTiles(*map(int, tiles[0].split(","))), False)
+    else:
+      rec = (exact if kind == "exact" else speed)(name)
+    print("RESULT", json.dumps(rec))
+    return 0
+  timeout = float(os.environ.get("CASE_TIMEOUT", "120"))
+  todo = [f"exact:{n}" for n in EXACT] + [f"speed:{n}" for n in SPEED]
+  if os.environ.get("TUNE"):  # fwd_k,dq_k,dkv_q,stages sets, ";"-separated
+    todo = [f"tune:dense32k:{t}" for t in os.environ["TUNE"].split(";")]
+  for case in todo:
+    t0 = time.time()
+    try:
+      p = subprocess.run([sys.executable, __file__, case], capture_output=True, text=True,
+                         timeout=timeout)
+      lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT")]
+      print(case, f"{time.time() - t0:.0f}s", lines[-1] if lines else
+            f"FAILED rc={p.returncode}\n{p.stderr[-3000:]}", flush=True)
+    except subprocess.TimeoutExpired:
+      print(case, "TIMEOUT", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
