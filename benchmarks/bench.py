@@ -97,8 +97,9 @@ _M = 1 << 20
 # Most important first: the targets of check_targets.py (issue 15 at 1M,
 # then the honest baselines at 1M), then context. (name, nominal N).
 PRIORITY = (
-    ("ours_longnet_mix", _M), ("ours_mosaic_longnet_mix", _M),
-    ("ours_mosaic_longnet_partition", _M), ("ours_mosaic_dense", 32768), ("ours_docs64k_longnet_mix", _M),
+    ("ours_longnet_mix", _M), ("ours_cudnn_longnet_mix", _M),
+    ("ours_mosaic_longnet_partition", _M), ("ours_mosaic_dense", 32768),
+    ("cudnn_dense", 32768), ("ours_docs64k_longnet_mix", _M),
     ("ours_pad10_longnet_mix", _M), ("ours_dropout_longnet_mix", _M),
     ("ours_docs8k_longnet_mix", _M),
     ("slice_cudnn_longnet_partition", _M), ("ours_pallas_longnet_partition", _M),
@@ -586,6 +587,8 @@ def cases(only):
             ours, mode=mode, backend=kernels, **LONGNET), n, fl, dict(cfg, backend=kernels))
         yield Case(f"ours_longnet_{mode}", functools.partial(ours, mode=mode, **LONGNET),
                    n, fl, cfg)
+        yield Case(f"ours_cudnn_longnet_{mode}", functools.partial(
+            ours, mode=mode, backend="cudnn", **LONGNET), n, fl, dict(cfg, backend="cudnn"))
         yield Case(f"slice_cudnn_longnet_{mode}", _slice_baseline(mode), n, fl, cfg)
   if "zigzag" in only:  # run with "dense": its ours_dense_ring1 is the reference
     for n in _ns(8192, 32768, 131072):

@@ -24,13 +24,33 @@ import numpy as np
 from ringdilated._backends import mosaic, pallas
 from ringdilated._backends.base import StridedBranch, Visibility
 
-EXACT = {  # name: (L, H, K, D, kept, rate, heads, offset, causal)
+EXACT = {  # name: (L, H, K, D, kept, rate, heads, offset, causal[, masks])
     "dense_causal": (4096, 4, 4, 128, 4096, 1, (0, 4), None, True),
     "dense_full": (2048, 4, 4, 128, 2048, 1, (0, 4), None, False),
     "mix_r2_gqa": (4096, 4, 2, 128, 1024, 2, (0, 4), None, True),
     "part_r4_d64": (8192, 8, 8, 64, 512, 4, (4, 8), 1, True),
     "mix_r8_gqa4": (16384, 8, 2, 128, 256, 8, (0, 8), None, False),
+    "docs_causal": (4096, 4, 4, 128, 4096, 1, (0, 4), None, True, "docs"),
+    "pad_full": (4096, 4, 2, 128, 2048, 1, (0, 4), None, False, "pad"),
+    "both_mix_r2": (8192, 4, 2, 128, 1024, 2, (0, 4), None, True, "both"),
+    "both_part_r4": (8192, 8, 8, 64, 512, 4, (4, 8), 1, False, "both"),
 }
+
+
+def _masks(kind, length, seed=1):
+  """(key validity, segment ids) [1, L]: documents of 3 to 700 tokens in
+  order, and padding in the middle and at the end."""
+  rng = np.random.default_rng(seed)
+  seg = valid = None
+  if kind in ("docs", "both"):
+    seg = np.repeat(np.arange(length), rng.integers(3, 700, length))[:length][None]
+    seg = jnp.asarray(seg, jnp.int32)
+  if kind in ("pad", "both"):
+    v = np.ones((1, length), bool)
+    v[:, length // 3:length // 3 + 300] = False
+    v[:, -length // 10:] = False
+    valid = jnp.asarray(v)
+  return valid, seg
 SPEED = ("dense32k",)
 
 
@@ -49,20 +69,25 @@ def _rel(a, b):
 
 
 def exact(name: str) -> dict:
-  length, h, kh, d, kept, rate, heads, offset, causal = EXACT[name]
+  length, h, kh, d, kept, rate, heads, offset, causal, *kind = EXACT[name]
   geo = StridedBranch(kept=kept, rate=rate, heads=heads, group=h // kh, offset=offset,
                       causal=causal, scale=d ** -0.5)
   x = _inputs(length, h, kh, d)
-  vis = Visibility(None, None, None, causal)
+  valid, seg = _masks(kind[0] if kind else None, length)
+  vis = Visibility(valid, seg, seg, causal)
   tri = pallas.Pallas()
   tiles = mosaic.MosaicTiles()
-  got = jax.jit(lambda x: mosaic.forward(geo, tiles, x["q"], x["k"], x["v"], x["out"], x["lse"]))(x)
+  got = jax.jit(lambda x: mosaic.forward(geo, tiles, x["q"], x["k"], x["v"], x["out"], x["lse"],
+                                         vis))(x)
   want = jax.jit(lambda x: pallas.forward(geo, tri, x["q"], x["k"], x["v"], vis, None,
                                           x["out"], x["lse"]))(x)
-  rec = dict(out=_rel(got[0], want[0]), lse=_rel(got[1], want[1]))
+  finite = lambda a: np.where(np.isfinite(a), a, 0.0)  # noqa: E731
+  rec = dict(out=_rel(got[0], want[0]), lse=_rel(finite(got[1]), finite(want[1])),
+             lse_inf_equal=bool(np.array_equal(np.isinf(got[1]), np.isinf(want[1]))),
+             nan=bool(any(np.isnan(np.asarray(a, np.float32)).any() for a in got)))
   grads = (x["dq"], x["dk"], x["dv"])
   got = jax.jit(lambda x: mosaic.backward(geo, tiles, x["q"], x["k"], x["v"], x["do"], want[1],
-                                          x["delta"], grads))(x)
+                                          x["delta"], grads, vis))(x)
   ref = jax.jit(lambda x: pallas.backward(geo, tri, x["q"], x["k"], x["v"], vis, None, x["do"],
                                           want[1], x["delta"], grads))(x)
   rec.update({n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dv"), got, ref)})

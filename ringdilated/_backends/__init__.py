@@ -28,10 +28,11 @@ REGISTRY = types.MappingProxyType({
 })
 
 # backend="auto" takes the first of these that can run a call natively:
-# fastest first, as measured by benchmarks/bench.py (cuDNN blocks beat the
-# Triton kernels where both run; only the kernels take masks and dropout on
-# a GPU). The last runs anything.
-AUTO = ("cudnn", "pallas", "xla")
+# fastest first, as measured by benchmarks/bench.py on an H200. The Hopper
+# kernels beat cuDNN blocks on dilated attention (and take masks) at the
+# least memory; elsewhere cuDNN blocks beat the Triton kernels, which alone
+# take masks and dropout there. The last runs anything.
+AUTO = ("mosaic", "cudnn", "pallas", "xla")
 
 _log = logging.getLogger("ringdilated")
 

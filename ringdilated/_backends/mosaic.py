@@ -46,13 +46,15 @@ from jax import lax
 
 from .._merge import row_delta
 from . import pallas
-from .base import Capabilities, Request, StridedBranch
+from . import tile_masks as tm
+from .base import Capabilities, Request, StridedBranch, Visibility
 
 Array = jax.Array
 
 _F32 = jnp.float32
 _LOG2E = math.log2(math.e)
 _COMPUTE = 2  # compute warpgroups; the memory warpgroup is number 2
+_NEG = -1e30  # masked logits with token masks: finite, so no row makes NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +91,10 @@ def _modules():
 
 
 def _smem(shape, dtype):
-  """A swizzled shared-memory tile operand of ``wgmma`` and the TMA."""
+  """A shared-memory tile of ``wgmma`` and the TMA, in 128-byte swizzled rows."""
   _, plgpu = _modules()
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+  columns = 128 // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, columns)),
                                               plgpu.SwizzleTransform(128)))
 
 
@@ -113,14 +116,24 @@ def _view(x: Array, rate: int) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class _Launch:
-  """What one kernel launch knows statically (hashable)."""
+  """What one kernel launch knows statically (hashable).
+
+  Attributes:
+    geo: the branch (or block: rate 1).
+    bq: query rows of a compute warpgroup (forward, dq) or streamed (dk, dv).
+    bk: key rows streamed (forward, dq) or of a compute warpgroup (dk, dv).
+    stages: pipeline slots of the streamed tiles.
+    dtype, d: of q, k, v.
+    masks: token vectors (segment ids, key validity) travel with the tiles.
+  """
 
   geo: StridedBranch
-  bq: int  # query tile per compute warpgroup (fwd, dq) / streamed (dkv)
-  bk: int  # key tile streamed (fwd, dq) / per compute warpgroup (dkv)
+  bq: int
+  bk: int
   stages: int
   dtype: jnp.dtype
   d: int
+  masks: bool = False
 
   def off(self, kv):
     return lax.rem(kv, jnp.int32(self.geo.rate)) if self.geo.offset is None else self.geo.offset
@@ -132,6 +145,10 @@ class _Launch:
 
 def _cdiv(a, b: int):
   return lax.div(a + (b - 1), jnp.int32(b))
+
+
+def _clip(x, lo, hi):
+  return jnp.minimum(jnp.maximum(x, lo), hi)
 
 
 def _schedule(barrier) -> None:
@@ -159,14 +176,58 @@ def _zeros(shape, layout) -> Array:
   return plgpu.layout_cast(jnp.zeros(shape, _F32), layout)
 
 
-def _causal_mask(s: Array, q0, k0, rows_are_queries: bool) -> Array:
-  """``s`` with ``-inf`` where key > query; rows are queries (or keys)."""
+def _vector(ref, axis: int) -> Array:
+  """A per-token vector from shared memory, laid out along ``axis`` of a
+  wgmma accumulator (0: one per row, 1: one per column)."""
   _, plgpu = _modules()
-  layout = plgpu.Layout.WGMMA
-  r = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=layout)
-  c = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=layout)
-  seen = (r + q0 >= c + k0) if rows_are_queries else (c + q0 >= r + k0)
-  return jnp.where(seen, s, -jnp.inf)
+  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+
+
+def _visible(shape, *, diagonal: bool, q0=None, k0=None, rows_are_queries: bool,
+             tokens: tuple | None = None) -> Array | None:
+  """[rows, cols] bool of the visible (query, key) pairs of a tile: causal
+  (``diagonal``: query ``q0 + i`` sees key ``k0 + j <= q0 + i``) and, with
+  ``tokens = (row ids, column ids, key validity)``, same segment id and a
+  valid key. None when everything is visible."""
+  _, plgpu = _modules()
+  vis = None
+  if diagonal:
+    layout = plgpu.Layout.WGMMA
+    r = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
+    c = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=layout)
+    vis = (r + q0 >= c + k0) if rows_are_queries else (c + q0 >= r + k0)
+  if tokens is not None:
+    row_ids, col_ids, valid = tokens
+    same = (lax.broadcast_in_dim(row_ids, shape, [0])
+            == lax.broadcast_in_dim(col_ids, shape, [1]))
+    ok = lax.broadcast_in_dim(valid, shape, [1 if rows_are_queries else 0]) != 0
+    vis = (same & ok) if vis is None else (vis & same & ok)
+  return vis
+
+
+def _hide(s: Array, vis: Array | None, fill: float) -> Array:
+  return s if vis is None else jnp.where(vis, s, fill)
+
+
+def _span(span_ref, b, off, cta, causal_lo, causal_hi, masks: bool):
+  """(lo, hi, pure) of a program: the streamed tiles ``[lo, hi)`` it runs
+  (causal bounds within the live range of the token vectors) and whether
+  its tiles need no token masks (a traced bool, or True without masks)."""
+  if not masks:
+    return causal_lo, causal_hi, True
+  lo = jnp.maximum(span_ref[b, off, cta, 0], causal_lo)
+  hi = jnp.minimum(span_ref[b, off, cta, 1], causal_hi)
+  return lo, jnp.maximum(hi, lo), span_ref[b, off, cta, 2] != 0
+
+
+def _paths(pure, run) -> None:
+  """``run(tokens)``: without token masks where ``pure``, with them elsewhere."""
+  pl, _ = _modules()
+  if pure is True:
+    run(False)
+    return
+  pl.when(pure)(functools.partial(run, False))
+  pl.when(jnp.logical_not(pure))(functools.partial(run, True))
 
 
 # ----------------------------------------------------------------------------
@@ -174,155 +235,288 @@ def _causal_mask(s: Array, q0, k0, rows_are_queries: bool) -> Array:
 # ----------------------------------------------------------------------------
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, l_ref, scratch, *, c: _Launch):
+def _forward_kernel(ins, accs, scr, *, c: _Launch):
   pl, plgpu = _modules()
-  (q_s2, o_s2, k_s, v_s, l_s2), (k_bar, v_bar, q_bar, o_bar, l_bar), (k_done, v_done), sched = scratch
+  o_ref, l_ref = accs
   geo, bq, bk, stages = c.geo, c.bq, c.bk, c.stages
   t = geo.kept
   b, wg = lax.axis_index("batch"), lax.axis_index("wg")
   hq = geo.heads[0] + lax.axis_index("heads")
   kv = lax.div(hq, jnp.int32(geo.group))
   off = c.off(kv)
-  m_pair = lax.axis_index("q_seq") * (_COMPUTE * bq)  # first row, view units
+  pair = lax.axis_index("q_seq")
+  m_pair = pair * (_COMPUTE * bq)  # first row, view units
   seg = lax.div(m_pair, jnp.int32(t)) * t  # first row of the segment
   t_pair = m_pair - seg  # position of the pair within the segment
-  n_kv = _cdiv(t_pair + _COMPUTE * bq, bk) if geo.causal else t // bk
+  lo, n_kv, pure = _span(ins.get("span"), b, off, pair, 0,
+                         _cdiv(t_pair + _COMPUTE * bq, bk) if geo.causal else t // bk, c.masks)
+  k_bar, v_bar, k_done, v_done, sched = (scr[x] for x in ("k_bar", "v_bar", "k_done", "v_done",
+                                                            "sched"))
+
+  def slot_of(j):
+    return lax.rem(j - lo, jnp.int32(stages))
 
   @pl.when(wg < _COMPUTE)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
-    q_s, o_s, l_s = q_s2.at[wg], o_s2.at[wg], l_s2.at[wg]
+    q_s, o_s, l_s = scr["q"].at[wg], scr["o"].at[wg], scr["l"].at[wg]
     t0, m0 = t_pair + wg * bq, m_pair + wg * bq
     rows = (b, pl.ds(m0, bq), off, hq)
-    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_s, q_bar.at[wg])
+    stats = (b, hq, off, pl.ds(m0, bq))
+    plgpu.copy_gmem_to_smem(ins["q"].at[rows], q_s, scr["q_bar"].at[wg])
     # The running (out, lse) arrive while the loop runs.
-    plgpu.copy_gmem_to_smem(o_ref.at[rows], o_s, o_bar.at[wg])
-    plgpu.copy_gmem_to_smem(l_ref.at[b, hq, off, pl.ds(m0, bq)], l_s, l_bar.at[wg])
-    plgpu.barrier_wait(q_bar.at[wg])
-    steps = _cdiv(t0 + bq, bk) if geo.causal else n_kv
+    plgpu.copy_gmem_to_smem(o_ref.at[rows], o_s, scr["o_bar"].at[wg])
+    plgpu.copy_gmem_to_smem(l_ref.at[stats], l_s, scr["l_bar"].at[wg])
+    if c.masks:
+      plgpu.copy_gmem_to_smem(ins["ids"].at[b, off, pl.ds(m0, bq)], scr["qid"].at[wg],
+                              scr["qid_bar"].at[wg])
+    plgpu.barrier_wait(scr["q_bar"].at[wg])
+    steps = jnp.maximum(jnp.minimum(_cdiv(t0 + bq, bk), n_kv), lo) if geo.causal else n_kv
+    full = _clip(lax.div(t0, jnp.int32(bk)), lo, steps) if geo.causal else steps
     wgmma = plgpu.Layout.WGMMA
-    m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, _F32), wgmma.reduce(1))
-    l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, _F32), wgmma.reduce(1))
-    acc = _zeros((bq, c.d), wgmma)
-    plgpu.barrier_wait(k_bar.at[0])
+
+    @pl.when(steps > lo)
+    def _():
+      plgpu.barrier_wait(k_bar.at[0])
+
     pl.when(wg == 1)(functools.partial(_schedule, sched))
 
-    def step(j, carry, masked: bool):
-      acc, m_i, l_i = carry
-      slot = lax.rem(j, jnp.int32(stages))
+    def run(tokens: bool):
+      q_ids = None
+      if tokens:
+        plgpu.barrier_wait(scr["qid_bar"].at[wg])
+        q_ids = _vector(scr["qid"].at[wg], 0)
 
-      def qk(ref):
-        plgpu.wgmma(ref, q_s, plgpu.transpose_ref(k_s.at[slot], (1, 0)))
-        _schedule(sched)
-        return ref[...]
+      def step(j, carry, diagonal: bool):
+        acc, m_i, l_i = carry
+        slot = slot_of(j)
 
-      s = pl.run_scoped(qk, plgpu.ACC((bq, bk), _F32))
-      plgpu.barrier_arrive(k_done.at[slot])
-      if masked:
-        s = _causal_mask(s, t0, j * bk, rows_are_queries=True)
-      s = s * c.log2_scale  # log2 units: exp2 below is exp of the scaled logits
-      m_new = jnp.maximum(m_i, s.max(axis=1))
-      alpha = jnp.exp2(m_i - m_new)
-      p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      l_i = l_i * alpha + p.sum(axis=1)
-      p16 = p.astype(c.dtype)
-      acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-      plgpu.barrier_arrive(sched)  # softmax done
-      plgpu.barrier_wait(v_bar.at[slot])
-      plgpu.barrier_wait(sched)  # tensor cores free
+        def qk(ref):
+          plgpu.wgmma(ref, q_s, plgpu.transpose_ref(scr["k"].at[slot], (1, 0)))
+          _schedule(sched)
+          return ref[...]
 
-      def pv(ref):
-        plgpu.wgmma(ref, p16, v_s.at[slot])
-        nxt = j + 1
+        s = pl.run_scoped(qk, plgpu.ACC((bq, bk), _F32))
+        key_tokens = None
+        if tokens:
+          plgpu.barrier_wait(scr["kid_bar"].at[slot])
+          plgpu.barrier_wait(scr["kval_bar"].at[slot])
+          key_tokens = (q_ids, _vector(scr["kid"].at[slot], 1),
+                        _vector(scr["kval"].at[slot], 1))
+        plgpu.barrier_arrive(k_done.at[slot])
+        vis = _visible(s.shape, diagonal=diagonal, q0=t0, k0=j * bk, rows_are_queries=True,
+                       tokens=key_tokens)
+        # log2 units: exp2 below is exp of the scaled logits
+        s = _hide(s * c.log2_scale, vis, -jnp.inf if not tokens else _NEG)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        if tokens:  # a row may have seen no key yet: its m_new is _NEG
+          p = _hide(p, vis, 0.0)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i = l_i * alpha + p.sum(axis=1)
+        p16 = p.astype(c.dtype)
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        plgpu.barrier_arrive(sched)  # softmax done
+        plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_wait(sched)  # tensor cores free
 
-        @pl.when(nxt < steps)
-        def _():
-          plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
+        def pv(ref):
+          plgpu.wgmma(ref, p16, scr["v"].at[slot])
+          nxt = j + 1
 
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_done.at[slot])
-      return acc, m_new, l_i
+          @pl.when(nxt < steps)
+          def _():
+            plgpu.barrier_wait(k_bar.at[slot_of(nxt)])
 
-    carry = (acc, m_i, l_i)
-    if geo.causal:
-      full = lax.div(t0, jnp.int32(bk))  # key tiles wholly below the diagonal
-      carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
-      carry = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_done.at[slot])
+        return acc, m_new, l_i
 
       def drain(j, _):  # tiles the other warpgroup needs and this one doesn't
-        slot = lax.rem(j, jnp.int32(stages))
+        slot = slot_of(j)
         plgpu.barrier_arrive(k_done.at[slot])
         plgpu.barrier_arrive(v_done.at[slot])
         _schedule(sched)
         _schedule(sched)
 
-      lax.fori_loop(steps, n_kv, drain, None)
-    else:
-      carry = lax.fori_loop(0, n_kv, functools.partial(step, masked=False), carry)
-    acc, m_i, l_i = carry
-    pl.when(wg == 0)(functools.partial(_schedule, sched))
+      carry = (_zeros((bq, c.d), wgmma),
+               plgpu.layout_cast(jnp.full((bq,), -jnp.inf, _F32), wgmma.reduce(1)),
+               plgpu.layout_cast(jnp.full((bq,), 0.0, _F32), wgmma.reduce(1)))
+      carry = lax.fori_loop(lo, full, functools.partial(step, diagonal=False), carry)
+      if geo.causal:
+        carry = lax.fori_loop(full, steps, functools.partial(step, diagonal=True), carry)
+      if geo.causal or c.masks:
+        lax.fori_loop(steps, n_kv, drain, None)
+      acc, m_i, l_i = carry
+      pl.when(wg == 0)(functools.partial(_schedule, sched))
 
-    # Merge into the running (out, lse); every query sees a key here, so
-    # l_i > 0 and lse_b is finite.
-    lse_b = (m_i + jnp.log2(l_i)) / _LOG2E
-    out_b = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
-    plgpu.barrier_wait(o_bar.at[wg])
-    plgpu.barrier_wait(l_bar.at[wg])
-    lse = plgpu.load(l_s, (), layout=wgmma.reduce(1))
-    out = plgpu.load(o_s, (), layout=wgmma).astype(_F32)
-    top = jnp.maximum(lse, lse_b)
-    new = top + jnp.log(jnp.exp(lse - top) + jnp.exp(lse_b - top))
-    weight = jnp.exp(lse_b - new)
-    out = out + lax.broadcast_in_dim(weight, out.shape, [0]) * (out_b - out)
-    o_s[...] = out.astype(c.dtype)
-    l_s[...] = new
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_s, o_ref.at[rows])
-    plgpu.copy_smem_to_gmem(l_s, l_ref.at[b, hq, off, pl.ds(m0, bq)])
-    plgpu.wait_smem_to_gmem(0)
+      # Merge into the running (out, lse). Without masks every query sees a
+      # key, so l_i > 0; with them a row that saw none keeps (out, lse).
+      seen = l_i > 0
+      l_safe = jnp.where(seen, l_i, 1.0) if c.masks else l_i
+      lse_b = (m_i + jnp.log2(l_safe)) / _LOG2E
+      out_b = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+      plgpu.barrier_wait(scr["o_bar"].at[wg])
+      plgpu.barrier_wait(scr["l_bar"].at[wg])
+      lse = _vector(l_s, 0)
+      out = plgpu.load(o_s, (), layout=wgmma).astype(_F32)
+      if c.masks:
+        lse_b = jnp.where(seen, lse_b, -jnp.inf)
+      top = jnp.maximum(lse, lse_b)
+      if c.masks:
+        top = jnp.where(top == -jnp.inf, 0.0, top)
+      new = top + jnp.log(jnp.exp(lse - top) + jnp.exp(lse_b - top))
+      weight = jnp.exp(lse_b - new)
+      if c.masks:
+        weight = jnp.where(seen, weight, 0.0)
+      out = out + lax.broadcast_in_dim(weight, out.shape, [0]) * (out_b - out)
+      o_s[...] = out.astype(c.dtype)
+      l_s[...] = new
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_s, o_ref.at[rows])
+      plgpu.copy_smem_to_gmem(l_s, l_ref.at[stats])
+      plgpu.wait_smem_to_gmem(0)
+
+    _paths(pure, run)
 
   @pl.when(wg == _COMPUTE)
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
-
-    def load(j, slot):
-      keys = (b, pl.ds(seg + j * bk, bk), off, kv)
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_s.at[slot], k_bar.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_s.at[slot], v_bar.at[slot])
-
-    for i in range(stages):
-      pl.when(i < n_kv)(functools.partial(load, i, i))
-
-    @pl.loop(0, jnp.maximum(n_kv - stages, 0))
-    def _(j):
-      slot = lax.rem(j, jnp.int32(stages))
-      plgpu.barrier_wait(k_done.at[slot])
-      plgpu.barrier_wait(v_done.at[slot])
-      load(j + stages, slot)
+    _stream(ins, scr, c, lo, n_kv, pure, lambda j: (seg + j * bk, kv), ("k", "v"),
+            ("k_done", "v_done"), bk, b, off)
 
 
-def _launch(body, c: _Launch, grid, names, scratch, inputs, accs, name):
-  """Runs ``body(*inputs, *accs, scratch)`` (refs) over ``grid`` with one
-  memory and two compute warpgroups; ``accs`` are updated in place."""
+def _stream(ins, scr, c: _Launch, lo, hi, pure, source, names, dones, rows: int, b, off):
+  """The memory warpgroup: tiles ``j`` in ``[lo, hi)`` of the inputs
+  ``names`` (first row and head of each from ``source(j)``; with masks also
+  the token vectors ``kid``, ``kval`` of those rows, unless ``pure``) into
+  slot ``(j - lo) mod stages``, once the compute warpgroups released it
+  (``dones``)."""
   pl, plgpu = _modules()
+  tokens = c.masks and pure is not True
+
+  @pl.loop(lo, hi)
+  def _(j):
+    slot = lax.rem(j - lo, jnp.int32(c.stages))
+
+    @pl.when(j - lo >= c.stages)
+    def _():
+      for done in dones:
+        plgpu.barrier_wait(scr[done].at[slot])
+
+    first, head = source(j)
+    for name in names:
+      plgpu.copy_gmem_to_smem(ins[name].at[b, pl.ds(first, rows), off, head],
+                              scr[name].at[slot], scr[f"{name}_bar"].at[slot])
+    for name, vec in (("kid", "ids"), ("kval", "valid")) if tokens else ():
+      def copy(name=name, vec=vec):
+        plgpu.copy_gmem_to_smem(ins[vec].at[b, off, pl.ds(first, rows)], scr[name].at[slot],
+                                scr[f"{name}_bar"].at[slot])
+      pl.when(jnp.logical_not(pure))(copy)
+
+
+def _launch(body, grid, names, scratch: dict, inputs: dict, accs: tuple, name: str):
+  """Runs ``body(ins, accs, scratch)`` (dicts and a tuple of refs) over
+  ``grid`` with two compute warpgroups and a memory one; ``accs`` are
+  updated in place."""
+  pl, plgpu = _modules()
+  keys = tuple(inputs)
 
   def stateful(refs):
     def entry(*args):
-      n = len(inputs) + len(refs)
-      pl.run_scoped(functools.partial(body, *args[:n]), scratch, collective_axes="wg")
+      ins = dict(zip(keys, args[:len(keys)]))
+      pl.run_scoped(lambda scr: body(ins, args[len(keys):], scr), scratch,
+                    collective_axes="wg")
 
     mesh = plgpu.Mesh(grid=grid, grid_names=names, num_threads=_COMPUTE + 1,
                       thread_name="wg")
     pl.kernel(entry, out_type=(), mesh=mesh, name=name,
-              compiler_params=plgpu.CompilerParams(approx_math=True))(*inputs, *refs)
+              compiler_params=plgpu.CompilerParams(approx_math=True))(
+                  *inputs.values(), *refs)
 
-  del c
   return pl.run_state(stateful)(tuple(accs))
 
 
+# ----------------------------------------------------------------------------
+# Token vectors: per-offset rows for the TMA, and each program's live range.
+# ----------------------------------------------------------------------------
+
+
+def _tokens(x: Array, rate: int) -> Array:
+  """[B, L] -> [B, r, M] int32: one offset's tokens contiguous."""
+  b, length = x.shape
+  return x.astype(jnp.int32).reshape(b, length // rate, rate).transpose(0, 2, 1)
+
+
+def _tile_ids(ids: Array, valid: Array, n: int, keys: bool):
+  """Per tile of ``n`` tokens of [B, r, M] vectors: min and max id (over
+  valid tokens if ``keys``) and whether all of them are valid."""
+  b, r, m = ids.shape
+  x = ids.reshape(b, r, m // n, n)
+  if not keys:
+    return x.min(-1), x.max(-1), jnp.ones(x.shape[:-1], bool)
+  ok = valid.reshape(x.shape) != 0
+  return (jnp.where(ok, x, tm.BIG).min(-1), jnp.where(ok, x, -tm.BIG).max(-1), ok.all(-1))
+
+
+def _spans(ids: Array, valid: Array, t: int, own: int, tile: int, own_keys: bool) -> Array:
+  """[B, r, M / own, 3] int32 (lo, hi, pure): for each program owning
+  ``own`` rows, the streamed tiles of ``tile`` rows ``[lo, hi)`` (within
+  its segment of ``t``) whose ids may meet its own, and whether all of
+  those hold valid keys of the program's one id (no token mask needed)."""
+  b, r, m = ids.shape
+  o_lo, o_hi, o_full = _tile_ids(ids, valid, own, own_keys)
+  s_lo, s_hi, s_full = _tile_ids(ids, valid, tile, not own_keys)
+  seg = (b, r, m // t)
+  o_lo, o_hi, o_full = (x.reshape(*seg, t // own, 1) for x in (o_lo, o_hi, o_full))
+  s_lo, s_hi, s_full = (x.reshape(*seg, 1, t // tile) for x in (s_lo, s_hi, s_full))
+  live = (s_lo <= o_hi) & (s_hi >= o_lo)
+  idx = jnp.arange(t // tile, dtype=jnp.int32)
+  hi = jnp.where(live, idx + 1, 0).max(-1)
+  lo = jnp.minimum(jnp.where(live, idx, t // tile).min(-1), hi)
+  inside = (idx >= lo[..., None]) & (idx < hi[..., None])
+  same = (s_lo == o_lo) & (s_hi == o_lo) & s_full
+  pure = (o_lo == o_hi)[..., 0] & o_full[..., 0] & jnp.all(same | ~inside, -1)
+  return jnp.stack([lo, hi, pure.astype(jnp.int32)], -1).reshape(b, r, m // own, 3)
+
+
+def _mask_inputs(vis: Visibility | None, rate: int, t: int, own: int, tile: int,
+                 own_keys: bool) -> dict:
+  """The token inputs of a launch: ``ids``, ``valid`` [B, r, M] and the
+  programs' ``span``; none without masks."""
+  if vis is None or not vis.has_arrays:
+    return {}
+  ref = vis.q_seg if vis.q_seg is not None else vis.kv_valid
+  ids = _tokens(vis.q_seg if vis.q_seg is not None else jnp.zeros_like(ref, jnp.int32), rate)
+  valid = _tokens(vis.kv_valid if vis.kv_valid is not None else jnp.ones_like(ref, jnp.int32),
+                  rate)
+  return dict(ids=ids, valid=valid, span=_spans(ids, valid, t, own, tile, own_keys))
+
+
+def _bars(n: int, arrivals: int = 1):
+  _, plgpu = _modules()
+  return plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)
+
+
+def _token_scratch(c: _Launch, own: int, streamed: int, own_name: str) -> dict:
+  """Shared memory and barriers of the token vectors: the program's own
+  (``own_name``: ``qid`` or ``kid`` and ``kval``) and the streamed ones."""
+  if not c.masks:
+    return {}
+  _, plgpu = _modules()
+  vec = lambda n, rows: plgpu.SMEM((n, rows), jnp.int32)  # noqa: E731
+  mine = ("qid",) if own_name == "qid" else ("kid", "kval")
+  theirs = ("kid", "kval") if own_name == "qid" else ("qid",)
+  scratch = {x: vec(_COMPUTE, own) for x in mine}
+  scratch.update({f"{x}_bar": _bars(_COMPUTE) for x in mine})
+  scratch.update({x: vec(c.stages, streamed) for x in theirs})
+  scratch.update({f"{x}_bar": _bars(c.stages) for x in theirs})
+  return scratch
+
+
 def forward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Array,
-            out: Array, lse: Array) -> tuple[Array, Array]:
+            out: Array, lse: Array, vis: Visibility | None = None) -> tuple[Array, Array]:
   """Merges the branch into ``(out, lse)`` in place.
 
   Args:
@@ -332,229 +526,270 @@ def forward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Array
     k, v: shape [B, L, K, D].
     lse: shape [B, L, H] float32, running log-sum-exp (``-inf`` where
       nothing merged yet).
+    vis: key validity and segment ids, each [B, L] or None.
   """
   _, plgpu = _modules()
   b, length, _, d = q.shape
   r = geo.rate
-  c = _Launch(geo, _BQ, tiles.fwd_k, tiles.stages, q.dtype, d)
-  scratch = ((_smem((_COMPUTE, c.bq, d), q.dtype), _smem((_COMPUTE, c.bq, d), q.dtype),
-              _smem((c.stages, c.bk, d), q.dtype), _smem((c.stages, c.bk, d), q.dtype),
-              plgpu.SMEM((_COMPUTE, c.bq), _F32)),
-             (plgpu.Barrier(num_barriers=c.stages), plgpu.Barrier(num_barriers=c.stages),
-              *(plgpu.Barrier(num_barriers=_COMPUTE),) * 3),
-             (plgpu.Barrier(num_arrivals=_COMPUTE, num_barriers=c.stages),) * 2,
-             plgpu.Barrier(num_arrivals=_COMPUTE))
+  masks = _mask_inputs(vis, r, geo.kept, _COMPUTE * _BQ, tiles.fwd_k, own_keys=False)
+  c = _Launch(geo, _BQ, tiles.fwd_k, tiles.stages, q.dtype, d, bool(masks))
+  tile = lambda n, rows: _smem((n, rows, d), q.dtype)  # noqa: E731
+  scratch = dict(q=tile(_COMPUTE, c.bq), o=tile(_COMPUTE, c.bq), k=tile(c.stages, c.bk),
+                 v=tile(c.stages, c.bk), l=plgpu.SMEM((_COMPUTE, c.bq), _F32),
+                 k_bar=_bars(c.stages), v_bar=_bars(c.stages), q_bar=_bars(_COMPUTE),
+                 o_bar=_bars(_COMPUTE), l_bar=_bars(_COMPUTE),
+                 k_done=_bars(c.stages, _COMPUTE), v_done=_bars(c.stages, _COMPUTE),
+                 sched=plgpu.Barrier(num_arrivals=_COMPUTE),
+                 **_token_scratch(c, c.bq, c.bk, "qid"))
   grid = (geo.heads[1] - geo.heads[0], length // r // (_COMPUTE * c.bq), b)
-  o5, l4 = _launch(functools.partial(_forward_kernel, c=c), c, grid,
-                   ("heads", "q_seq", "batch"), scratch,
-                   (_view(q, r), _view(k, r), _view(v, r)),
-                   (_view(out, r), _rows(lse, r)), f"ringdilated_mgpu_fwd_r{r}_t{geo.kept}")
+  o5, l4 = _launch(functools.partial(_forward_kernel, c=c), grid, ("heads", "q_seq", "batch"),
+                   scratch, dict(q=_view(q, r), k=_view(k, r), v=_view(v, r), **masks),
+                   (_view(out, r), _rows(lse, r)),
+                   f"ringdilated_mgpu_fwd_r{r}_t{geo.kept}{'_m' * c.masks}")
   return o5.reshape(out.shape), _unrows(l4)
 
 
 # ----------------------------------------------------------------------------
 # Backward: dq (grid as the forward) and dk, dv (grid over key-tile pairs and
-# kv heads); both add into their accumulators with a TMA reduce-add.
+# kv heads, streaming every query head of the group); both add into their
+# accumulators with a TMA reduce-add.
 # ----------------------------------------------------------------------------
 
 
-def _row_load(ref, axis: int) -> Array:
-  """A float32 row statistic from shared memory, laid out along ``axis`` of
-  a wgmma accumulator (0: one per row, 1: one per column)."""
-  _, plgpu = _modules()
-  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+def _row_lse(ref, axis: int, masks: bool) -> Array:
+  """The global log-sum-exp in log2 units along ``axis``; 0 for rows that
+  see no key (their weights are masked to 0 anyway)."""
+  lse = _vector(ref, axis) * _LOG2E
+  return jnp.where(lse == -jnp.inf, 0.0, lse) if masks else lse
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, d_ref, dq_ref, scratch, *, c: _Launch):
+def _dq_kernel(ins, accs, scr, *, c: _Launch):
   pl, plgpu = _modules()
-  (q_s2, do_s2, k_s, v_s, l_s2, d_s2), bars, (k_done, v_done) = scratch
-  q_bar, do_bar, l_bar, d_bar, k_bar, v_bar = bars
-  geo, bq, bk, stages = c.geo, c.bq, c.bk, c.stages
+  (dq_ref,) = accs
+  geo, bq, bk = c.geo, c.bq, c.bk
   t = geo.kept
   b, wg = lax.axis_index("batch"), lax.axis_index("wg")
   hq = geo.heads[0] + lax.axis_index("heads")
   kv = lax.div(hq, jnp.int32(geo.group))
   off = c.off(kv)
-  m_pair = lax.axis_index("q_seq") * (_COMPUTE * bq)
+  pair = lax.axis_index("q_seq")
+  m_pair = pair * (_COMPUTE * bq)
   seg = lax.div(m_pair, jnp.int32(t)) * t
   t_pair = m_pair - seg
-  n_kv = _cdiv(t_pair + _COMPUTE * bq, bk) if geo.causal else t // bk
+  lo, n_kv, pure = _span(ins.get("span"), b, off, pair, 0,
+                         _cdiv(t_pair + _COMPUTE * bq, bk) if geo.causal else t // bk, c.masks)
+
+  def slot_of(j):
+    return lax.rem(j - lo, jnp.int32(c.stages))
 
   @pl.when(wg < _COMPUTE)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
-    q_s, do_s, l_s, d_s = q_s2.at[wg], do_s2.at[wg], l_s2.at[wg], d_s2.at[wg]
+    q_s, do_s, l_s, d_s = (scr[x].at[wg] for x in ("q", "do", "l", "d"))
     t0, m0 = t_pair + wg * bq, m_pair + wg * bq
     rows = (b, pl.ds(m0, bq), off, hq)
     stats = (b, hq, off, pl.ds(m0, bq))
-    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_s, q_bar.at[wg])
-    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_s, do_bar.at[wg])
-    plgpu.copy_gmem_to_smem(l_ref.at[stats], l_s, l_bar.at[wg])
-    plgpu.copy_gmem_to_smem(d_ref.at[stats], d_s, d_bar.at[wg])
-    for bar in (q_bar, do_bar, l_bar, d_bar):
-      plgpu.barrier_wait(bar.at[wg])
-    lse = _row_load(l_s, 0) * _LOG2E
-    delta = _row_load(d_s, 0)
-    steps = _cdiv(t0 + bq, bk) if geo.causal else n_kv
+    for name, idx in (("q", rows), ("do", rows), ("l", stats), ("d", stats)):
+      plgpu.copy_gmem_to_smem(ins[name].at[idx], scr[name].at[wg], scr[f"{name}_bar"].at[wg])
+    if c.masks:
+      plgpu.copy_gmem_to_smem(ins["ids"].at[b, off, pl.ds(m0, bq)], scr["qid"].at[wg],
+                              scr["qid_bar"].at[wg])
+    for name in ("q", "do", "l", "d"):
+      plgpu.barrier_wait(scr[f"{name}_bar"].at[wg])
+    lse = _row_lse(l_s, 0, c.masks)
+    delta = _vector(d_s, 0)
+    steps = jnp.maximum(jnp.minimum(_cdiv(t0 + bq, bk), n_kv), lo) if geo.causal else n_kv
+    full = _clip(lax.div(t0, jnp.int32(bk)), lo, steps) if geo.causal else steps
 
-    def step(j, dq, masked: bool):
-      slot = lax.rem(j, jnp.int32(stages))
-      plgpu.barrier_wait(k_bar.at[slot])
-      s = _mma(None, q_s, plgpu.transpose_ref(k_s.at[slot], (1, 0)), (bq, bk))
-      if masked:
-        s = _causal_mask(s, t0, j * bk, rows_are_queries=True)
-      p = jnp.exp2(s * c.log2_scale - lax.broadcast_in_dim(lse, s.shape, [0]))
-      plgpu.barrier_wait(v_bar.at[slot])
-      dp = _mma(None, do_s, plgpu.transpose_ref(v_s.at[slot], (1, 0)), (bq, bk))
-      plgpu.barrier_arrive(v_done.at[slot])
-      ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
-      dq = _mma(dq, ds.astype(c.dtype), k_s.at[slot], (bq, c.d))
-      plgpu.barrier_arrive(k_done.at[slot])
-      return dq
+    def run(tokens: bool):
+      q_ids = None
+      if tokens:
+        plgpu.barrier_wait(scr["qid_bar"].at[wg])
+        q_ids = _vector(scr["qid"].at[wg], 0)
 
-    dq = _zeros((bq, c.d), plgpu.Layout.WGMMA)
-    if geo.causal:
-      full = lax.div(t0, jnp.int32(bk))
-      dq = lax.fori_loop(0, full, functools.partial(step, masked=False), dq)
-      dq = lax.fori_loop(full, steps, functools.partial(step, masked=True), dq)
+      def step(j, dq, diagonal: bool):
+        slot = slot_of(j)
+        k_s, v_s = scr["k"].at[slot], scr["v"].at[slot]
+        plgpu.barrier_wait(scr["k_bar"].at[slot])
+        s = _mma(None, q_s, plgpu.transpose_ref(k_s, (1, 0)), (bq, bk))
+        key_tokens = None
+        if tokens:
+          plgpu.barrier_wait(scr["kid_bar"].at[slot])
+          plgpu.barrier_wait(scr["kval_bar"].at[slot])
+          key_tokens = (q_ids, _vector(scr["kid"].at[slot], 1), _vector(scr["kval"].at[slot], 1))
+        vis = _visible(s.shape, diagonal=diagonal, q0=t0, k0=j * bk, rows_are_queries=True,
+                       tokens=key_tokens)
+        p = _hide(jnp.exp2(s * c.log2_scale - lax.broadcast_in_dim(lse, s.shape, [0])),
+                  vis, 0.0)
+        plgpu.barrier_wait(scr["v_bar"].at[slot])
+        dp = _mma(None, do_s, plgpu.transpose_ref(v_s, (1, 0)), (bq, bk))
+        plgpu.barrier_arrive(scr["v_done"].at[slot])
+        ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+        dq = _mma(dq, ds.astype(c.dtype), k_s, (bq, c.d))
+        plgpu.barrier_arrive(scr["k_done"].at[slot])
+        return dq
 
       def drain(j, _):
-        slot = lax.rem(j, jnp.int32(stages))
-        plgpu.barrier_arrive(k_done.at[slot])
-        plgpu.barrier_arrive(v_done.at[slot])
+        slot = slot_of(j)
+        plgpu.barrier_arrive(scr["k_done"].at[slot])
+        plgpu.barrier_arrive(scr["v_done"].at[slot])
 
-      lax.fori_loop(steps, n_kv, drain, None)
-    else:
-      dq = lax.fori_loop(0, n_kv, functools.partial(step, masked=False), dq)
-    q_s[...] = (dq * geo.scale).astype(c.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_s, dq_ref.at[rows], reduction_op="add")
-    plgpu.wait_smem_to_gmem(0)
+      dq = _zeros((bq, c.d), plgpu.Layout.WGMMA)
+      dq = lax.fori_loop(lo, full, functools.partial(step, diagonal=False), dq)
+      if geo.causal:
+        dq = lax.fori_loop(full, steps, functools.partial(step, diagonal=True), dq)
+      if geo.causal or c.masks:
+        lax.fori_loop(steps, n_kv, drain, None)
+      q_s[...] = (dq * geo.scale).astype(c.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_s, dq_ref.at[rows], reduction_op="add")
+      plgpu.wait_smem_to_gmem(0)
+
+    _paths(pure, run)
 
   @pl.when(wg == _COMPUTE)
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
-
-    @pl.loop(0, n_kv)
-    def _(j):
-      slot = lax.rem(j, jnp.int32(stages))
-
-      @pl.when(j >= stages)
-      def _():
-        plgpu.barrier_wait(k_done.at[slot])
-        plgpu.barrier_wait(v_done.at[slot])
-
-      keys = (b, pl.ds(seg + j * bk, bk), off, kv)
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_s.at[slot], k_bar.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_s.at[slot], v_bar.at[slot])
+    _stream(ins, scr, c, lo, n_kv, pure, lambda j: (seg + j * bk, kv), ("k", "v"),
+            ("k_done", "v_done"), bk, b, off)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, l_ref, d_ref, dk_ref, dv_ref, scratch, *,
-                c: _Launch):
+def _dkv_kernel(ins, accs, scr, *, c: _Launch):
   pl, plgpu = _modules()
-  (k_s2, v_s2, q_s, do_s, l_s, d_s), (k_bar, v_bar), bars, dones = scratch
-  geo, bq, bk, stages, g = c.geo, c.bq, c.bk, c.stages, c.geo.group
+  dk_ref, dv_ref = accs
+  geo, bq, bk, g = c.geo, c.bq, c.bk, c.geo.group
   t = geo.kept
   b, wg = lax.axis_index("batch"), lax.axis_index("wg")
   kv = geo.heads[0] // g + lax.axis_index("heads")
   off = c.off(kv)
-  m_pair = lax.axis_index("k_seq") * (_COMPUTE * bk)
+  pair = lax.axis_index("k_seq")
+  m_pair = pair * (_COMPUTE * bk)
   seg = lax.div(m_pair, jnp.int32(t)) * t
   t_pair = m_pair - seg
-  q_start = lax.div(t_pair, jnp.int32(bq)) if geo.causal else 0  # first query tile
-  n_q = t // bq - q_start  # query tiles per head
-  total = g * n_q
+  # query tiles [q_lo, q_hi) of every head: from the pair's diagonal on
+  q_lo, q_hi, pure = _span(ins.get("span"), b, off, pair,
+                           lax.div(t_pair, jnp.int32(bq)) if geo.causal else 0, t // bq, c.masks)
+  n_q = q_hi - q_lo
+  streamed = ("q", "do", "l", "d")
+  dones = tuple(f"{x}_done" for x in streamed)
 
   def source(n):
-    """(query head, first row) of streamed step ``n``."""
-    return kv * g + lax.div(n, n_q), seg + (q_start + lax.rem(n, n_q)) * bq
+    """(first row, query head) of streamed step ``n``."""
+    i = q_lo + lax.rem(n, jnp.maximum(n_q, 1))
+    return seg + i * bq, kv * g + lax.div(n, jnp.maximum(n_q, 1))
+
+  def slot_of(n):
+    return lax.rem(n, jnp.int32(c.stages))
 
   @pl.when(wg < _COMPUTE)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
-    k_s, v_s = k_s2.at[wg], v_s2.at[wg]
+    k_s, v_s = scr["k"].at[wg], scr["v"].at[wg]
     s0, m0 = t_pair + wg * bk, m_pair + wg * bk
     rows = (b, pl.ds(m0, bk), off, kv)
-    plgpu.copy_gmem_to_smem(k_ref.at[rows], k_s, k_bar.at[wg])
-    plgpu.copy_gmem_to_smem(v_ref.at[rows], v_s, v_bar.at[wg])
-    plgpu.barrier_wait(k_bar.at[wg])
-    plgpu.barrier_wait(v_bar.at[wg])
+    plgpu.copy_gmem_to_smem(ins["k"].at[rows], k_s, scr["k_bar"].at[wg])
+    plgpu.copy_gmem_to_smem(ins["v"].at[rows], v_s, scr["v_bar"].at[wg])
+    if c.masks:
+      for name, vec in (("kid", "ids"), ("kval", "valid")):
+        plgpu.copy_gmem_to_smem(ins[vec].at[b, off, pl.ds(m0, bk)], scr[name].at[wg],
+                                scr[f"{name}_bar"].at[wg])
+    plgpu.barrier_wait(scr["k_bar"].at[wg])
+    plgpu.barrier_wait(scr["v_bar"].at[wg])
 
-    def step(n, carry, mode: str):
-      slot = lax.rem(n, jnp.int32(stages))
-      for bar in bars:
-        plgpu.barrier_wait(bar.at[slot])
-      if mode == "skip":  # wholly above the diagonal: nothing to add
-        for done in dones:
-          plgpu.barrier_arrive(done.at[slot])
-        return carry
-      q_done, do_done, l_done, d_done = dones
-      dk, dv = carry
-      s = _mma(None, k_s, plgpu.transpose_ref(q_s.at[slot], (1, 0)), (bk, bq))
-      if mode == "masked":
-        q0 = (q_start + lax.rem(n, n_q)) * bq
-        s = _causal_mask(s, q0, s0, rows_are_queries=False)
-      lse = _row_load(l_s.at[slot], 1) * _LOG2E
-      plgpu.barrier_arrive(l_done.at[slot])
-      p = jnp.exp2(s * c.log2_scale - lax.broadcast_in_dim(lse, s.shape, [1]))
-      dv = _mma(dv, p.astype(c.dtype), do_s.at[slot], (bk, c.d))
-      dp = _mma(None, v_s, plgpu.transpose_ref(do_s.at[slot], (1, 0)), (bk, bq))
-      plgpu.barrier_arrive(do_done.at[slot])
-      delta = _row_load(d_s.at[slot], 1)
-      plgpu.barrier_arrive(d_done.at[slot])
-      ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [1]))
-      dk = _mma(dk, ds.astype(c.dtype), q_s.at[slot], (bk, c.d))
-      plgpu.barrier_arrive(q_done.at[slot])
-      return dk, dv
+    def run(tokens: bool):
+      key_ids = None
+      if tokens:
+        plgpu.barrier_wait(scr["kid_bar"].at[wg])
+        plgpu.barrier_wait(scr["kval_bar"].at[wg])
+        key_ids = (_vector(scr["kid"].at[wg], 0), _vector(scr["kval"].at[wg], 0))
 
-    def head(h, carry):
-      base = h * n_q - q_start  # step of query tile i is base + i
-      run = lambda lo, hi, mode, carry: lax.fori_loop(  # noqa: E731
-          base + lo, base + hi, functools.partial(step, mode=mode), carry)
-      if not geo.causal:
-        return run(0, n_q, "full", carry)
-      first = lax.div(s0, jnp.int32(bq))  # first query tile reaching the keys
-      clear = _cdiv(s0 + bk, bq)  # first one wholly below the diagonal
-      carry = run(q_start, first, "skip", carry)
-      carry = run(first, clear, "masked", carry)
-      return run(clear, q_start + n_q, "full", carry)
+      def step(n, carry, mode: str):
+        slot = slot_of(n)
+        for name in streamed:
+          plgpu.barrier_wait(scr[f"{name}_bar"].at[slot])
+        if tokens:
+          plgpu.barrier_wait(scr["qid_bar"].at[slot])
+        if mode == "skip":  # wholly above the diagonal: nothing to add
+          for done in dones:
+            plgpu.barrier_arrive(scr[done].at[slot])
+          return carry
+        dk, dv = carry
+        q_s, do_s = scr["q"].at[slot], scr["do"].at[slot]
+        s = _mma(None, k_s, plgpu.transpose_ref(q_s, (1, 0)), (bk, bq))
+        tokens_ = None
+        if tokens:
+          tokens_ = (key_ids[0], _vector(scr["qid"].at[slot], 1), key_ids[1])
+        q0 = (q_lo + lax.rem(n, jnp.maximum(n_q, 1))) * bq
+        vis = _visible(s.shape, diagonal=mode == "diagonal", q0=q0, k0=s0,
+                       rows_are_queries=False, tokens=tokens_)
+        lse = _row_lse(scr["l"].at[slot], 1, c.masks)
+        plgpu.barrier_arrive(scr["l_done"].at[slot])
+        p = _hide(jnp.exp2(s * c.log2_scale - lax.broadcast_in_dim(lse, s.shape, [1])),
+                  vis, 0.0)
+        dv = _mma(dv, p.astype(c.dtype), do_s, (bk, c.d))
+        dp = _mma(None, v_s, plgpu.transpose_ref(do_s, (1, 0)), (bk, bq))
+        plgpu.barrier_arrive(scr["do_done"].at[slot])
+        delta = _vector(scr["d"].at[slot], 1)
+        plgpu.barrier_arrive(scr["d_done"].at[slot])
+        ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [1]))
+        dk = _mma(dk, ds.astype(c.dtype), q_s, (bk, c.d))
+        plgpu.barrier_arrive(scr["q_done"].at[slot])
+        return dk, dv
 
-    zeros = _zeros((bk, c.d), plgpu.Layout.WGMMA)
-    dk, dv = lax.fori_loop(0, g, head, (zeros, zeros))
-    k_s[...] = (dk * geo.scale).astype(c.dtype)
-    v_s[...] = dv.astype(c.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_s, dk_ref.at[rows], reduction_op="add")
-    plgpu.copy_smem_to_gmem(v_s, dv_ref.at[rows], reduction_op="add")
-    plgpu.wait_smem_to_gmem(0)
+      def head(h, carry):
+        base = h * n_q - q_lo  # step of query tile i is base + i
+        run_ = lambda lo, hi, mode, carry: lax.fori_loop(  # noqa: E731
+            base + lo, base + hi, functools.partial(step, mode=mode), carry)
+        if not geo.causal:
+          return run_(q_lo, q_hi, "full", carry)
+        first = _clip(lax.div(s0, jnp.int32(bq)), q_lo, q_hi)  # first tile reaching the keys
+        clear = _clip(_cdiv(s0 + bk, bq), q_lo, q_hi)  # first wholly below the diagonal
+        carry = run_(q_lo, first, "skip", carry)
+        carry = run_(first, clear, "diagonal", carry)
+        return run_(clear, q_hi, "full", carry)
+
+      zeros = _zeros((bk, c.d), plgpu.Layout.WGMMA)
+      dk, dv = lax.fori_loop(0, g, head, (zeros, zeros))
+      k_s[...] = (dk * geo.scale).astype(c.dtype)
+      v_s[...] = dv.astype(c.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_s, dk_ref.at[rows], reduction_op="add")
+      plgpu.copy_smem_to_gmem(v_s, dv_ref.at[rows], reduction_op="add")
+      plgpu.wait_smem_to_gmem(0)
+
+    _paths(pure, run)
 
   @pl.when(wg == _COMPUTE)
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
 
-    @pl.loop(0, total)
+    @pl.loop(0, g * n_q)
     def _(n):
-      slot = lax.rem(n, jnp.int32(stages))
+      slot = slot_of(n)
 
-      @pl.when(n >= stages)
+      @pl.when(n >= c.stages)
       def _():
         for done in dones:
-          plgpu.barrier_wait(done.at[slot])
+          plgpu.barrier_wait(scr[done].at[slot])
 
-      h, m = source(n)
-      rows, stats = (b, pl.ds(m, bq), off, h), (b, h, off, pl.ds(m, bq))
-      for ref, buf, bar, idx in zip((q_ref, do_ref, l_ref, d_ref), (q_s, do_s, l_s, d_s),
-                                    bars, (rows, rows, stats, stats)):
-        plgpu.copy_gmem_to_smem(ref.at[idx], buf.at[slot], bar.at[slot])
+      first, h = source(n)
+      rows, stats = (b, pl.ds(first, bq), off, h), (b, h, off, pl.ds(first, bq))
+      for name, idx in zip(streamed, (rows, rows, stats, stats)):
+        plgpu.copy_gmem_to_smem(ins[name].at[idx], scr[name].at[slot], scr[f"{name}_bar"].at[slot])
+      if c.masks:
+        @pl.when(jnp.logical_not(pure))
+        def _():
+          plgpu.copy_gmem_to_smem(ins["ids"].at[b, off, pl.ds(first, bq)], scr["qid"].at[slot],
+                                  scr["qid_bar"].at[slot])
 
 
 def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Array,
-             dout: Array, lse: Array, delta: Array,
-             grads: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+             dout: Array, lse: Array, delta: Array, grads: tuple[Array, Array, Array],
+             vis: Visibility | None = None) -> tuple[Array, Array, Array]:
   """Adds the branch's gradients into ``grads = (dq, dk, dv)`` in place.
 
   Args:
-    geo, tiles: as in :func:`forward`.
+    geo, tiles, vis: as in :func:`forward`.
     q, dout: shape [B, L, H, D].
     k, v: shape [B, L, K, D].
     lse: shape [B, L, H] float32, the global log-sum-exp.
@@ -565,29 +800,37 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
   b, length, _, d = q.shape
   r, g, s = geo.rate, geo.group, tiles.stages
   dq, dk, dv = grads
-  views = tuple(_view(x, r) for x in (q, k, v, dout))
-  stats = (_rows(lse, r), _rows(delta, r))
-  inputs = (*views[:3], views[3], *stats)
+  inputs = dict(q=_view(q, r), k=_view(k, r), v=_view(v, r), do=_view(dout, r),
+                l=_rows(lse, r), d=_rows(delta, r))
   heads = geo.heads[1] - geo.heads[0]
   tile = lambda n, rows: _smem((n, rows, d), q.dtype)  # noqa: E731
-  bar = lambda n, arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)  # noqa: E731
+  stat = lambda n, rows: plgpu.SMEM((n, rows), _F32)  # noqa: E731
 
-  c = _Launch(geo, _BQ, tiles.dq_k, s, q.dtype, d)
-  scratch = ((tile(_COMPUTE, c.bq), tile(_COMPUTE, c.bq), tile(s, c.bk), tile(s, c.bk),
-              plgpu.SMEM((_COMPUTE, c.bq), _F32), plgpu.SMEM((_COMPUTE, c.bq), _F32)),
-             (bar(_COMPUTE),) * 4 + (bar(s),) * 2, (bar(s, _COMPUTE),) * 2)
-  (dq5,) = _launch(functools.partial(_dq_kernel, c=c), c,
+  masks = _mask_inputs(vis, r, geo.kept, _COMPUTE * _BQ, tiles.dq_k, own_keys=False)
+  c = _Launch(geo, _BQ, tiles.dq_k, s, q.dtype, d, bool(masks))
+  own = dict(q=tile(_COMPUTE, c.bq), do=tile(_COMPUTE, c.bq), l=stat(_COMPUTE, c.bq),
+             d=stat(_COMPUTE, c.bq))
+  scratch = dict(own, k=tile(s, c.bk), v=tile(s, c.bk), k_bar=_bars(s), v_bar=_bars(s),
+                 k_done=_bars(s, _COMPUTE), v_done=_bars(s, _COMPUTE),
+                 **{f"{x}_bar": _bars(_COMPUTE) for x in own},
+                 **_token_scratch(c, c.bq, c.bk, "qid"))
+  (dq5,) = _launch(functools.partial(_dq_kernel, c=c),
                    (heads, length // r // (_COMPUTE * c.bq), b), ("heads", "q_seq", "batch"),
-                   scratch, inputs, (_view(dq, r),), f"ringdilated_mgpu_dq_r{r}_t{geo.kept}")
+                   scratch, dict(inputs, **masks), (_view(dq, r),),
+                   f"ringdilated_mgpu_dq_r{r}_t{geo.kept}{'_m' * c.masks}")
 
-  c = _Launch(geo, tiles.dkv_q, _BQ, s, q.dtype, d)
-  scratch = ((tile(_COMPUTE, c.bk), tile(_COMPUTE, c.bk), tile(s, c.bq), tile(s, c.bq),
-              plgpu.SMEM((s, c.bq), _F32), plgpu.SMEM((s, c.bq), _F32)),
-             (bar(_COMPUTE),) * 2, (bar(s),) * 4, (bar(s, _COMPUTE),) * 4)
-  dk5, dv5 = _launch(functools.partial(_dkv_kernel, c=c), c,
-                     (heads // g, length // r // (_COMPUTE * c.bk), b),
-                     ("heads", "k_seq", "batch"), scratch, inputs,
-                     (_view(dk, r), _view(dv, r)), f"ringdilated_mgpu_dkv_r{r}_t{geo.kept}")
+  masks = _mask_inputs(vis, r, geo.kept, _COMPUTE * _BQ, tiles.dkv_q, own_keys=True)
+  c = _Launch(geo, tiles.dkv_q, _BQ, s, q.dtype, d, bool(masks))
+  streamed = dict(q=tile(s, c.bq), do=tile(s, c.bq), l=stat(s, c.bq), d=stat(s, c.bq))
+  scratch = dict(streamed, k=tile(_COMPUTE, c.bk), v=tile(_COMPUTE, c.bk),
+                 k_bar=_bars(_COMPUTE), v_bar=_bars(_COMPUTE),
+                 **{f"{x}_bar": _bars(s) for x in streamed},
+                 **{f"{x}_done": _bars(s, _COMPUTE) for x in streamed},
+                 **_token_scratch(c, c.bk, c.bq, "kid"))
+  dk5, dv5 = _launch(functools.partial(_dkv_kernel, c=c),
+                     (heads // g, length // r // (_COMPUTE * c.bk), b), ("heads", "k_seq", "batch"),
+                     scratch, dict(inputs, **masks), (_view(dk, r), _view(dv, r)),
+                     f"ringdilated_mgpu_dkv_r{r}_t{geo.kept}{'_m' * c.masks}")
   return dq5.reshape(dq.shape), dk5.reshape(dk.shape), dv5.reshape(dv.shape)
 
 
@@ -610,11 +853,12 @@ def _hopper_problem() -> str | None:
 class Mosaic(pallas.Pallas):
   """Hopper kernels (Mosaic GPU) reading branches in place.
 
-  Unmasked calls without dropout whose segments hold a multiple of 128 kept
-  tokens, head dim 64 or 128, in bf16 or f16, run the Mosaic GPU kernels;
+  Calls without dropout whose segments hold a multiple of 128 kept tokens,
+  head dim 64 or 128, in bf16 or f16, run the Mosaic GPU kernels (with key
+  padding and segment ids on branches read in place; ring blocks unmasked);
   every other call runs the Triton kernels of :class:`~.pallas.Pallas`
-  (masks, dropout, other shapes), so this backend takes everything that one
-  does.
+  (dropout, masked ring blocks, other shapes), so this backend takes
+  everything that one does.
 
   Attributes:
     mosaic: tiles and pipeline depth of the Mosaic GPU kernels.
@@ -631,14 +875,16 @@ class Mosaic(pallas.Pallas):
       why = _hopper_problem()
     return why
 
-  def _takes(self, kept: int, x: Array, vis, dropout) -> bool:
-    """Whether the Mosaic GPU kernels run this call."""
-    return (not self.interpret and not vis.has_arrays and dropout is None
-            and x.dtype in _DTYPES and x.shape[-1] in (64, 128) and kept % self.mosaic.multiple == 0)
+  def _takes(self, kept: int, x: Array, vis: Visibility, dropout, masks: bool) -> bool:
+    """Whether the Mosaic GPU kernels run this call (token masks: only on
+    branches read in place, ``masks``)."""
+    return (not self.interpret and dropout is None and (masks or not vis.has_arrays)
+            and x.dtype in _DTYPES and x.shape[-1] in (64, 128)
+            and kept % self.mosaic.multiple == 0)
 
   def forward(self, q, k, v, vis, *, scale, dropout=None):
     x, t, kh, g, d = q.shape
-    if not self._takes(t, q, vis, dropout):
+    if not self._takes(t, q, vis, dropout, masks=False):
       return super().forward(q, k, v, vis, scale=scale, dropout=dropout)
     q4 = q.reshape(x, t, kh * g, d)
     out, lse = forward(pallas.block_geometry(q, vis, scale), self.mosaic, q4, k, v,
@@ -647,7 +893,7 @@ class Mosaic(pallas.Pallas):
 
   def backward(self, q, k, v, vis, dout, out, lse, *, scale, dropout=None):
     x, t, kh, g, d = q.shape
-    if not self._takes(t, q, vis, dropout):
+    if not self._takes(t, q, vis, dropout, masks=False):
       return super().backward(q, k, v, vis, dout, out, lse, scale=scale, dropout=dropout)
     heads = lambda a: a.reshape(x, t, kh * g, *a.shape[4:]).astype(q.dtype)  # noqa: E731
     rows = lambda a: a.reshape(x, t, kh * g)  # noqa: E731
@@ -658,11 +904,11 @@ class Mosaic(pallas.Pallas):
     return dq.reshape(q.shape), dk, dv
 
   def branch_forward(self, branch, q, k, v, vis, dropout, out, lse):
-    if not self._takes(branch.kept, q, vis, dropout):
+    if not self._takes(branch.kept, q, vis, dropout, masks=True):
       return super().branch_forward(branch, q, k, v, vis, dropout, out, lse)
-    return forward(branch, self.mosaic, q, k, v, out, lse)
+    return forward(branch, self.mosaic, q, k, v, out, lse, vis)
 
   def branch_backward(self, branch, q, k, v, vis, dropout, dout, lse, delta, grads):
-    if not self._takes(branch.kept, q, vis, dropout):
+    if not self._takes(branch.kept, q, vis, dropout, masks=True):
       return super().branch_backward(branch, q, k, v, vis, dropout, dout, lse, delta, grads)
-    return backward(branch, self.mosaic, q, k, v, dout, lse, delta, grads)
+    return backward(branch, self.mosaic, q, k, v, dout, lse, delta, grads, vis)
