@@ -89,6 +89,9 @@ LONGNET = dict(segment_lengths=(2048, 4096, 8192, 16384), dilation_rates=(1, 2, 
 # Lengths and segments are divided by SCALE (128 with --smoke); case names and
 # PRIORITY speak of the nominal lengths.
 SCALE = 1
+# Stamped on every record of one invocation: check_targets.py compares only
+# records of one run (side by side). --isolate children inherit it.
+RUN = os.environ.setdefault("RINGDILATED_BENCH_RUN", time.strftime("%Y-%m-%dT%H:%M:%S"))
 # implementation= of the raw jax.nn.dot_product_attention calls of the
 # baselines: "cudnn" on GPU, None (XLA) with --smoke on CPU.
 CUDNN = "cudnn"
@@ -449,7 +452,7 @@ def measure(case: Case, iters=10, *, fwd=True, isolated=False) -> dict:
   name, impl, n = case.name, case.impl, case.n
   device = jax.devices()[0]
   rec = dict(name=name, config=case.config, seq_len=n, dtype="bfloat16", batch=B, heads=H,
-             head_dim=D, device=device.device_kind, jax_version=jax.__version__)
+             head_dim=D, device=device.device_kind, jax_version=jax.__version__, run=RUN)
   before = runtime_peak(device)
   try:
     q, k, v, dout = _inputs(n, device, n)

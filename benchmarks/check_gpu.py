@@ -63,10 +63,15 @@ def _rel(a, b):
   return err if np.isfinite(err) else float("inf")
 
 
+CHECK_VMA = True  # --no-check-vma: rings under check_vma=False (Mosaic kernels on rings)
+
+
 def _check_vma(backend: str) -> bool:
-  """Off only for Pallas in interpret mode (off a GPU), whose grid loop the
-  varying-axes check mistypes (jax 0.10; see tests/test_pallas.py)."""
-  return backend != "pallas" or jax.default_backend() == "gpu"
+  """Off for Pallas in interpret mode (off a GPU), whose grid loop the
+  varying-axes check mistypes (jax 0.10; see tests/test_pallas.py), and
+  with --no-check-vma (under check_vma=True the mosaic backend hands ring
+  calls to the Triton kernels)."""
+  return CHECK_VMA and (backend not in ("pallas", "mosaic") or jax.default_backend() == "gpu")
 
 
 # ----------------------------------------------------------------------------
@@ -255,7 +260,11 @@ def main(argv=None) -> int:
   parser.add_argument("--time-budget", type=float, default=None,
                       help="seconds; no case starts after that (exit code 3)")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, CPU")
+  parser.add_argument("--no-check-vma", action="store_true",
+                      help="rings under jax.shard_map(check_vma=False)")
   args = parser.parse_args(argv)
+  global CHECK_VMA  # pylint: disable=global-statement
+  CHECK_VMA = not args.no_check_vma
   if args.smoke:
     SCALE, H, HKV, D = 16, 4, 2, 32
   start = time.monotonic()

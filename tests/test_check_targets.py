@@ -4,8 +4,9 @@ A complete synthetic H200 run (every record the targets read, each meeting
 its target) must pass, and the check must fail when any target it checks is
 missed or cannot be evaluated: the 1M LongNet targets (on
 ``backend="pallas"``, against the strongest strided-slice baseline), the
-masked targets of issue 15, and the multi-GPU targets of a
-``bench_multi_gpu.py`` file. The committed results are read without error
+Hopper-kernel targets of issue 17, the masked targets of issue 15, and the
+multi-GPU targets of a ``bench_multi_gpu.py`` file; ratios only compare
+records of one run. The committed results are read without error
 (the H100 file is history: it predates the slice baselines and fails).
 """
 
@@ -56,11 +57,13 @@ def _records():
       _rec("gather_cudnn_longnet_partition", M, 149.0, 1.5),
   ]
   for mode, base, ours, default in (("mix", 200.0, 190.0, 170.0),
-                                    ("partition", 50.0, 48.0, 47.0)):
+                                    ("partition", 50.0, 48.0, 38.0)):
     recs += [_rec(f"slice_cudnn_longnet_{mode}", M, base, 1.6),
              _rec(f"ours_pallas_longnet_{mode}", M, ours, 1.147),
              _rec(f"ours_pallas_longnet_{mode}", M // 2, ours / 2, 1.147),
-             _rec(f"ours_longnet_{mode}", M, default, 1.8)]
+             _rec(f"ours_longnet_{mode}", M, default, 1.147),
+             _rec(f"ours_cudnn_longnet_{mode}", M, default / 0.85, 1.8)]
+  recs.append(_rec("ours_mosaic_dense", 32768, 27.5, 1.0))
   recs.append(_rec("slice_cudnn_set_longnet_partition", M, 52.0, 1.6))
   recs += [_rec("ours_docs64k_longnet_mix", M, 180.0, 1.15),
            _rec("ours_pad10_longnet_mix", M, 175.0, 1.15),
@@ -79,7 +82,7 @@ def test_complete_results_pass(records, tmp_path, capsys):
   out = capsys.readouterr().out
   assert "0 target(s) missed" in out
   assert "PASS  LongNet partition 1M throughput (pallas) vs slice+cuDNN >= 1.0x: 1.042" in out
-  assert "info  LongNet partition 1M long-term target" in out
+  assert "PASS  Hopper kernels: LongNet partition 1M throughput vs slice+cuDNN >= 1.3x" in out
 
 
 @pytest.mark.parametrize("name", ["h100.json", "h200.json"])
@@ -169,6 +172,39 @@ def test_masked_target_missed_fails(records, tmp_path, capsys, name, key, value,
     r[key] = value
   assert _run(bad, tmp_path) == 1
   assert line in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,n,key,value,line", [
+    ("ours_mosaic_dense", 32768, "fwd_bwd_ms", 29.0,
+     "FAIL  Hopper kernels: dense causal 32K fwd+bwd throughput vs cuDNN >= 1.0x"),
+    ("ours_longnet_mix", M, "fwd_bwd_ms", 185.0,
+     "FAIL  Hopper kernels: LongNet mix 1M fwd+bwd time <= 0.9x the cuDNN path"),
+    ("ours_longnet_mix", M, "peak", 1.2,
+     "FAIL  Hopper kernels: LongNet mix 1M peak <= 1.15x"),
+    ("ours_longnet_partition", M, "fwd_bwd_ms", 40.0,
+     "FAIL  Hopper kernels: LongNet partition 1M throughput vs slice+cuDNN >= 1.3x"),
+])
+def test_hopper_target_missed_fails(records, tmp_path, capsys, name, n, key, value, line):
+  bad = copy.deepcopy(records)
+  r = _find(bad, name, n)
+  if key == "peak":
+    r["peak_bytes"] = int(value * r["qkv_out_grad_bytes"])
+  else:
+    r[key] = value
+  assert _run(bad, tmp_path) == 1
+  assert line in capsys.readouterr().out
+
+
+def test_ratios_compare_records_of_one_run(records, tmp_path, capsys):
+  """A newer run that timed only ours is not divided by an older baseline:
+  the ratio comes from the newest run that timed both."""
+  newer = copy.deepcopy(records) + [dict(_rec("ours_longnet_partition", M, 20.0), run="later")]
+  assert _run(newer, tmp_path) == 0
+  assert "Hopper kernels: LongNet partition 1M throughput vs slice+cuDNN >= 1.3x: 1.316" in \
+      capsys.readouterr().out
+  newer.append(dict(_rec("slice_cudnn_longnet_partition", M, 30.0), run="later"))
+  assert _run(newer, tmp_path) == 0
+  assert ">= 1.3x: 1.500" in capsys.readouterr().out
 
 
 def test_portable_block_must_run(records, tmp_path, capsys):

@@ -74,7 +74,8 @@ def select(choice, request: Request) -> Backend:
   """Resolves ``backend=`` at trace time.
 
   ``"auto"`` takes the first backend of :data:`AUTO` that runs ``request``
-  natively (reasons for passing others over go to the debug log). An
+  natively and is not measured slower there (``Backend.auto_problem``;
+  reasons for passing others over go to the debug log). An
   explicit backend that can't run it falls back to :func:`portable` with a
   warning saying why (results are the same; only speed and memory differ);
   one that can run only off its platforms in an interpreter runs there, with
@@ -84,7 +85,8 @@ def select(choice, request: Request) -> Backend:
   if choice == "auto":
     for name in AUTO:
       backend = REGISTRY[name]
-      why = _platform_problem(backend, request) or problem(backend, request)
+      why = (_platform_problem(backend, request) or problem(backend, request)
+             or backend.auto_problem(request))
       if why is None:
         return backend
       _log.debug("backend='auto' passes %r over: %s", name, why)

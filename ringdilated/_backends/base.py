@@ -135,6 +135,7 @@ class Request:
     head_dim: ``D``.
     masks: a key padding mask or segment ids are given.
     dropout: dropout is applied.
+    dense: the call is plain attention (one branch of rate 1).
   """
 
   platform: str
@@ -142,6 +143,7 @@ class Request:
   head_dim: int
   masks: bool
   dropout: bool
+  dense: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +187,12 @@ class Backend:
 
   def problem(self, request: Request) -> str | None:
     """Why this backend can't run ``request`` beyond its capabilities, or None."""
+    del request
+    return None
+
+  def auto_problem(self, request: Request) -> str | None:
+    """Why ``backend="auto"`` should pass this backend over for ``request``
+    although it can run it (another is measured faster), or None."""
     del request
     return None
 

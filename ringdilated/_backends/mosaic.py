@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -842,6 +843,15 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def _varying(x: Array) -> bool:
+  """Whether ``x`` varies over mesh axes (inside ``jax.shard_map`` with
+  ``check_vma=True``). jax 0.11's kernel launcher (``mpmd_map``) refuses
+  accumulator Refs of such types, so those calls take the Triton kernels."""
+  t = jax.typeof(x)
+  mat = getattr(t, "mat", None)
+  return bool(getattr(mat, "varying", None) or getattr(t, "vma", None))
+
+
 def _hopper_problem() -> str | None:
   cc = getattr(jax.devices()[0], "compute_capability", None)
   if cc != "9.0":
@@ -857,8 +867,9 @@ class Mosaic(pallas.Pallas):
   head dim 64 or 128, in bf16 or f16, run the Mosaic GPU kernels (with key
   padding and segment ids on branches read in place; ring blocks unmasked);
   every other call runs the Triton kernels of :class:`~.pallas.Pallas`
-  (dropout, masked ring blocks, other shapes), so this backend takes
-  everything that one does.
+  (dropout, masked ring blocks, other shapes, and any call inside
+  ``jax.shard_map(check_vma=True)``, see :func:`_varying`), so this backend
+  takes everything that one does.
 
   Attributes:
     mosaic: tiles and pipeline depth of the Mosaic GPU kernels.
@@ -867,6 +878,7 @@ class Mosaic(pallas.Pallas):
   name = "mosaic"
   capabilities = Capabilities(platforms=("gpu",), interpret=True, in_place=True,
                               masks=True, dropout=True)
+  dtypes: ClassVar[tuple[jnp.dtype, ...]] = _DTYPES  # of q, k, v the kernels take
   mosaic: MosaicTiles = MosaicTiles()
 
   def problem(self, request: Request) -> str | None:
@@ -875,11 +887,17 @@ class Mosaic(pallas.Pallas):
       why = _hopper_problem()
     return why
 
+  def auto_problem(self, request: Request) -> str | None:
+    if request.dense and not request.masks:
+      return ("plain dense attention: cuDNN's fused kernel is faster there (H200, 32K "
+              "causal: 28.0 ms against 31.4 ms; benchmarks/results/h200.json)")
+    return None
+
   def _takes(self, kept: int, x: Array, vis: Visibility, dropout, masks: bool) -> bool:
     """Whether the Mosaic GPU kernels run this call (token masks: only on
     branches read in place, ``masks``)."""
     return (not self.interpret and dropout is None and (masks or not vis.has_arrays)
-            and x.dtype in _DTYPES and x.shape[-1] in (64, 128)
+            and not _varying(x) and x.dtype in self.dtypes and x.shape[-1] in (64, 128)
             and kept % self.mosaic.multiple == 0)
 
   def forward(self, q, k, v, vis, *, scale, dropout=None):

@@ -1,0 +1,274 @@
+"""The Hopper (Mosaic GPU) backend on CPU: what can be checked without the GPU.
+
+The kernels themselves run only on a Hopper GPU (``benchmarks/mosaic_probe.py``
+compares them with the Triton kernels there, ``benchmarks/check_gpu.py``
+with float32 XLA). Here:
+
+* every kernel variant (rate 1 and 4, causal or not, with and without key
+  padding and segment ids) lowers to a Mosaic GPU kernel for CUDA;
+* the per-program live tile ranges (tile skipping for packed documents and
+  padding) cover every visible (query, key) pair, and "pure" programs (no
+  token mask needed) really see every pair of their range, against brute
+  force;
+* the layouts the kernels read (rows per offset for the TMA) are exact;
+* which calls the kernels take and which go to the Triton kernels, and what
+  ``backend="auto"`` picks on a Hopper GPU;
+* the backend's glue (blocks of the ring, branches with token vectors, the
+  accumulators) on a ring of 2 and on one device against the oracle, with
+  the two kernel entry points bound to the Triton kernels in interpret mode
+  (the same in-place contract), so only the Mosaic GPU code itself is
+  out of the CPU's reach.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import ringdilated as rd
+from ringdilated import _backends
+from ringdilated._backends import mosaic, pallas
+from ringdilated._backends.base import Request, StridedBranch, Visibility
+
+
+# ----------------------------------------------------------------------------
+# Lowering to Mosaic GPU.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate,causal,masks", [(1, True, ""), (4, False, ""),
+                                               (1, False, "both"), (4, True, "seg"),
+                                               (2, True, "valid")])
+def test_kernels_lower_to_mosaic_gpu(rate, causal, masks):
+  b, length, h, kh, d = 1, 4096, 4, 2, 128
+  geo = StridedBranch(kept=2048 // rate, rate=rate, heads=(0, h), group=h // kh,
+                      offset=None, causal=causal, scale=d ** -0.5)
+
+  def vis(seg, valid):
+    return Visibility(valid if masks in ("valid", "both") else None,
+                      seg if masks in ("seg", "both") else None,
+                      seg if masks in ("seg", "both") else None, causal)
+
+  def fwd(q, k, v, o, l, seg, valid):
+    return mosaic.forward(geo, mosaic.MosaicTiles(), q, k, v, o, l, vis(seg, valid))
+
+  def bwd(q, k, v, do, l, dl, dq, dk, dv, seg, valid):
+    return mosaic.backward(geo, mosaic.MosaicTiles(), q, k, v, do, l, dl, (dq, dk, dv),
+                           vis(seg, valid))
+
+  sd = jax.ShapeDtypeStruct
+  qs, kvs = sd((b, length, h, d), jnp.bfloat16), sd((b, length, kh, d), jnp.bfloat16)
+  rows, tok = sd((b, length, h), jnp.float32), sd((b, length), jnp.int32)
+  # (function, arguments, operands of each kernel without token vectors)
+  for fn, args, operands in ((fwd, (qs, kvs, kvs, qs, rows, tok, tok), (5,)),
+                             (bwd, (qs, kvs, kvs, qs, rows, rows, qs, kvs, kvs, tok, tok),
+                              (7, 8))):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", text)
+    # with token vectors each kernel also reads ids, validity and its tile ranges
+    assert [len(c.split(",")) for c in calls] == [n + 3 * bool(masks) for n in operands]
+
+
+# ----------------------------------------------------------------------------
+# Live tile ranges.
+# ----------------------------------------------------------------------------
+
+
+def _visible(own_ids, own_valid, ids, valid):
+  return (own_ids[:, None] == ids[None, :]) & (own_valid[:, None] != 0) & (valid[None, :] != 0)
+
+
+@pytest.mark.parametrize("own,tile,own_keys", [(128, 128, False), (128, 64, False),
+                                               (128, 64, True), (128, 128, True)])
+def test_spans_cover_every_visible_pair(own, tile, own_keys):
+  rng = np.random.default_rng(own + tile + own_keys)
+  t, checked, pure_seen = 512, 0, 0
+  for trial in range(6):
+    b, r = 1, (1, 2)[trial % 2]
+    m = 4 * t
+    seg = np.sort(rng.integers(0, (1, 3, 40)[trial % 3], (b, r, m)), axis=-1).astype(np.int32)
+    valid = (rng.random((b, r, m)) > (0.1, 0.0, 0.3)[trial % 3]).astype(np.int32)
+    valid[..., m // 2:m // 2 + 300] = 0 if trial == 5 else valid[..., m // 2:m // 2 + 300]
+    spans = np.asarray(mosaic._spans(jnp.asarray(seg), jnp.asarray(valid), t, own, tile,
+                                     own_keys))
+    ones = np.ones(m, np.int32)
+    for ri in range(r):
+      ids, val = seg[0, ri], valid[0, ri]
+      for c in range(m // own):
+        s0 = c * own // t * t
+        o = slice(c * own, (c + 1) * own)
+        lo, hi, pure = spans[0, ri, c]
+        for j in range(t // tile):
+          s = slice(s0 + j * tile, s0 + (j + 1) * tile)
+          vis = _visible(ids[o], (val if own_keys else ones)[o], ids[s],
+                         (ones if own_keys else val)[s])
+          if vis.any():
+            assert lo <= j < hi, (trial, c, j, lo, hi)
+          if pure and lo <= j < hi:
+            assert vis.all(), (trial, c, j)
+          checked += 1
+        pure_seen += int(pure)
+  assert checked > 0 and pure_seen > 0  # both kinds of program occurred
+
+
+def test_spans_skip_other_documents():
+  """Two documents per segment: a program of the second sees only its half."""
+  t = 512
+  seg = jnp.asarray(np.repeat([0, 1], t // 2)[None, None], jnp.int32)
+  spans = np.asarray(mosaic._spans(seg, jnp.ones_like(seg), t, 128, 64, False))
+  np.testing.assert_array_equal(spans[0, 0], [[0, 4, 1], [0, 4, 1], [4, 8, 1], [4, 8, 1]])
+
+
+# ----------------------------------------------------------------------------
+# Layouts.
+# ----------------------------------------------------------------------------
+
+
+def test_rows_put_each_offset_contiguous():
+  x = jnp.arange(2 * 12 * 3, dtype=jnp.float32).reshape(2, 12, 3)
+  rows = mosaic._rows(x, 4)  # [B, H, r, M]
+  assert rows.shape == (2, 3, 4, 3)
+  for b, h, o, m in [(0, 0, 0, 0), (1, 2, 3, 2), (0, 1, 2, 1)]:
+    assert rows[b, h, o, m] == x[b, m * 4 + o, h]
+  np.testing.assert_array_equal(mosaic._unrows(rows), x)
+  tokens = mosaic._tokens(jnp.arange(24).reshape(2, 12), 4)
+  assert tokens[1, 3, 2] == 12 + 2 * 4 + 3
+
+
+# ----------------------------------------------------------------------------
+# Which calls the kernels take; what "auto" picks on Hopper.
+# ----------------------------------------------------------------------------
+
+
+def test_calls_the_kernels_take():
+  backend = mosaic.Mosaic()
+  x = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+  plain = Visibility(None, None, None, True)
+  masked = Visibility(jnp.ones((1, 256), bool), None, None, True)
+  assert backend._takes(256, x, plain, None, masks=False)
+  assert backend._takes(256, x, masked, None, masks=True)  # a branch in place
+  assert not backend._takes(256, x, masked, None, masks=False)  # a masked ring block
+  assert not backend._takes(256, x, plain, object(), masks=True)  # dropout
+  assert not backend._takes(192, x, plain, None, masks=True)  # not a multiple of 128
+  assert not backend._takes(256, x[..., :32], plain, None, masks=True)  # head dim 32
+  assert not backend._takes(256, x.astype(jnp.float32), plain, None, masks=True)
+  assert not mosaic.Mosaic(interpret=True)._takes(256, x, plain, None, masks=True)
+  # Inside shard_map(check_vma=True) the accumulators vary over the mesh.
+  seen = []
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
+  for check in (True, False):
+    jax.jit(jax.shard_map(lambda y, check=check: (seen.append(
+        (check, backend._takes(256, y, plain, None, masks=True))), y)[1], mesh=mesh,
+        in_specs=P(None, "sp"), out_specs=P(None, "sp"), check_vma=check))(
+            jnp.zeros((1, 512, 2, 128), jnp.bfloat16))
+  assert seen == [(True, False), (False, True)]
+
+
+def _request(**kw):
+  kw = dict(dict(platform="gpu", dtype=jnp.dtype(jnp.bfloat16), head_dim=128, masks=False,
+                 dropout=False), **kw)
+  return Request(**kw)
+
+
+def test_auto_on_hopper(monkeypatch):
+  monkeypatch.setattr(mosaic, "_hopper_problem", lambda: None)
+  monkeypatch.setattr(_backends.cudnn, "internal_api_problem", lambda: None)
+  assert _backends.select("auto", _request()).name == "mosaic"
+  assert _backends.select("auto", _request(masks=True)).name == "mosaic"
+  assert _backends.select("auto", _request(dense=True)).name == "cudnn"
+  assert _backends.select("auto", _request(dense=True, masks=True)).name == "mosaic"
+  assert _backends.select("mosaic", _request(dense=True)).name == "mosaic"  # explicit
+
+
+def test_auto_elsewhere_passes_it_over(monkeypatch, caplog):
+  monkeypatch.setattr(_backends.cudnn, "internal_api_problem", lambda: None)
+  monkeypatch.setattr(mosaic, "_hopper_problem", lambda: "compute capability 8.0 (the "
+                      "Mosaic GPU kernels need Hopper, 9.0)")
+  with caplog.at_level("DEBUG", logger="ringdilated"):
+    assert _backends.select("auto", _request()).name == "cudnn"
+  assert "passes 'mosaic' over: compute capability 8.0" in caplog.text
+  assert _backends.select("auto", _request(platform="cpu")).name == "xla"
+
+
+# ----------------------------------------------------------------------------
+# The glue, with the kernel entry points bound to the Triton kernels.
+# ----------------------------------------------------------------------------
+
+
+class _Bound(mosaic.Mosaic):
+  """The Mosaic backend whose kernels (bound to the Triton ones) run in the
+  interpreter and take float32 too."""
+
+  dtypes = (*mosaic.Mosaic.dtypes, jnp.dtype(jnp.float32))
+
+  def _takes(self, kept, x, vis, dropout, masks):
+    return mosaic.Mosaic._takes(dataclasses.replace(self, interpret=False), kept, x, vis,
+                                dropout, masks)
+
+
+@pytest.fixture(name="bound")
+def _bound(monkeypatch):
+  calls = []
+  triton = pallas.Pallas(interpret=True)
+
+  def forward(geo, tiles, q, k, v, out, lse, vis=None):
+    calls.append("fwd")
+    vis = vis if vis is not None else Visibility(None, None, None, geo.causal)
+    return pallas.forward(geo, triton, q, k, v, vis, None, out, lse)
+
+  def backward(geo, tiles, q, k, v, dout, lse, delta, grads, vis=None):
+    calls.append("bwd")
+    vis = vis if vis is not None else Visibility(None, None, None, geo.causal)
+    return pallas.backward(geo, triton, q, k, v, vis, None, dout, lse, delta, grads)
+
+  monkeypatch.setattr(mosaic, "forward", forward)
+  monkeypatch.setattr(mosaic, "backward", backward)
+  monkeypatch.setattr(mosaic, "_hopper_problem", lambda: None)
+  return calls
+
+
+def _out_and_grads(backend, q, k, v, cot, ring, **kw):
+  def go(q, k, v, cot, extra):
+    fn = functools.partial(rd.dilated_attention, backend=backend,
+                           axis_name="sp" if ring else None, **kw, **extra)
+    out, pull = jax.vjp(fn, q, k, v)
+    return (out,) + pull(cot)
+
+  extra = {name: kw.pop(name) for name in ("segment_ids", "key_padding_mask") if name in kw}
+  if ring:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
+    spec = P(None, "sp")
+    go = jax.shard_map(go, mesh=mesh, in_specs=(spec,) * 4 + ({m: spec for m in extra},),
+                       out_specs=spec, check_vma=False)
+  return jax.jit(go)(q, k, v, cot, extra)
+
+
+@pytest.mark.parametrize("mode,segments,causal,masks,ring", [
+    ("mix", ((256, 2048), (1, 2)), True, False, True),
+    ("partition", ((256, 2048), (1, 2)), True, False, True),
+    ("mix", ((256, 1024, 2048), (1, 2, 4)), False, True, True),
+    ("mix", ((512, 1024), (1, 2)), True, True, False),
+])
+def test_glue_matches_the_oracle(bound, mode, segments, causal, masks, ring):
+  rng = np.random.default_rng(0)
+  b, n, h, kh, d = 1, 2048, 4, 2, 64
+  q, cot = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.standard_normal((b, n, kh, d)), jnp.float32) for _ in range(2))
+  kw = dict(segment_lengths=segments[0], dilation_rates=segments[1], mode=mode, causal=causal)
+  if masks:
+    cuts = np.sort(rng.choice(np.arange(1, n), 5, replace=False))
+    kw["segment_ids"] = jnp.asarray(np.searchsorted(cuts, np.arange(n), "right")[None],
+                                    jnp.int32)
+    kw["key_padding_mask"] = jnp.asarray((np.arange(n) < n - 150)[None])
+  want = _out_and_grads("xla", q, k, v, cot, False, **dict(kw))
+  got = _out_and_grads(_Bound(), q, k, v, cot, ring, **dict(kw))
+  assert "fwd" in bound and "bwd" in bound  # the bound kernels ran
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=name)
