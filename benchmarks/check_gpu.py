@@ -13,7 +13,8 @@ same bf16 inputs; tolerance 2e-2.
 
 multi   rings over all visible devices (``jax.shard_map``, sequence sharded,
         zigzag data permuted with ``rd.to_layout``), every backend (xla,
-        cudnn, pallas), both layouts, mix and partition, with a local and a
+        cudnn, pallas, mosaic; ``--no-check-vma`` runs the rings under
+        ``check_vma=False``, where mosaic keeps its own kernels), both layouts, mix and partition, with a local and a
         spanning branch (N=16384, ``(2048, 16384)`` / ``(1, 2)``) and three
         branches (``(2048, 8192, 16384)`` / ``(1, 2, 4)``), causal and not,
         with and without ``segment_ids`` / ``key_padding_mask``; not the whole
@@ -21,7 +22,7 @@ multi   rings over all visible devices (``jax.shard_map``, sequence sharded,
         and layout, the Pallas cases first. A negative control (contiguous
         data fed to a zigzag ring) must exceed the tolerance.
 single  the original check on one GPU: dense and dilated configurations,
-        causal and not, plain and on a 1-device ring, cudnn and pallas.
+        causal and not, plain and on a 1-device ring, cudnn, pallas and mosaic.
 
 A line is printed (flushed) before each case, so after a crash (SIGSEGV) the
 last line says where. An exception fails its case, not the run. Exit code:
@@ -253,8 +254,8 @@ def _negative_control(data, tokens, p) -> bool:
 def main(argv=None) -> int:
   global SCALE, H, HKV, D  # pylint: disable=global-statement
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("backends", nargs="*", help="default: pallas cudnn xla (multi), "
-                      "cudnn pallas (single)")
+  parser.add_argument("backends", nargs="*", help="default: pallas cudnn xla mosaic "
+                      "(multi), cudnn pallas mosaic (single)")
   parser.add_argument("--sections", default="multi,single")
   parser.add_argument("--layouts", default="zigzag,contiguous")
   parser.add_argument("--time-budget", type=float, default=None,
@@ -310,7 +311,7 @@ def main(argv=None) -> int:
       data = [rng.standard_normal((B, n, h, D)).astype(jnp.bfloat16)
               for h in (H, HKV, HKV, H)]
       tokens = _mask_data(n, rng)
-      names = args.backends or ["pallas", "cudnn", "xla"]
+      names = args.backends or ["pallas", "cudnn", "xla", "mosaic"]
       for backend, layout, mode, cfg_name, causal, masks in multi_cases(names, layouts):
         if over_budget():
           left_out += 1
@@ -337,7 +338,7 @@ def main(argv=None) -> int:
         worst = max(worst, check(label, errors))
 
   if "single" in sections:
-    names = args.backends or ["cudnn", "pallas"]
+    names = args.backends or ["cudnn", "pallas", "mosaic"]
     for backend, kw, causal, ring in single_cases(names):
       label = (f"1 GPU  {backend:6s} {kw.get('mode', 'mix'):9s} w={kw['segment_lengths']} "
                f"causal={causal!s:5} ring={ring!s:5}")

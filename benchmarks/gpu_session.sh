@@ -17,6 +17,9 @@
 #   bench        T_BENCH=120    bench.py masked + slice baselines -> results/h200.json
 #   longest      T_LONGEST=300  bench_multi_gpu.py --only longest (log: bench_multi.log),
 #                               LONGEST_BACKENDS=pallas,auto (searched in this order)
+#   mosaic       T_MOSAIC=400   the Hopper kernels: mosaic_probe.py (exactness against the
+#                               Triton kernels, dense speed), check_gpu.py mosaic with and
+#                               without check_vma, bench.py --only mosaic,masked (log: mosaic.log)
 # Each script gets an internal --time-budget below its timeout, so it stops
 # starting cases in time and keeps what it measured. RESUME=0 re-measures
 # cases already in the results files; TRACE=1 adds a jax.profiler trace of
@@ -39,6 +42,7 @@ T_CHECK=${T_CHECK:-120}
 T_MULTI=${T_MULTI:-240}
 T_BENCH=${T_BENCH:-120}
 T_LONGEST=${T_LONGEST:-300}
+T_MOSAIC=${T_MOSAIC:-400}
 REPRO_VARIANT_TIMEOUT=${REPRO_VARIANT_TIMEOUT:-60}
 # searched in this order (with SMOKE=1: auto; Pallas interprets on CPU, minutes a case)
 LONGEST_BACKENDS=${LONGEST_BACKENDS:-$([ "$SMOKE" = 1 ] && echo auto || echo pallas,auto)}
@@ -121,8 +125,18 @@ for step in "${STEPS[@]}"; do
       run longest "$T_LONGEST" bench_multi.log \
         "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" --only longest \
         --backends "$LONGEST_BACKENDS" --time-budget "$(inner "$T_LONGEST" 100)" $SMOKE_FLAG ;;
+    mosaic)
+      run mosaic_probe "$((T_MOSAIC / 4))" mosaic.log "$PY" benchmarks/mosaic_probe.py
+      for vma in "" --no-check-vma; do
+        run "check_mosaic$vma" "$((T_MOSAIC / 4))" mosaic.log "$PY" benchmarks/check_gpu.py \
+          mosaic $vma --time-budget "$(inner "$((T_MOSAIC / 4))" 30)" $SMOKE_FLAG
+      done
+      run bench_mosaic "$((T_MOSAIC / 4))" mosaic.log \
+        "$PY" benchmarks/bench.py --out "$RESULTS/h200.json" --only mosaic,masked \
+        --seqs 1048576,32768 --iters 5 --time-budget "$(inner "$((T_MOSAIC / 4))" 60)" \
+        $SMOKE_FLAG ;;
     *)
-      log "--- unknown step $step (known: repro check_gpu bench_multi bench longest)" ;;
+      log "--- unknown step $step (known: repro check_gpu bench_multi bench longest mosaic)" ;;
   esac
 done
 

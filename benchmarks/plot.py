@@ -24,12 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import check_targets  # noqa: E402  pylint: disable=g-import-not-at-top
 
 GROUPS = {
-    "dense causal": ("cudnn_dense", "ours_dense", "ours_dense_ring1", "ours_dense_ring1_zigzag",
-                     "ringattention_pkg"),
+    "dense causal": ("cudnn_dense", "ours_dense", "ours_mosaic_dense", "ours_dense_ring1",
+                     "ours_dense_ring1_zigzag", "ringattention_pkg"),
     "LongNet mix": ("slice_cudnn_longnet_mix", "gather_cudnn_longnet_mix", "ours_longnet_mix",
+                    "ours_mosaic_longnet_mix", "ours_cudnn_longnet_mix",
                     "ours_pallas_longnet_mix"),
     "LongNet partition": ("slice_cudnn_longnet_partition", "gather_cudnn_longnet_partition",
-                          "ours_longnet_partition", "ours_pallas_longnet_partition"),
+                          "ours_longnet_partition", "ours_mosaic_longnet_partition",
+                          "ours_cudnn_longnet_partition", "ours_pallas_longnet_partition"),
     "LongNet mix, masks (issue 15)": (
         "ours_longnet_mix", "ours_docs64k_longnet_mix", "ours_docs8k_longnet_mix",
         "ours_pad10_longnet_mix", "ours_dropout_longnet_mix", "ours_xla_docs64k_longnet_mix"),
@@ -133,9 +135,10 @@ def main(argv) -> int:
     print(out)
     return 0
   records = [r for r in records if "error" not in r and "fwd_bwd_ms" in r]
+  newest = {(r["name"], r["seq_len"]): r for r in records}  # later runs win
   series = collections.defaultdict(list)
-  for r in records:
-    series[r["name"]].append((r["seq_len"], r["fwd_bwd_ms"], r["peak_bytes"] / 2**30))
+  for (name, n), r in newest.items():
+    series[name].append((n, r["fwd_bwd_ms"], r["peak_bytes"] / 2**30))
   device = records[0]["device"] if records else "?"
   fig, axes = plt.subplots(2, len(GROUPS), figsize=(5 * len(GROUPS), 8), squeeze=False)
   for col, (title, names) in enumerate(GROUPS.items()):

@@ -162,8 +162,9 @@ def dilated_attention(
       GPU attention; bfloat16/float16 without masks or dropout),
       ``"pallas"`` (Triton kernels that read each local branch's strided
       positions in place and accumulate into the outputs and gradients: the
-      least memory) or ``"auto"`` (the fastest that can run the call,
-      decided at trace time).
+      least memory), ``"mosaic"`` (the same for Hopper GPUs through Mosaic
+      GPU: the fastest and leanest there) or ``"auto"`` (the fastest that
+      can run the call, decided at trace time).
     detach_weights: ``"mix"`` only: treat the weights that combine the
       branches (softmax over their log-sum-exps) as constants in the
       gradient, as LongNet's reference implementation (torchscale) does.

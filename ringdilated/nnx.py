@@ -56,7 +56,7 @@ class DilatedAttention(nnx.Module):
     axis_name: mesh axis the sequence is sharded over, or None.
     layout: ``"contiguous"`` or ``"zigzag"`` (see :func:`ringdilated.to_layout`).
     detach_weights: ``"mix"``: branch weights are constants in the gradient.
-    backend: ``"auto"``, ``"xla"``, ``"cudnn"`` or ``"pallas"``.
+    backend: ``"auto"``, ``"xla"``, ``"cudnn"``, ``"pallas"`` or ``"mosaic"``.
     rngs: its ``dropout`` stream (or default stream) is forked and kept
       when ``dropout_rate > 0``; may be None if keys are passed at call.
 

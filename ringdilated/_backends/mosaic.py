@@ -231,16 +231,13 @@ def _paths(pure, run) -> None:
   pl.when(jnp.logical_not(pure))(functools.partial(run, True))
 
 
-# ----------------------------------------------------------------------------
-# Forward: merges the branch into (out, lse).
-# ----------------------------------------------------------------------------
-
-
-def _forward_kernel(ins, accs, scr, *, c: _Launch):
-  pl, plgpu = _modules()
-  o_ref, l_ref = accs
-  geo, bq, bk, stages = c.geo, c.bq, c.bk, c.stages
-  t = geo.kept
+def _query_program(ins, c: _Launch) -> tuple:
+  """Where a program of the query-tile grid (forward, dq) stands: batch,
+  warpgroup, query head, kv head, offset, first view row of its pair of
+  query tiles, of their segment, the pair's position in the segment, and
+  the streamed key tiles ``[lo, n_kv)`` with whether they need no token
+  mask (:func:`_span`)."""
+  geo, bq, bk, t = c.geo, c.bq, c.bk, c.geo.kept
   b, wg = lax.axis_index("batch"), lax.axis_index("wg")
   hq = geo.heads[0] + lax.axis_index("heads")
   kv = lax.div(hq, jnp.int32(geo.group))
@@ -251,11 +248,35 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
   t_pair = m_pair - seg  # position of the pair within the segment
   lo, n_kv, pure = _span(ins.get("span"), b, off, pair, 0,
                          _cdiv(t_pair + _COMPUTE * bq, bk) if geo.causal else t // bk, c.masks)
+  return b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, pure
+
+
+def _own_steps(c: _Launch, t0, lo, n_kv):
+  """(end, first diagonal) key tiles of the query tile at ``t0``: it runs
+  ``[lo, full)`` unmasked, ``[full, end)`` on the causal diagonal and
+  releases ``[end, n_kv)`` unread."""
+  if not c.geo.causal:
+    return n_kv, n_kv
+  steps = jnp.maximum(jnp.minimum(_cdiv(t0 + c.bq, c.bk), n_kv), lo)
+  return steps, _clip(lax.div(t0, jnp.int32(c.bk)), lo, steps)
+
+
+# ----------------------------------------------------------------------------
+# Forward: merges the branch into (out, lse).
+# ----------------------------------------------------------------------------
+
+
+def _forward_kernel(ins, accs, scr, *, c: _Launch):
+  pl, plgpu = _modules()
+  o_ref, l_ref = accs
+  bq, bk = c.bq, c.bk
+  geo = c.geo
+  b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, pure = _query_program(ins, c)
   k_bar, v_bar, k_done, v_done, sched = (scr[x] for x in ("k_bar", "v_bar", "k_done", "v_done",
                                                             "sched"))
 
   def slot_of(j):
-    return lax.rem(j - lo, jnp.int32(stages))
+    return lax.rem(j - lo, jnp.int32(c.stages))
 
   @pl.when(wg < _COMPUTE)
   def _compute():
@@ -272,8 +293,7 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
       plgpu.copy_gmem_to_smem(ins["ids"].at[b, off, pl.ds(m0, bq)], scr["qid"].at[wg],
                               scr["qid_bar"].at[wg])
     plgpu.barrier_wait(scr["q_bar"].at[wg])
-    steps = jnp.maximum(jnp.minimum(_cdiv(t0 + bq, bk), n_kv), lo) if geo.causal else n_kv
-    full = _clip(lax.div(t0, jnp.int32(bk)), lo, steps) if geo.causal else steps
+    steps, full = _own_steps(c, t0, lo, n_kv)
     wgmma = plgpu.Layout.WGMMA
 
     @pl.when(steps > lo)
@@ -381,11 +401,9 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
 
     _paths(pure, run)
 
-  @pl.when(wg == _COMPUTE)
-  def _memory():
-    plgpu.set_max_registers(40, action="decrease")
-    _stream(ins, scr, c, lo, n_kv, pure, lambda j: (seg + j * bk, kv), ("k", "v"),
-            ("k_done", "v_done"), bk, b, off)
+  pl.when(wg == _COMPUTE)(functools.partial(
+      _stream, ins, scr, c, lo, n_kv, pure, lambda j: (seg + j * bk, kv), ("k", "v"),
+      ("k_done", "v_done"), bk, b, off))
 
 
 def _stream(ins, scr, c: _Launch, lo, hi, pure, source, names, dones, rows: int, b, off):
@@ -395,6 +413,7 @@ def _stream(ins, scr, c: _Launch, lo, hi, pure, source, names, dones, rows: int,
   slot ``(j - lo) mod stages``, once the compute warpgroups released it
   (``dones``)."""
   pl, plgpu = _modules()
+  plgpu.set_max_registers(40, action="decrease")
   tokens = c.masks and pure is not True
 
   @pl.loop(lo, hi)
@@ -567,18 +586,8 @@ def _row_lse(ref, axis: int, masks: bool) -> Array:
 def _dq_kernel(ins, accs, scr, *, c: _Launch):
   pl, plgpu = _modules()
   (dq_ref,) = accs
-  geo, bq, bk = c.geo, c.bq, c.bk
-  t = geo.kept
-  b, wg = lax.axis_index("batch"), lax.axis_index("wg")
-  hq = geo.heads[0] + lax.axis_index("heads")
-  kv = lax.div(hq, jnp.int32(geo.group))
-  off = c.off(kv)
-  pair = lax.axis_index("q_seq")
-  m_pair = pair * (_COMPUTE * bq)
-  seg = lax.div(m_pair, jnp.int32(t)) * t
-  t_pair = m_pair - seg
-  lo, n_kv, pure = _span(ins.get("span"), b, off, pair, 0,
-                         _cdiv(t_pair + _COMPUTE * bq, bk) if geo.causal else t // bk, c.masks)
+  bq, bk, geo = c.bq, c.bk, c.geo
+  b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, pure = _query_program(ins, c)
 
   def slot_of(j):
     return lax.rem(j - lo, jnp.int32(c.stages))
@@ -599,8 +608,7 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
       plgpu.barrier_wait(scr[f"{name}_bar"].at[wg])
     lse = _row_lse(l_s, 0, c.masks)
     delta = _vector(d_s, 0)
-    steps = jnp.maximum(jnp.minimum(_cdiv(t0 + bq, bk), n_kv), lo) if geo.causal else n_kv
-    full = _clip(lax.div(t0, jnp.int32(bk)), lo, steps) if geo.causal else steps
+    steps, full = _own_steps(c, t0, lo, n_kv)
 
     def run(tokens: bool):
       q_ids = None
@@ -648,11 +656,9 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
 
     _paths(pure, run)
 
-  @pl.when(wg == _COMPUTE)
-  def _memory():
-    plgpu.set_max_registers(40, action="decrease")
-    _stream(ins, scr, c, lo, n_kv, pure, lambda j: (seg + j * bk, kv), ("k", "v"),
-            ("k_done", "v_done"), bk, b, off)
+  pl.when(wg == _COMPUTE)(functools.partial(
+      _stream, ins, scr, c, lo, n_kv, pure, lambda j: (seg + j * bk, kv), ("k", "v"),
+      ("k_done", "v_done"), bk, b, off))
 
 
 def _dkv_kernel(ins, accs, scr, *, c: _Launch):
