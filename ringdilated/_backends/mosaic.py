@@ -304,8 +304,9 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
 
     def run(tokens: bool):
       q_ids = None
-      if tokens:
+      if c.masks:  # (also unread: no copy outlives the program)
         plgpu.barrier_wait(scr["qid_bar"].at[wg])
+      if tokens:
         q_ids = _vector(scr["qid"].at[wg], 0)
 
       def step(j, carry, diagonal: bool):
@@ -612,8 +613,9 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
 
     def run(tokens: bool):
       q_ids = None
-      if tokens:
+      if c.masks:  # (also unread: no copy outlives the program)
         plgpu.barrier_wait(scr["qid_bar"].at[wg])
+      if tokens:
         q_ids = _vector(scr["qid"].at[wg], 0)
 
       def step(j, dq, diagonal: bool):
@@ -705,9 +707,10 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
 
     def run(tokens: bool):
       key_ids = None
-      if tokens:
+      if c.masks:  # (also unread: no copy outlives the program)
         plgpu.barrier_wait(scr["kid_bar"].at[wg])
         plgpu.barrier_wait(scr["kval_bar"].at[wg])
+      if tokens:
         key_ids = (_vector(scr["kid"].at[wg], 0), _vector(scr["kval"].at[wg], 0))
 
       def step(n, carry, mode: str):
