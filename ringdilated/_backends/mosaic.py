@@ -251,6 +251,16 @@ def _query_program(ins, c: _Launch) -> tuple:
   return b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, pure
 
 
+def _own_ids(scr, wg, c: _Launch, tokens: bool) -> Array | None:
+  """The segment ids of the warpgroup's query rows (one per row) on the
+  masked path; None on the unmasked one, which still waits for their copy
+  (no copy outlives its program)."""
+  _, plgpu = _modules()
+  if c.masks:
+    plgpu.barrier_wait(scr["qid_bar"].at[wg])
+  return _vector(scr["qid"].at[wg], 0) if tokens else None
+
+
 def _own_steps(c: _Launch, t0, lo, n_kv):
   """(end, first diagonal) key tiles of the query tile at ``t0``: it runs
   ``[lo, full)`` unmasked, ``[full, end)`` on the causal diagonal and
@@ -303,11 +313,7 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
     pl.when(wg == 1)(functools.partial(_schedule, sched))
 
     def run(tokens: bool):
-      q_ids = None
-      if c.masks:  # (also unread: no copy outlives the program)
-        plgpu.barrier_wait(scr["qid_bar"].at[wg])
-      if tokens:
-        q_ids = _vector(scr["qid"].at[wg], 0)
+      q_ids = _own_ids(scr, wg, c, tokens)
 
       def step(j, carry, diagonal: bool):
         acc, m_i, l_i = carry
@@ -612,11 +618,7 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
     steps, full = _own_steps(c, t0, lo, n_kv)
 
     def run(tokens: bool):
-      q_ids = None
-      if c.masks:  # (also unread: no copy outlives the program)
-        plgpu.barrier_wait(scr["qid_bar"].at[wg])
-      if tokens:
-        q_ids = _vector(scr["qid"].at[wg], 0)
+      q_ids = _own_ids(scr, wg, c, tokens)
 
       def step(j, dq, diagonal: bool):
         slot = slot_of(j)
