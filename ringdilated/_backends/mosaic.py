@@ -45,7 +45,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._merge import row_delta
 from . import pallas
 from . import tile_masks as tm
 from .base import Capabilities, Request, StridedBranch, Visibility
@@ -911,26 +910,17 @@ class Mosaic(pallas.Pallas):
             and not _varying(x) and x.dtype in self.dtypes and x.shape[-1] in (64, 128)
             and kept % self.mosaic.multiple == 0)
 
-  def forward(self, q, k, v, vis, *, scale, dropout=None):
-    x, t, kh, g, d = q.shape
-    if not self._takes(t, q, vis, dropout, masks=False):
-      return super().forward(q, k, v, vis, scale=scale, dropout=dropout)
-    q4 = q.reshape(x, t, kh * g, d)
-    out, lse = forward(pallas.block_geometry(q, vis, scale), self.mosaic, q4, k, v,
-                       jnp.zeros_like(q4), jnp.full(q4.shape[:3], -jnp.inf, _F32))
-    return out.reshape(q.shape), lse.reshape(x, t, kh, g)
+  def _block_forward(self, geo, q, k, v, vis, dropout):
+    if not self._takes(geo.kept, q, vis, dropout, masks=False):
+      return super()._block_forward(geo, q, k, v, vis, dropout)
+    return forward(geo, self.mosaic, q, k, v, jnp.zeros_like(q),
+                   jnp.full(q.shape[:3], -jnp.inf, _F32))
 
-  def backward(self, q, k, v, vis, dout, out, lse, *, scale, dropout=None):
-    x, t, kh, g, d = q.shape
-    if not self._takes(t, q, vis, dropout, masks=False):
-      return super().backward(q, k, v, vis, dout, out, lse, scale=scale, dropout=dropout)
-    heads = lambda a: a.reshape(x, t, kh * g, *a.shape[4:]).astype(q.dtype)  # noqa: E731
-    rows = lambda a: a.reshape(x, t, kh * g)  # noqa: E731
-    q4 = heads(q)
-    grads = (jnp.zeros_like(q4), jnp.zeros_like(k), jnp.zeros_like(v))
-    dq, dk, dv = backward(pallas.block_geometry(q, vis, scale), self.mosaic, q4, k, v,
-                          heads(dout), rows(lse), rows(row_delta(dout, out)), grads)
-    return dq.reshape(q.shape), dk, dv
+  def _block_backward(self, geo, q, k, v, vis, dropout, dout, lse, delta):
+    if not self._takes(geo.kept, q, vis, dropout, masks=False):
+      return super()._block_backward(geo, q, k, v, vis, dropout, dout, lse, delta)
+    grads = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
+    return backward(geo, self.mosaic, q, k, v, dout, lse, delta, grads)
 
   def branch_forward(self, branch, q, k, v, vis, dropout, out, lse):
     if not self._takes(branch.kept, q, vis, dropout, masks=True):

@@ -708,17 +708,26 @@ class Pallas(Backend):
 
   def forward(self, q, k, v, vis, *, scale, dropout=None):
     x, t, kh, g, d = q.shape
-    out, lse = forward(block_geometry(q, vis, scale), self, q.reshape(x, t, kh * g, d),
-                       k, v, vis, dropout)
+    out, lse = self._block_forward(block_geometry(q, vis, scale),
+                                   q.reshape(x, t, kh * g, d), k, v, vis, dropout)
     return out.reshape(q.shape), lse.reshape(x, t, kh, g)
 
   def backward(self, q, k, v, vis, dout, out, lse, *, scale, dropout=None):
     x, t, kh, g, d = q.shape
     heads = lambda a: a.reshape(x, t, kh * g, *a.shape[4:]).astype(q.dtype)  # noqa: E731
     delta = row_delta(dout, out).reshape(x, t, kh * g)
-    dq, dk, dv = backward(block_geometry(q, vis, scale), self, heads(q), k, v, vis,
-                          dropout, heads(dout), lse.reshape(x, t, kh * g), delta, None)
+    dq, dk, dv = self._block_backward(block_geometry(q, vis, scale), heads(q), k, v, vis,
+                                      dropout, heads(dout), lse.reshape(x, t, kh * g), delta)
     return dq.reshape(q.shape), dk, dv
+
+  def _block_forward(self, geo, q, k, v, vis, dropout):
+    """A block as a rate-1 branch, heads flattened (q [X, T, H, D]): its
+    own fresh ``(out, lse)``."""
+    return forward(geo, self, q, k, v, vis, dropout)
+
+  def _block_backward(self, geo, q, k, v, vis, dropout, dout, lse, delta):
+    """The gradients of :meth:`_block_forward`'s block, fresh."""
+    return backward(geo, self, q, k, v, vis, dropout, dout, lse, delta, None)
 
   def branch_forward(self, branch, q, k, v, vis, dropout, out, lse):
     return forward(branch, self, q, k, v, vis, dropout, out, lse)
