@@ -65,6 +65,11 @@ class Results:
         return [run[k] for k in keys]
     return None
 
+  def peak_ratio(self, key):
+    """Peak over the bytes of q, k, v, out, dq, dk, dv of the newest record."""
+    r = self.get(key)
+    return None if r is None else r["peak_bytes"] / r["qkv_out_grad_bytes"]
+
   def ratio(self, num, den, field="fwd_bwd_ms"):
     """``num[field] / den[field]`` of keys ``(name, n)`` timed in one run."""
     both = self.same_run(num, den)
@@ -78,10 +83,6 @@ class Results:
       if (ours, n) in run and times:
         return min(times) / run[(ours, n)]["fwd_bwd_ms"]
     return None
-
-
-def _index(records):
-  return Results(records)
 
 
 def baseline_out_of_memory(rec, errors, names, n: int) -> str | None:
@@ -108,10 +109,6 @@ def targets(rec, errors=None):
   def ratio(num, den, n, field="fwd_bwd_ms"):
     return rec.ratio((num, n), (den, n), field)
 
-  def peak_ratio(name, n):
-    r = rec.get((name, n))
-    return None if r is None else r["peak_bytes"] / r["qkv_out_grad_bytes"]
-
   # Throughput is inverse time: ours >= 0.95x cuDNN <=> time_cudnn / time_ours >= 0.95.
   v = ratio("cudnn_dense", "ours_dense", 32768)
   yield "dense causal 32K fwd+bwd throughput vs cuDNN >= 0.95x", v, v is not None and v >= 0.95
@@ -135,7 +132,7 @@ def targets(rec, errors=None):
            rec.best_ratio(SLICE[mode], f"ours_mosaic_longnet_{mode}", n), None)
     yield (f"LongNet {mode} 1M throughput ({JUDGED}) vs gather+cuDNN (history)",
            ratio(f"gather_cudnn_longnet_{mode}", ours, n), None)
-    v = peak_ratio(ours, n)
+    v = rec.peak_ratio((ours, n))
     yield f"LongNet {mode} 1M peak ({JUDGED}) <= 1.15x bytes of q,k,v,out,dq,dk,dv", v, \
         v is not None and v <= 1.15
     v = None if get(ours, n // 2) is None else rec.ratio((ours, n), (ours, n // 2), "peak_bytes")
@@ -160,8 +157,7 @@ def hopper_targets(rec):
   v = rec.ratio(("ours_longnet_mix", n), ("ours_cudnn_longnet_mix", n))
   yield "Hopper kernels: LongNet mix 1M fwd+bwd time <= 0.9x the cuDNN path", v, \
       v is not None and v <= 0.9
-  r = rec.get(("ours_longnet_mix", n))
-  v = None if r is None else r["peak_bytes"] / r["qkv_out_grad_bytes"]
+  v = rec.peak_ratio(("ours_longnet_mix", n))
   yield "Hopper kernels: LongNet mix 1M peak <= 1.15x bytes of q,k,v,out,dq,dk,dv", v, \
       v is not None and v <= 1.15
   r = rec.get(("ours_longnet_mix", n))
@@ -181,17 +177,13 @@ def masked_targets(rec, errors):
   def time_ratio(name, mode="mix", unmasked=None):
     return rec.ratio((name, n), (unmasked or f"ours_longnet_{mode}", n))
 
-  def peak_ratio(name):
-    r = rec.get((name, n))
-    return None if r is None else r["peak_bytes"] / r["qkv_out_grad_bytes"]
-
   for tag, what in (("docs64k", "segment_ids (64K-token documents)"),
                     ("pad10", "key padding (last 10%)")):
     name = f"ours_{tag}_longnet_mix"
     v = time_ratio(name)
     yield f"masked: LongNet mix 1M {what} fwd+bwd <= 1.15x unmasked", v, \
         v is not None and v <= 1.15
-    v = peak_ratio(name)
+    v = rec.peak_ratio((name, n))
     yield f"masked: LongNet mix 1M {what} peak <= 1.2x bytes of q,k,v,out,dq,dk,dv", v, \
         v is not None and v <= 1.2
   v = time_ratio("ours_dropout_longnet_mix")
@@ -333,7 +325,7 @@ def main(argv) -> int:
     kinds = sorted({r["device_kind"] for r in records if "device_kind" in r})
     print(f"info  multi-GPU results of {', '.join(kinds)}")
     return _print(multi_targets(records))
-  rec = _index(records)
+  rec = Results(records)
   for name in ("cudnn_dense", "ours_longnet_mix", "ours_longnet_partition"):
     for n in (32768, M):  # context for the peak targets, not targets
       r = rec.get((name, n))
