@@ -42,6 +42,23 @@ def _label(r) -> str:
   return f"{r['backend']} {r['layout']}"
 
 
+def _by_devices(records, prefix: str) -> dict:
+  """{"<prefix><backend> <layout>": [(P, fwd+bwd ms)]}; a one-device record
+  stands for both layouts (on one device they are the same)."""
+  series = collections.defaultdict(list)
+  for r in records:
+    for layout in ("contiguous", "zigzag") if r["devices"] == 1 else (r["layout"],):
+      series[f"{prefix}{r['backend']} {layout}"].append((r["devices"], r["fwd_bwd_ms"]))
+  return series
+
+
+def _lines(ax, series: dict) -> None:
+  """One line per label, points in x order."""
+  for label, pts in sorted(series.items()):
+    xs, ys = zip(*sorted(pts))
+    ax.plot(xs, ys, "-o", label=label)
+
+
 def plot_multi(records, out: str) -> None:
   """Time vs P (strong: N fixed; weak: N / P fixed), time vs N on the most
   devices, and the scaling efficiencies (check_targets.py's definitions)."""
@@ -52,35 +69,20 @@ def plot_multi(records, out: str) -> None:
   fig, axes = plt.subplots(2, 3, figsize=(16, 9))
   for col, (workload, n, title) in enumerate(check_targets.STRONG):
     ax = axes[0, col]
-    series = collections.defaultdict(list)
-    for r in timing:
-      if (r["workload"], r["seq_len"]) == (workload, n):
-        layouts = ("contiguous", "zigzag") if r["devices"] == 1 else (r["layout"],)
-        for layout in layouts:  # one device: both layouts are the same
-          series[f"{r['backend']} {layout}"].append((r["devices"], r["fwd_bwd_ms"]))
-    for label, pts in sorted(series.items()):
-      ps, ms = zip(*sorted(pts))
-      ax.plot(ps, ms, "-o", label=label)
-    if series:
-      one = min(ms for pts in series.values() for p, ms in pts if p == 1) if any(
-          p == 1 for pts in series.values() for p, _ in pts) else None
-      if one:
-        ps = sorted({p for pts in series.values() for p, _ in pts})
-        ax.plot(ps, [one / p for p in ps], "k:", label="ideal (best 1-GPU / P)")
+    series = _by_devices([r for r in timing if (r["workload"], r["seq_len"]) == (workload, n)],
+                         "")
+    _lines(ax, series)
+    one = min((ms for pts in series.values() for p, ms in pts if p == 1), default=None)
+    if one:
+      ps = sorted({p for pts in series.values() for p, _ in pts})
+      ax.plot(ps, [one / p for p in ps], "k:", label="ideal (best 1-GPU / P)")
     ax.set_title(f"strong scaling: {title}")
     ax.set_xlabel("GPUs P")
     ax.set_ylabel("fwd+bwd ms")
   ax = axes[0, 2]
   for workload, n1, title in check_targets.WEAK:
-    series = collections.defaultdict(list)
-    for r in timing:
-      if r["workload"] == workload and r["seq_len"] == n1 * r["devices"]:
-        layouts = ("contiguous", "zigzag") if r["devices"] == 1 else (r["layout"],)
-        for layout in layouts:  # one device: both layouts are the same
-          series[f"{workload} {r['backend']} {layout}"].append((r["devices"], r["fwd_bwd_ms"]))
-    for label, pts in sorted(series.items()):
-      ps, ms = zip(*sorted(pts))
-      ax.plot(ps, ms, "-o", label=label)
+    _lines(ax, _by_devices([r for r in timing if r["workload"] == workload
+                            and r["seq_len"] == n1 * r["devices"]], f"{workload} "))
   ax.set_title("weak scaling: dense 64K, LongNet-ring 1M per GPU")
   ax.set_xlabel("GPUs P")
   ax.set_ylabel("fwd+bwd ms")
@@ -90,9 +92,7 @@ def plot_multi(records, out: str) -> None:
     for r in timing:
       if r["workload"] == workload and r["devices"] == pmax:
         series[_label(r)].append((r["seq_len"], r["fwd_bwd_ms"]))
-    for label, pts in sorted(series.items()):
-      ns, ms = zip(*sorted(pts))
-      ax.plot(ns, ms, "-o", label=label)
+    _lines(ax, series)
     ax.set_xscale("log", base=2)
     ax.set_title(f"{workload} on {pmax} GPUs: time vs N")
     ax.set_xlabel("sequence length N")
