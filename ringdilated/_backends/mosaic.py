@@ -25,9 +25,11 @@ so a tile's rows are contiguous for the TMA; the launchers transpose them
 from and to the ``[B, L, H]`` rows the ring keeps (``B L H`` floats, small
 next to the attention).
 
-Masks and dropout are not here: :class:`Mosaic` hands those calls (and any
-shape these kernels don't take) to the Triton kernels, whose tile-level
-helper (:mod:`.tile_masks`) stays the one place for them.
+Key padding and segment ids of branches read in place travel as per-offset
+token vectors beside the tiles; each program reads the range of streamed
+tiles its ids can meet and, where all of them hold its one document, runs
+the unmasked loop. Dropout, masked ring blocks and shapes these kernels
+don't take go to the Triton kernels (:class:`Mosaic`).
 
 Shape legend: B batch, L local length, H query heads, K kv heads, G = H / K,
 D head dim, r rate, M = L / r, T kept tokens per segment, bq / bk query /
@@ -149,6 +151,12 @@ def _cdiv(a, b: int):
 
 def _clip(x, lo, hi):
   return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def _slot(c: _Launch, j, lo=None):
+  """The pipeline slot of streamed step ``j`` of a stream starting at ``lo``
+  (None: at 0)."""
+  return lax.rem(j if lo is None else j - lo, jnp.int32(c.stages))
 
 
 def _schedule(barrier) -> None:
@@ -284,8 +292,7 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
   k_bar, v_bar, k_done, v_done, sched = (scr[x] for x in ("k_bar", "v_bar", "k_done", "v_done",
                                                             "sched"))
 
-  def slot_of(j):
-    return lax.rem(j - lo, jnp.int32(c.stages))
+  slot_of = lambda j: _slot(c, j, lo)  # noqa: E731
 
   @pl.when(wg < _COMPUTE)
   def _compute():
@@ -424,7 +431,7 @@ def _stream(ins, scr, c: _Launch, lo, hi, pure, source, names, dones, rows: int,
 
   @pl.loop(lo, hi)
   def _(j):
-    slot = lax.rem(j - lo, jnp.int32(c.stages))
+    slot = _slot(c, j, lo)
 
     @pl.when(j - lo >= c.stages)
     def _():
@@ -595,8 +602,7 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
   bq, bk, geo = c.bq, c.bk, c.geo
   b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, pure = _query_program(ins, c)
 
-  def slot_of(j):
-    return lax.rem(j - lo, jnp.int32(c.stages))
+  slot_of = lambda j: _slot(c, j, lo)  # noqa: E731
 
   @pl.when(wg < _COMPUTE)
   def _compute():
@@ -688,8 +694,7 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
     i = q_lo + lax.rem(n, jnp.maximum(n_q, 1))
     return seg + i * bq, kv * g + lax.div(n, jnp.maximum(n_q, 1))
 
-  def slot_of(n):
-    return lax.rem(n, jnp.int32(c.stages))
+  slot_of = functools.partial(_slot, c)
 
   @pl.when(wg < _COMPUTE)
   def _compute():
