@@ -5,12 +5,14 @@ against cuDNN and the Triton kernels on dense causal attention.
   python3 benchmarks/mosaic_probe.py            # every case, each in a child
                                                 # process under a timeout
   python3 benchmarks/mosaic_probe.py exact:dense_causal   # one case
+  JOBS=8 PROBE_GPUS=0,1 python3 benchmarks/mosaic_probe.py  # exactness cases in parallel
 
 A kernel that deadlocks shows as a timeout of its case, not a hung run.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -22,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ringdilated._backends import mosaic, pallas
-from ringdilated._backends.base import StridedBranch, Visibility
+from ringdilated._backends.base import Dropout, StridedBranch, Visibility
 
-EXACT = {  # name: (L, H, K, D, kept, rate, heads, offset, causal[, masks])
+EXACT = {  # name: (L, H, K, D, kept, rate, heads, offset, causal[, options]); options:
+    # masks docs/pad/both, "drop" (dropout 0.1), "fresh" (own outputs, as ring blocks)
     "dense_causal": (4096, 4, 4, 128, 4096, 1, (0, 4), None, True),
     "dense_full": (2048, 4, 4, 128, 2048, 1, (0, 4), None, False),
     "mix_r2_gqa": (4096, 4, 2, 128, 1024, 2, (0, 4), None, True),
@@ -34,6 +37,11 @@ EXACT = {  # name: (L, H, K, D, kept, rate, heads, offset, causal[, masks])
     "pad_full": (4096, 4, 2, 128, 2048, 1, (0, 4), None, False, "pad"),
     "both_mix_r2": (8192, 4, 2, 128, 1024, 2, (0, 4), None, True, "both"),
     "both_part_r4": (8192, 8, 8, 64, 512, 4, (4, 8), 1, False, "both"),
+    "drop_mix_r2_gqa": (4096, 4, 2, 128, 1024, 2, (0, 4), None, True, "drop"),
+    "drop_dense_full": (2048, 4, 4, 128, 2048, 1, (0, 4), None, False, "drop"),
+    "drop_both_part_r4": (8192, 8, 8, 64, 512, 4, (4, 8), 1, True, "both+drop"),
+    "fresh_dense_causal": (4096, 4, 2, 128, 2048, 1, (0, 4), None, True, "fresh"),
+    "fresh_dense_full": (2048, 8, 4, 64, 1024, 1, (0, 8), None, False, "fresh"),
 }
 
 
@@ -69,28 +77,38 @@ def _rel(a, b):
 
 
 def exact(name: str) -> dict:
-  length, h, kh, d, kept, rate, heads, offset, causal, *kind = EXACT[name]
+  length, h, kh, d, kept, rate, heads, offset, causal, *opts = EXACT[name]
+  opts = opts[0].split("+") if opts else []
   geo = StridedBranch(kept=kept, rate=rate, heads=heads, group=h // kh, offset=offset,
                       causal=causal, scale=d ** -0.5)
   x = _inputs(length, h, kh, d)
-  valid, seg = _masks(kind[0] if kind else None, length)
+  valid, seg = _masks(next((o for o in opts if o in ("docs", "pad", "both")), None), length)
   vis = Visibility(valid, seg, seg, causal)
+  drop = None
+  if "drop" in opts:  # positions as on the second device of a ring
+    pos = jnp.arange(length, 2 * length, dtype=jnp.int32)[None]
+    drop = Dropout(0.1, jnp.uint32(1234567), np.arange(*heads).reshape(-1, h // kh), pos, pos)
+  fresh = "fresh" in opts
   tri = pallas.Pallas()
   tiles = mosaic.MosaicTiles()
-  got = jax.jit(lambda x: mosaic.forward(geo, tiles, x["q"], x["k"], x["v"], x["out"], x["lse"],
-                                         vis))(x)
-  want = jax.jit(lambda x: pallas.forward(geo, tri, x["q"], x["k"], x["v"], vis, None,
-                                          x["out"], x["lse"]))(x)
+  acc = (lambda x: (None, None)) if fresh else (lambda x: (x["out"], x["lse"]))  # noqa: E731
+  got = jax.jit(lambda x: mosaic.forward(geo, tiles, x["q"], x["k"], x["v"], *acc(x), vis,
+                                         drop))(x)
+  want = jax.jit(lambda x: pallas.forward(geo, tri, x["q"], x["k"], x["v"], vis, drop,
+                                          *acc(x)))(x)
   finite = lambda a: np.where(np.isfinite(a), a, 0.0)  # noqa: E731
   rec = dict(out=_rel(got[0], want[0]), lse=_rel(finite(got[1]), finite(want[1])),
              lse_inf_equal=bool(np.array_equal(np.isinf(got[1]), np.isinf(want[1]))),
              nan=bool(any(np.isnan(np.asarray(a, np.float32)).any() for a in got)))
-  grads = (x["dq"], x["dk"], x["dv"])
+  grads = None if fresh else (x["dq"], x["dk"], x["dv"])
   got = jax.jit(lambda x: mosaic.backward(geo, tiles, x["q"], x["k"], x["v"], x["do"], want[1],
-                                          x["delta"], grads, vis))(x)
-  ref = jax.jit(lambda x: pallas.backward(geo, tri, x["q"], x["k"], x["v"], vis, None, x["do"],
+                                          x["delta"], grads, vis, drop))(x)
+  ref = jax.jit(lambda x: pallas.backward(geo, tri, x["q"], x["k"], x["v"], vis, drop, x["do"],
                                           want[1], x["delta"], grads))(x)
   rec.update({n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dv"), got, ref)})
+  if fresh:
+    return rec
+  grads = (x["dq"], x["dk"], x["dv"])
   # the branch's own gradient part, relative to itself (accumulators removed)
   rec.update({f"{n}_own": _rel(a.astype(np.float32) - g.astype(np.float32),
                                b.astype(np.float32) - g.astype(np.float32))
@@ -159,20 +177,36 @@ def main(argv) -> int:
     print("RESULT", json.dumps(rec))
     return 0
   timeout = float(os.environ.get("CASE_TIMEOUT", "120"))
-  todo = [f"exact:{n}" for n in EXACT] + [f"speed:{n}" for n in SPEED]
+  exact_cases = [f"exact:{n}" for n in EXACT]
+  timed = [f"speed:{n}" for n in SPEED]
   if os.environ.get("TUNE"):  # fwd_k,dq_k,dkv_q,stages sets, ";"-separated
-    todo = [f"tune:dense32k:{t}" for t in os.environ["TUNE"].split(";")]
-  for case in todo:
-    t0 = time.time()
-    try:
-      p = subprocess.run([sys.executable, __file__, case], capture_output=True, text=True,
-                         timeout=timeout)
-      lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT")]
-      print(case, f"{time.time() - t0:.0f}s", lines[-1] if lines else
-            f"FAILED rc={p.returncode}\n{p.stderr[-3000:]}", flush=True)
-    except subprocess.TimeoutExpired:
-      print(case, "TIMEOUT", flush=True)
+    exact_cases, timed = [], [f"tune:dense32k:{t}" for t in os.environ["TUNE"].split(";")]
+  # exactness cases JOBS at a time over the GPUs PROBE_GPUS; timed ones alone
+  gpus = os.environ.get("PROBE_GPUS", "0").split(",")
+  jobs = int(os.environ.get("JOBS", "1"))
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    for line in pool.map(lambda a: _child(a[1], timeout, gpus[a[0] % len(gpus)], jobs > 1),
+                         enumerate(exact_cases)):
+      print(line, flush=True)
+  for case in timed:
+    print(_child(case, timeout, gpus[0], False), flush=True)
   return 0
+
+
+def _child(case: str, timeout: float, gpu: str, shared: bool) -> str:
+  """Runs one case in a child process on ``gpu``; its result line."""
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+  if shared:  # several children on one GPU
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  t0 = time.time()
+  try:
+    p = subprocess.run([sys.executable, __file__, case], capture_output=True, text=True,
+                       timeout=timeout, env=env)
+  except subprocess.TimeoutExpired:
+    return f"{case} TIMEOUT"
+  lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT")]
+  return (f"{case} {time.time() - t0:.0f}s " + (lines[-1] if lines else
+          f"FAILED rc={p.returncode}\n{p.stderr[-3000:]}"))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ compares them with the Triton kernels there, ``benchmarks/check_gpu.py``
 with float32 XLA). Here:
 
 * every kernel variant (rate 1 and 4, causal or not, with and without key
-  padding and segment ids) lowers to a Mosaic GPU kernel for CUDA;
+  padding, segment ids and dropout, merging into accumulators or writing
+  fresh outputs) lowers to a Mosaic GPU kernel for CUDA, with exactly the
+  operands its variant needs;
 * the per-program live tile ranges (tile skipping for packed documents and
   padding) cover every visible (query, key) pair, and "pure" programs (no
   token mask needed) really see every pair of their range, against brute
@@ -35,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 import ringdilated as rd
 from ringdilated import _backends
 from ringdilated._backends import mosaic, pallas
-from ringdilated._backends.base import Request, StridedBranch, Visibility
+from ringdilated._backends.base import Dropout, Request, StridedBranch, Visibility
 
 
 # ----------------------------------------------------------------------------
@@ -43,10 +45,11 @@ from ringdilated._backends.base import Request, StridedBranch, Visibility
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rate,causal,masks", [(1, True, ""), (4, False, ""),
-                                               (1, False, "both"), (4, True, "seg"),
-                                               (2, True, "valid")])
-def test_kernels_lower_to_mosaic_gpu(rate, causal, masks):
+@pytest.mark.parametrize("rate,causal,masks,drop,fresh", [
+    (1, True, "", False, False), (4, False, "", False, True), (1, False, "both", False, False),
+    (4, True, "seg", True, False), (2, True, "valid", False, False), (1, True, "", True, True),
+    (2, False, "both", True, False)])
+def test_kernels_lower_to_mosaic_gpu(rate, causal, masks, drop, fresh):
   b, length, h, kh, d = 1, 4096, 4, 2, 128
   geo = StridedBranch(kept=2048 // rate, rate=rate, heads=(0, h), group=h // kh,
                       offset=None, causal=causal, scale=d ** -0.5)
@@ -56,24 +59,33 @@ def test_kernels_lower_to_mosaic_gpu(rate, causal, masks):
                       seg if masks in ("seg", "both") else None,
                       seg if masks in ("seg", "both") else None, causal)
 
+  def dropout(pos):
+    return Dropout(0.1, jnp.uint32(3), np.arange(h).reshape(kh, h // kh), pos, pos) if drop else None
+
   def fwd(q, k, v, o, l, seg, valid):
-    return mosaic.forward(geo, mosaic.MosaicTiles(), q, k, v, o, l, vis(seg, valid))
+    accs = (None, None) if fresh else (o, l)
+    return mosaic.forward(geo, mosaic.MosaicTiles(), q, k, v, *accs, vis(seg, valid),
+                          dropout(seg))
 
   def bwd(q, k, v, do, l, dl, dq, dk, dv, seg, valid):
-    return mosaic.backward(geo, mosaic.MosaicTiles(), q, k, v, do, l, dl, (dq, dk, dv),
-                           vis(seg, valid))
+    return mosaic.backward(geo, mosaic.MosaicTiles(), q, k, v, do, l, dl,
+                           None if fresh else (dq, dk, dv), vis(seg, valid), dropout(seg))
 
   sd = jax.ShapeDtypeStruct
   qs, kvs = sd((b, length, h, d), jnp.bfloat16), sd((b, length, kh, d), jnp.bfloat16)
   rows, tok = sd((b, length, h), jnp.float32), sd((b, length), jnp.int32)
-  # (function, arguments, operands of each kernel without token vectors)
-  for fn, args, operands in ((fwd, (qs, kvs, kvs, qs, rows, tok, tok), (5,)),
+  # (function, arguments, operands of each kernel: inputs and accumulators)
+  for fn, args, operands in ((fwd, (qs, kvs, kvs, qs, rows, tok, tok), ((3, 2),)),
                              (bwd, (qs, kvs, kvs, qs, rows, rows, qs, kvs, kvs, tok, tok),
-                              (7, 8))):
+                              ((6, 1), (6, 2)))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", text)
-    # with token vectors each kernel also reads ids, validity and its tile ranges
-    assert [len(c.split(",")) for c in calls] == [n + 3 * bool(masks) for n in operands]
+    # token vectors add ids, validity and the tile ranges; dropout the row
+    # hashes and key positions; fresh outputs are not operands
+    assert [len(c.split(",")) for c in calls] == [
+        n + 3 * bool(masks) + 2 * drop + (0 if fresh else accs) for n, accs in operands]
+    fresh_kernels = set(re.findall(r"ringdilated_mgpu_\w+?_f_mosaic_gpu", text))
+    assert len(fresh_kernels) == (len(calls) if fresh else 0)
 
 
 # ----------------------------------------------------------------------------
@@ -152,20 +164,21 @@ def test_calls_the_kernels_take():
   x = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
   plain = Visibility(None, None, None, True)
   masked = Visibility(jnp.ones((1, 256), bool), None, None, True)
-  assert backend._takes(256, x, plain, None, masks=False)
-  assert backend._takes(256, x, masked, None, masks=True)  # a branch in place
-  assert not backend._takes(256, x, masked, None, masks=False)  # a masked ring block
-  assert not backend._takes(256, x, plain, object(), masks=True)  # dropout
-  assert not backend._takes(192, x, plain, None, masks=True)  # not a multiple of 128
-  assert not backend._takes(256, x[..., :32], plain, None, masks=True)  # head dim 32
-  assert not backend._takes(256, x.astype(jnp.float32), plain, None, masks=True)
-  assert not mosaic.Mosaic(interpret=True)._takes(256, x, plain, None, masks=True)
+  drop = object()
+  assert backend._takes(256, x, plain, None, in_place=False)  # a ring block
+  assert backend._takes(256, x, masked, drop, in_place=True)  # a branch in place
+  assert not backend._takes(256, x, masked, None, in_place=False)  # a masked ring block
+  assert not backend._takes(256, x, plain, drop, in_place=False)  # a ring block with dropout
+  assert not backend._takes(192, x, plain, None, in_place=True)  # not a multiple of 128
+  assert not backend._takes(256, x[..., :32], plain, None, in_place=True)  # head dim 32
+  assert not backend._takes(256, x.astype(jnp.float32), plain, None, in_place=True)
+  assert not mosaic.Mosaic(interpret=True)._takes(256, x, plain, None, in_place=True)
   # Inside shard_map(check_vma=True) the accumulators vary over the mesh.
   seen = []
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
   for check in (True, False):
     jax.jit(jax.shard_map(lambda y, check=check: (seen.append(
-        (check, backend._takes(256, y, plain, None, masks=True))), y)[1], mesh=mesh,
+        (check, backend._takes(256, y, plain, None, in_place=True))), y)[1], mesh=mesh,
         in_specs=P(None, "sp"), out_specs=P(None, "sp"), check_vma=check))(
             jnp.zeros((1, 512, 2, 128), jnp.bfloat16))
   assert seen == [(True, False), (False, True)]
@@ -208,9 +221,9 @@ class _Bound(mosaic.Mosaic):
 
   dtypes = (*mosaic.Mosaic.dtypes, jnp.dtype(jnp.float32))
 
-  def _takes(self, kept, x, vis, dropout, masks):
+  def _takes(self, kept, x, vis, dropout, in_place):
     return mosaic.Mosaic._takes(dataclasses.replace(self, interpret=False), kept, x, vis,
-                                dropout, masks)
+                                dropout, in_place)
 
 
 @pytest.fixture(name="bound")
@@ -218,15 +231,15 @@ def _bound(monkeypatch):
   calls = []
   triton = pallas.Pallas(interpret=True)
 
-  def forward(geo, tiles, q, k, v, out, lse, vis=None):
-    calls.append("fwd")
+  def forward(geo, tiles, q, k, v, out=None, lse=None, vis=None, dropout=None):
+    calls.append("fwd" + "_fresh" * (out is None) + "_drop" * (dropout is not None))
     vis = vis if vis is not None else Visibility(None, None, None, geo.causal)
-    return pallas.forward(geo, triton, q, k, v, vis, None, out, lse)
+    return pallas.forward(geo, triton, q, k, v, vis, dropout, out, lse)
 
-  def backward(geo, tiles, q, k, v, dout, lse, delta, grads, vis=None):
-    calls.append("bwd")
+  def backward(geo, tiles, q, k, v, dout, lse, delta, grads=None, vis=None, dropout=None):
+    calls.append("bwd" + "_fresh" * (grads is None) + "_drop" * (dropout is not None))
     vis = vis if vis is not None else Visibility(None, None, None, geo.causal)
-    return pallas.backward(geo, triton, q, k, v, vis, None, dout, lse, delta, grads)
+    return pallas.backward(geo, triton, q, k, v, vis, dropout, dout, lse, delta, grads)
 
   monkeypatch.setattr(mosaic, "forward", forward)
   monkeypatch.setattr(mosaic, "backward", backward)
@@ -250,13 +263,15 @@ def _out_and_grads(backend, q, k, v, cot, ring, **kw):
   return jax.jit(go)(q, k, v, cot, extra)
 
 
-@pytest.mark.parametrize("mode,segments,causal,masks,ring", [
-    ("mix", ((256, 2048), (1, 2)), True, False, True),
-    ("partition", ((256, 2048), (1, 2)), True, False, True),
-    ("mix", ((256, 1024, 2048), (1, 2, 4)), False, True, True),
-    ("mix", ((512, 1024), (1, 2)), True, True, False),
+@pytest.mark.parametrize("mode,segments,causal,masks,ring,drop", [
+    ("mix", ((256, 2048), (1, 2)), True, False, True, False),
+    ("partition", ((256, 2048), (1, 2)), True, False, True, False),
+    ("mix", ((256, 1024, 2048), (1, 2, 4)), False, True, True, False),
+    ("mix", ((512, 1024), (1, 2)), True, True, False, False),
+    ("partition", ((512, 1024), (1, 2)), True, True, False, True),
+    ("mix", ((256, 2048), (1, 2)), True, False, True, True),
 ])
-def test_glue_matches_the_oracle(bound, mode, segments, causal, masks, ring):
+def test_glue_matches_the_oracle(bound, mode, segments, causal, masks, ring, drop):
   rng = np.random.default_rng(0)
   b, n, h, kh, d = 1, 2048, 4, 2, 64
   q, cot = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(2))
@@ -267,8 +282,14 @@ def test_glue_matches_the_oracle(bound, mode, segments, causal, masks, ring):
     kw["segment_ids"] = jnp.asarray(np.searchsorted(cuts, np.arange(n), "right")[None],
                                     jnp.int32)
     kw["key_padding_mask"] = jnp.asarray((np.arange(n) < n - 150)[None])
+  if drop:
+    kw.update(dropout_rate=0.2, dropout_rng=jax.random.key(5))
   want = _out_and_grads("xla", q, k, v, cot, False, **dict(kw))
   got = _out_and_grads(_Bound(), q, k, v, cot, ring, **dict(kw))
-  assert "fwd" in bound and "bwd" in bound  # the bound kernels ran
+  # local branches in place (with their masks and dropout); unmasked ring
+  # blocks as fresh outputs (masked or dropped ones take the Triton kernels)
+  in_place = {"fwd" + "_drop" * drop, "bwd" + "_drop" * drop}
+  blocks = {"fwd_fresh", "bwd_fresh"} if ring and not (masks or drop) else set()
+  assert set(bound) == in_place | blocks
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=name)

@@ -49,7 +49,7 @@ from jax import lax
 
 from . import pallas
 from . import tile_masks as tm
-from .base import Capabilities, Request, StridedBranch, Visibility
+from .base import Capabilities, Dropout, Request, StridedBranch, Visibility
 
 Array = jax.Array
 
@@ -127,6 +127,9 @@ class _Launch:
     stages: pipeline slots of the streamed tiles.
     dtype, d: of q, k, v.
     masks: token vectors (segment ids, key validity) travel with the tiles.
+    fresh: the outputs are fresh (written, not merged or added into).
+    rate: dropout rate, 0 without dropout (then the row hashes ``rh`` and
+      key positions ``kpos`` travel with the tiles).
   """
 
   geo: StridedBranch
@@ -136,9 +139,16 @@ class _Launch:
   dtype: jnp.dtype
   d: int
   masks: bool = False
+  fresh: bool = False
+  rate: float = 0.0
 
   def off(self, kv):
     return lax.rem(kv, jnp.int32(self.geo.rate)) if self.geo.offset is None else self.geo.offset
+
+  @property
+  def reduction(self) -> str | None:
+    """How a gradient tile reaches memory: added into it, or written."""
+    return None if self.fresh else "add"
 
   @property
   def log2_scale(self) -> float:
@@ -217,6 +227,24 @@ def _hide(s: Array, vis: Array | None, fill: float) -> Array:
   return s if vis is None else jnp.where(vis, s, fill)
 
 
+def _keep(shape, hashes: Array, positions: Array, *, rows_are_queries: bool,
+          rate: float) -> Array:
+  """[rows, cols] bool: the weights dropout keeps, from the queries' row
+  hashes and the keys' global positions (:func:`.tile_masks.kept`)."""
+  q_axis, k_axis = (0, 1) if rows_are_queries else (1, 0)
+  return tm.kept(lax.broadcast_in_dim(hashes, shape, [q_axis])
+                 ^ lax.broadcast_in_dim(positions, shape, [k_axis]), rate)
+
+
+def _own_hashes(scr, wg, c: _Launch) -> Array | None:
+  """The dropout hashes of the warpgroup's query rows (one per row)."""
+  if not c.rate:
+    return None
+  _, plgpu = _modules()
+  plgpu.barrier_wait(scr["rh_bar"].at[wg])
+  return _vector(scr["rh"].at[wg], 0)
+
+
 def _span(span_ref, b, off, cta, causal_lo, causal_hi, masks: bool):
   """(lo, hi, pure) of a program: the streamed tiles ``[lo, hi)`` it runs
   (causal bounds within the live range of the token vectors) and whether
@@ -278,6 +306,19 @@ def _own_steps(c: _Launch, t0, lo, n_kv):
   return steps, _clip(lax.div(t0, jnp.int32(c.bk)), lo, steps)
 
 
+def _merge(out: Array, lse: Array, out_b: Array, lse_b: Array, seen: Array | None):
+  """The running ``(out, lse)`` [bq, D], [bq] with a block's; ``seen``:
+  rows where the block saw a key (None: all)."""
+  top = jnp.maximum(lse, lse_b)
+  if seen is not None:
+    top = jnp.where(top == -jnp.inf, 0.0, top)
+  new = top + jnp.log(jnp.exp(lse - top) + jnp.exp(lse_b - top))
+  weight = jnp.exp(lse_b - new)
+  if seen is not None:
+    weight = jnp.where(seen, weight, 0.0)
+  return out + lax.broadcast_in_dim(weight, out.shape, [0]) * (out_b - out), new
+
+
 # ----------------------------------------------------------------------------
 # Forward: merges the branch into (out, lse).
 # ----------------------------------------------------------------------------
@@ -302,15 +343,14 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
     rows = (b, pl.ds(m0, bq), off, hq)
     stats = (b, hq, off, pl.ds(m0, bq))
     plgpu.copy_gmem_to_smem(ins["q"].at[rows], q_s, scr["q_bar"].at[wg])
-    # The running (out, lse) arrive while the loop runs.
-    plgpu.copy_gmem_to_smem(o_ref.at[rows], o_s, scr["o_bar"].at[wg])
-    plgpu.copy_gmem_to_smem(l_ref.at[stats], l_s, scr["l_bar"].at[wg])
-    if c.masks:
-      plgpu.copy_gmem_to_smem(ins["ids"].at[b, off, pl.ds(m0, bq)], scr["qid"].at[wg],
-                              scr["qid_bar"].at[wg])
+    if not c.fresh:  # the running (out, lse) arrive while the loop runs
+      plgpu.copy_gmem_to_smem(o_ref.at[rows], o_s, scr["o_bar"].at[wg])
+      plgpu.copy_gmem_to_smem(l_ref.at[stats], l_s, scr["l_bar"].at[wg])
+    _own_rows(ins, scr, c, wg, b, off, m0, stats)
     plgpu.barrier_wait(scr["q_bar"].at[wg])
     steps, full = _own_steps(c, t0, lo, n_kv)
     wgmma = plgpu.Layout.WGMMA
+    q_hash = _own_hashes(scr, wg, c)
 
     @pl.when(steps > lo)
     def _():
@@ -349,6 +389,9 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
           p = _hide(p, vis, 0.0)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         l_i = l_i * alpha + p.sum(axis=1)
+        if c.rate:  # (1 / (1 - rate) at the end)
+          p = _hide(p, _keep(p.shape, q_hash, _streamed_positions(scr, slot, 1),
+                             rows_are_queries=True, rate=c.rate), 0.0)
         p16 = p.astype(c.dtype)
         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
         plgpu.barrier_arrive(sched)  # softmax done
@@ -385,28 +428,21 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
       acc, m_i, l_i = carry
       pl.when(wg == 0)(functools.partial(_schedule, sched))
 
-      # Merge into the running (out, lse). Without masks every query sees a
-      # key, so l_i > 0; with them a row that saw none keeps (out, lse).
+      # Without masks every query sees a key, so l_i > 0; with them a row
+      # that saw none gets out 0, lse -inf (it keeps a running (out, lse)).
       seen = l_i > 0
       l_safe = jnp.where(seen, l_i, 1.0) if c.masks else l_i
       lse_b = (m_i + jnp.log2(l_safe)) / _LOG2E
-      out_b = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-      plgpu.barrier_wait(scr["o_bar"].at[wg])
-      plgpu.barrier_wait(scr["l_bar"].at[wg])
-      lse = _vector(l_s, 0)
-      out = plgpu.load(o_s, (), layout=wgmma).astype(_F32)
+      out_b = acc / lax.broadcast_in_dim(l_safe * (1.0 - c.rate), acc.shape, [0])
       if c.masks:
         lse_b = jnp.where(seen, lse_b, -jnp.inf)
-      top = jnp.maximum(lse, lse_b)
-      if c.masks:
-        top = jnp.where(top == -jnp.inf, 0.0, top)
-      new = top + jnp.log(jnp.exp(lse - top) + jnp.exp(lse_b - top))
-      weight = jnp.exp(lse_b - new)
-      if c.masks:
-        weight = jnp.where(seen, weight, 0.0)
-      out = out + lax.broadcast_in_dim(weight, out.shape, [0]) * (out_b - out)
-      o_s[...] = out.astype(c.dtype)
-      l_s[...] = new
+      if not c.fresh:
+        plgpu.barrier_wait(scr["o_bar"].at[wg])
+        plgpu.barrier_wait(scr["l_bar"].at[wg])
+        out_b, lse_b = _merge(plgpu.load(o_s, (), layout=wgmma).astype(_F32), _vector(l_s, 0),
+                              out_b, lse_b, seen if c.masks else None)
+      o_s[...] = out_b.astype(c.dtype)
+      l_s[...] = lse_b
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_s, o_ref.at[rows])
       plgpu.copy_smem_to_gmem(l_s, l_ref.at[stats])
@@ -422,7 +458,8 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
 def _stream(ins, scr, c: _Launch, lo, hi, pure, source, names, dones, rows: int, b, off):
   """The memory warpgroup: tiles ``j`` in ``[lo, hi)`` of the inputs
   ``names`` (first row and head of each from ``source(j)``; with masks also
-  the token vectors ``kid``, ``kval`` of those rows, unless ``pure``) into
+  the token vectors ``kid``, ``kval`` of those rows, unless ``pure``; with
+  dropout their positions ``kpos``) into
   slot ``(j - lo) mod stages``, once the compute warpgroups released it
   (``dones``)."""
   pl, plgpu = _modules()
@@ -447,28 +484,49 @@ def _stream(ins, scr, c: _Launch, lo, hi, pure, source, names, dones, rows: int,
         plgpu.copy_gmem_to_smem(ins[vec].at[b, off, pl.ds(first, rows)], scr[name].at[slot],
                                 scr[f"{name}_bar"].at[slot])
       pl.when(jnp.logical_not(pure))(copy)
+    if c.rate:
+      plgpu.copy_gmem_to_smem(ins["kpos"].at[b, off, pl.ds(first, rows)], scr["kpos"].at[slot],
+                              scr["kpos_bar"].at[slot])
+
+
+def _streamed_positions(scr, slot, axis: int) -> Array:
+  """The streamed keys' global positions of ``slot``, along ``axis``."""
+  _, plgpu = _modules()
+  plgpu.barrier_wait(scr["kpos_bar"].at[slot])
+  return _vector(scr["kpos"].at[slot], axis)
+
+
+def _own_rows(ins, scr, c: _Launch, wg, b, off, m0, stats) -> None:
+  """Starts the copies of the token vectors of a query-tile warpgroup's own
+  rows: segment ids (masks) and dropout row hashes."""
+  pl, plgpu = _modules()
+  if c.masks:
+    plgpu.copy_gmem_to_smem(ins["ids"].at[b, off, pl.ds(m0, c.bq)], scr["qid"].at[wg],
+                            scr["qid_bar"].at[wg])
+  if c.rate:
+    plgpu.copy_gmem_to_smem(ins["rh"].at[stats], scr["rh"].at[wg], scr["rh_bar"].at[wg])
 
 
 def _launch(body, grid, names, scratch: dict, inputs: dict, accs: tuple, name: str):
   """Runs ``body(ins, accs, scratch)`` (dicts and a tuple of refs) over
-  ``grid`` with two compute warpgroups and a memory one; ``accs`` are
-  updated in place."""
+  ``grid`` with two compute warpgroups and a memory one. ``accs`` are arrays
+  updated in place, or ``jax.ShapeDtypeStruct`` of fresh outputs (never
+  aliased: XLA may fold equal fresh zeros into one buffer)."""
   pl, plgpu = _modules()
   keys = tuple(inputs)
+  fresh = all(isinstance(a, jax.ShapeDtypeStruct) for a in accs)
 
-  def stateful(refs):
-    def entry(*args):
-      ins = dict(zip(keys, args[:len(keys)]))
-      pl.run_scoped(lambda scr: body(ins, args[len(keys):], scr), scratch,
-                    collective_axes="wg")
+  def entry(*args):
+    ins = dict(zip(keys, args[:len(keys)]))
+    pl.run_scoped(lambda scr: body(ins, args[len(keys):], scr), scratch,
+                  collective_axes="wg")
 
-    mesh = plgpu.Mesh(grid=grid, grid_names=names, num_threads=_COMPUTE + 1,
-                      thread_name="wg")
-    pl.kernel(entry, out_type=(), mesh=mesh, name=name,
-              compiler_params=plgpu.CompilerParams(approx_math=True))(
-                  *inputs.values(), *refs)
-
-  return pl.run_state(stateful)(tuple(accs))
+  mesh = plgpu.Mesh(grid=grid, grid_names=names, num_threads=_COMPUTE + 1, thread_name="wg")
+  kernel = pl.kernel(entry, out_type=tuple(accs) if fresh else (), mesh=mesh, name=name,
+                     compiler_params=plgpu.CompilerParams(approx_math=True))
+  if fresh:
+    return kernel(*inputs.values())
+  return pl.run_state(lambda refs: kernel(*inputs.values(), *refs))(tuple(accs))
 
 
 # ----------------------------------------------------------------------------
@@ -532,15 +590,17 @@ def _bars(n: int, arrivals: int = 1):
   return plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)
 
 
-def _token_scratch(c: _Launch, own: int, streamed: int, own_name: str) -> dict:
-  """Shared memory and barriers of the token vectors: the program's own
-  (``own_name``: ``qid`` or ``kid`` and ``kval``) and the streamed ones."""
-  if not c.masks:
-    return {}
+def _token_scratch(c: _Launch, own: int, streamed: int, queries_own: bool) -> dict:
+  """Shared memory and barriers of the int32 token vectors: the program's
+  own rows (``own`` of them; query rows if ``queries_own``) and those
+  streamed with each tile (``streamed``): segment ids and key validity
+  with masks, dropout row hashes and key positions with dropout (the dk/dv
+  kernel streams row hashes as a row statistic instead)."""
   _, plgpu = _modules()
+  q_side = ("qid",) * c.masks + ("rh",) * bool(c.rate)
+  k_side = ("kid", "kval") * c.masks + ("kpos",) * bool(c.rate)
+  mine, theirs = (q_side, k_side) if queries_own else (k_side, ("qid",) * c.masks)
   vec = lambda n, rows: plgpu.SMEM((n, rows), jnp.int32)  # noqa: E731
-  mine = ("qid",) if own_name == "qid" else ("kid", "kval")
-  theirs = ("kid", "kval") if own_name == "qid" else ("qid",)
   scratch = {x: vec(_COMPUTE, own) for x in mine}
   scratch.update({f"{x}_bar": _bars(_COMPUTE) for x in mine})
   scratch.update({x: vec(c.stages, streamed) for x in theirs})
@@ -548,24 +608,43 @@ def _token_scratch(c: _Launch, own: int, streamed: int, own_name: str) -> dict:
   return scratch
 
 
+def _dropout_inputs(dropout: Dropout | None, geo: StridedBranch, heads: int) -> dict:
+  """The dropout inputs of a launch: ``rh`` [B, H, r, M] int32, the hash of
+  each query head and row (:func:`.tile_masks.row_hash`; rows as ``lse``),
+  and ``kpos`` [B, r, M], the global key positions; none without dropout."""
+  if dropout is None:
+    return {}
+  seed, head0 = tm.hash_key(dropout)
+  pos = _tokens(dropout.q_pos, geo.rate)
+  # every head of q (rows as lse); the branch's heads start at head0
+  hs = head0 - geo.heads[0] + jnp.arange(heads, dtype=jnp.int32)
+  return dict(rh=tm.row_hash(seed, hs[None, :, None, None], pos[:, None]),
+              kpos=_tokens(dropout.k_pos, geo.rate))
+
+
 def forward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Array,
-            out: Array, lse: Array, vis: Visibility | None = None) -> tuple[Array, Array]:
-  """Merges the branch into ``(out, lse)`` in place.
+            out: Array | None = None, lse: Array | None = None,
+            vis: Visibility | None = None, dropout: Dropout | None = None
+            ) -> tuple[Array, Array]:
+  """Merges the branch into ``(out, lse)`` in place, or returns its own.
 
   Args:
     geo: the branch.
     tiles: tiles and stages.
-    q, out: shape [B, L, H, D].
+    q: shape [B, L, H, D].
     k, v: shape [B, L, K, D].
+    out: shape [B, L, H, D], the running output, or None for fresh ones.
     lse: shape [B, L, H] float32, running log-sum-exp (``-inf`` where
-      nothing merged yet).
+      nothing merged yet), or None.
     vis: key validity and segment ids, each [B, L] or None.
+    dropout: dropout with positions [B, L], or None.
   """
   _, plgpu = _modules()
-  b, length, _, d = q.shape
+  b, length, h, d = q.shape
   r = geo.rate
   masks = _mask_inputs(vis, r, geo.kept, _COMPUTE * _BQ, tiles.fwd_k, own_keys=False)
-  c = _Launch(geo, _BQ, tiles.fwd_k, tiles.stages, q.dtype, d, bool(masks))
+  c = _Launch(geo, _BQ, tiles.fwd_k, tiles.stages, q.dtype, d, bool(masks), out is None,
+              0.0 if dropout is None else float(dropout.rate))
   tile = lambda n, rows: _smem((n, rows, d), q.dtype)  # noqa: E731
   scratch = dict(q=tile(_COMPUTE, c.bq), o=tile(_COMPUTE, c.bq), k=tile(c.stages, c.bk),
                  v=tile(c.stages, c.bk), l=plgpu.SMEM((_COMPUTE, c.bq), _F32),
@@ -573,13 +652,24 @@ def forward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Array
                  o_bar=_bars(_COMPUTE), l_bar=_bars(_COMPUTE),
                  k_done=_bars(c.stages, _COMPUTE), v_done=_bars(c.stages, _COMPUTE),
                  sched=plgpu.Barrier(num_arrivals=_COMPUTE),
-                 **_token_scratch(c, c.bq, c.bk, "qid"))
+                 **_token_scratch(c, c.bq, c.bk, queries_own=True))
   grid = (geo.heads[1] - geo.heads[0], length // r // (_COMPUTE * c.bq), b)
+  if c.fresh:
+    accs = (jax.ShapeDtypeStruct(_view(q, r).shape, q.dtype),
+            jax.ShapeDtypeStruct((b, h, r, length // r), _F32))
+  else:
+    accs = (_view(out, r), _rows(lse, r))
   o5, l4 = _launch(functools.partial(_forward_kernel, c=c), grid, ("heads", "q_seq", "batch"),
-                   scratch, dict(q=_view(q, r), k=_view(k, r), v=_view(v, r), **masks),
-                   (_view(out, r), _rows(lse, r)),
-                   f"ringdilated_mgpu_fwd_r{r}_t{geo.kept}{'_m' * c.masks}")
-  return o5.reshape(out.shape), _unrows(l4)
+                   scratch, dict(q=_view(q, r), k=_view(k, r), v=_view(v, r), **masks,
+                                 **_dropout_inputs(dropout, geo, h)),
+                   accs, _name("fwd", c))
+  return o5.reshape(q.shape), _unrows(l4)
+
+
+def _name(kernel: str, c: _Launch) -> str:
+  """The kernel's name in profiles: its branch and variant."""
+  flags = "_m" * c.masks + "_p" * bool(c.rate) + "_f" * c.fresh
+  return f"ringdilated_mgpu_{kernel}_r{c.geo.rate}_t{c.geo.kept}{flags}"
 
 
 # ----------------------------------------------------------------------------
@@ -613,13 +703,12 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
     stats = (b, hq, off, pl.ds(m0, bq))
     for name, idx in (("q", rows), ("do", rows), ("l", stats), ("d", stats)):
       plgpu.copy_gmem_to_smem(ins[name].at[idx], scr[name].at[wg], scr[f"{name}_bar"].at[wg])
-    if c.masks:
-      plgpu.copy_gmem_to_smem(ins["ids"].at[b, off, pl.ds(m0, bq)], scr["qid"].at[wg],
-                              scr["qid_bar"].at[wg])
+    _own_rows(ins, scr, c, wg, b, off, m0, stats)
     for name in ("q", "do", "l", "d"):
       plgpu.barrier_wait(scr[f"{name}_bar"].at[wg])
     lse = _row_lse(l_s, 0, c.masks)
     delta = _vector(d_s, 0)
+    q_hash = _own_hashes(scr, wg, c)
     steps, full = _own_steps(c, t0, lo, n_kv)
 
     def run(tokens: bool):
@@ -642,6 +731,9 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
         plgpu.barrier_wait(scr["v_bar"].at[slot])
         dp = _mma(None, do_s, plgpu.transpose_ref(v_s, (1, 0)), (bq, bk))
         plgpu.barrier_arrive(scr["v_done"].at[slot])
+        if c.rate:
+          dp = _hide(dp, _keep(dp.shape, q_hash, _streamed_positions(scr, slot, 1),
+                               rows_are_queries=True, rate=c.rate), 0.0) * (1.0 / (1.0 - c.rate))
         ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
         dq = _mma(dq, ds.astype(c.dtype), k_s, (bq, c.d))
         plgpu.barrier_arrive(scr["k_done"].at[slot])
@@ -660,7 +752,7 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
         lax.fori_loop(steps, n_kv, drain, None)
       q_s[...] = (dq * geo.scale).astype(c.dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_s, dq_ref.at[rows], reduction_op="add")
+      plgpu.copy_smem_to_gmem(q_s, dq_ref.at[rows], reduction_op=c.reduction)
       plgpu.wait_smem_to_gmem(0)
 
     _paths(pure, run)
@@ -686,7 +778,7 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
   q_lo, q_hi, pure = _span(ins.get("span"), b, off, pair,
                            lax.div(t_pair, jnp.int32(bq)) if geo.causal else 0, t // bq, c.masks)
   n_q = q_hi - q_lo
-  streamed = ("q", "do", "l", "d")
+  streamed = ("q", "do", "l", "d") + ("rh",) * bool(c.rate)  # rh: as a row statistic
   dones = tuple(f"{x}_done" for x in streamed)
 
   def source(n):
@@ -704,12 +796,16 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
     rows = (b, pl.ds(m0, bk), off, kv)
     plgpu.copy_gmem_to_smem(ins["k"].at[rows], k_s, scr["k_bar"].at[wg])
     plgpu.copy_gmem_to_smem(ins["v"].at[rows], v_s, scr["v_bar"].at[wg])
-    if c.masks:
-      for name, vec in (("kid", "ids"), ("kval", "valid")):
-        plgpu.copy_gmem_to_smem(ins[vec].at[b, off, pl.ds(m0, bk)], scr[name].at[wg],
-                                scr[f"{name}_bar"].at[wg])
+    for name, vec in (("kid", "ids"), ("kval", "valid")) * c.masks + (("kpos", "kpos"),) * bool(
+        c.rate):
+      plgpu.copy_gmem_to_smem(ins[vec].at[b, off, pl.ds(m0, bk)], scr[name].at[wg],
+                              scr[f"{name}_bar"].at[wg])
     plgpu.barrier_wait(scr["k_bar"].at[wg])
     plgpu.barrier_wait(scr["v_bar"].at[wg])
+    k_pos = None
+    if c.rate:
+      plgpu.barrier_wait(scr["kpos_bar"].at[wg])
+      k_pos = _vector(scr["kpos"].at[wg], 0)
 
     def run(tokens: bool):
       key_ids = None
@@ -742,9 +838,17 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
         plgpu.barrier_arrive(scr["l_done"].at[slot])
         p = _hide(jnp.exp2(s * c.log2_scale - lax.broadcast_in_dim(lse, s.shape, [1])),
                   vis, 0.0)
-        dv = _mma(dv, p.astype(c.dtype), do_s, (bk, c.d))
+        p_drop = p
+        if c.rate:
+          keep = _keep(p.shape, _vector(scr["rh"].at[slot], 1), k_pos, rows_are_queries=False,
+                       rate=c.rate)
+          plgpu.barrier_arrive(scr["rh_done"].at[slot])
+          p_drop = _hide(p, keep, 0.0) * (1.0 / (1.0 - c.rate))
+        dv = _mma(dv, p_drop.astype(c.dtype), do_s, (bk, c.d))
         dp = _mma(None, v_s, plgpu.transpose_ref(do_s, (1, 0)), (bk, bq))
         plgpu.barrier_arrive(scr["do_done"].at[slot])
+        if c.rate:
+          dp = _hide(dp, keep, 0.0) * (1.0 / (1.0 - c.rate))
         delta = _vector(scr["d"].at[slot], 1)
         plgpu.barrier_arrive(scr["d_done"].at[slot])
         ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [1]))
@@ -769,8 +873,8 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
       k_s[...] = (dk * geo.scale).astype(c.dtype)
       v_s[...] = dv.astype(c.dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_s, dk_ref.at[rows], reduction_op="add")
-      plgpu.copy_smem_to_gmem(v_s, dv_ref.at[rows], reduction_op="add")
+      plgpu.copy_smem_to_gmem(k_s, dk_ref.at[rows], reduction_op=c.reduction)
+      plgpu.copy_smem_to_gmem(v_s, dv_ref.at[rows], reduction_op=c.reduction)
       plgpu.wait_smem_to_gmem(0)
 
     _paths(pure, run)
@@ -790,7 +894,7 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
 
       first, h = source(n)
       rows, stats = (b, pl.ds(first, bq), off, h), (b, h, off, pl.ds(first, bq))
-      for name, idx in zip(streamed, (rows, rows, stats, stats)):
+      for name, idx in zip(streamed, (rows, rows, stats, stats, stats)):
         plgpu.copy_gmem_to_smem(ins[name].at[idx], scr[name].at[slot], scr[f"{name}_bar"].at[slot])
       if c.masks:
         @pl.when(jnp.logical_not(pure))
@@ -800,54 +904,60 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
 
 
 def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Array,
-             dout: Array, lse: Array, delta: Array, grads: tuple[Array, Array, Array],
-             vis: Visibility | None = None) -> tuple[Array, Array, Array]:
-  """Adds the branch's gradients into ``grads = (dq, dk, dv)`` in place.
+             dout: Array, lse: Array, delta: Array,
+             grads: tuple[Array, Array, Array] | None = None, vis: Visibility | None = None,
+             dropout: Dropout | None = None) -> tuple[Array, Array, Array]:
+  """Adds the branch's gradients into ``grads = (dq, dk, dv)`` in place, or
+  returns its own.
 
   Args:
-    geo, tiles, vis: as in :func:`forward`.
+    geo, tiles, vis, dropout: as in :func:`forward`.
     q, dout: shape [B, L, H, D].
     k, v: shape [B, L, K, D].
     lse: shape [B, L, H] float32, the global log-sum-exp.
     delta: shape [B, L, H] float32, ``rowsum(dout * out)`` of the global out.
-    grads: accumulators shaped like ``q, k, v``.
+    grads: accumulators shaped like ``q, k, v``, or None for fresh ones.
   """
   _, plgpu = _modules()
-  b, length, _, d = q.shape
+  b, length, h, d = q.shape
   r, g, s = geo.rate, geo.group, tiles.stages
-  dq, dk, dv = grads
+  fresh, rate = grads is None, 0.0 if dropout is None else float(dropout.rate)
+  if fresh:
+    grads = tuple(jax.ShapeDtypeStruct(_view(x, r).shape, x.dtype) for x in (q, k, v))
+  else:
+    grads = tuple(_view(x, r) for x in grads)
   inputs = dict(q=_view(q, r), k=_view(k, r), v=_view(v, r), do=_view(dout, r),
-                l=_rows(lse, r), d=_rows(delta, r))
+                l=_rows(lse, r), d=_rows(delta, r), **_dropout_inputs(dropout, geo, h))
   heads = geo.heads[1] - geo.heads[0]
   tile = lambda n, rows: _smem((n, rows, d), q.dtype)  # noqa: E731
-  stat = lambda n, rows: plgpu.SMEM((n, rows), _F32)  # noqa: E731
+  stat = lambda n, rows, dtype=_F32: plgpu.SMEM((n, rows), dtype)  # noqa: E731
 
   masks = _mask_inputs(vis, r, geo.kept, _COMPUTE * _BQ, tiles.dq_k, own_keys=False)
-  c = _Launch(geo, _BQ, tiles.dq_k, s, q.dtype, d, bool(masks))
+  c = _Launch(geo, _BQ, tiles.dq_k, s, q.dtype, d, bool(masks), fresh, rate)
   own = dict(q=tile(_COMPUTE, c.bq), do=tile(_COMPUTE, c.bq), l=stat(_COMPUTE, c.bq),
              d=stat(_COMPUTE, c.bq))
   scratch = dict(own, k=tile(s, c.bk), v=tile(s, c.bk), k_bar=_bars(s), v_bar=_bars(s),
                  k_done=_bars(s, _COMPUTE), v_done=_bars(s, _COMPUTE),
                  **{f"{x}_bar": _bars(_COMPUTE) for x in own},
-                 **_token_scratch(c, c.bq, c.bk, "qid"))
+                 **_token_scratch(c, c.bq, c.bk, queries_own=True))
   (dq5,) = _launch(functools.partial(_dq_kernel, c=c),
                    (heads, length // r // (_COMPUTE * c.bq), b), ("heads", "q_seq", "batch"),
-                   scratch, dict(inputs, **masks), (_view(dq, r),),
-                   f"ringdilated_mgpu_dq_r{r}_t{geo.kept}{'_m' * c.masks}")
+                   scratch, dict(inputs, **masks), grads[:1], _name("dq", c))
 
   masks = _mask_inputs(vis, r, geo.kept, _COMPUTE * _BQ, tiles.dkv_q, own_keys=True)
-  c = _Launch(geo, tiles.dkv_q, _BQ, s, q.dtype, d, bool(masks))
+  c = _Launch(geo, tiles.dkv_q, _BQ, s, q.dtype, d, bool(masks), fresh, rate)
   streamed = dict(q=tile(s, c.bq), do=tile(s, c.bq), l=stat(s, c.bq), d=stat(s, c.bq))
+  if rate:
+    streamed["rh"] = stat(s, c.bq, jnp.int32)
   scratch = dict(streamed, k=tile(_COMPUTE, c.bk), v=tile(_COMPUTE, c.bk),
                  k_bar=_bars(_COMPUTE), v_bar=_bars(_COMPUTE),
                  **{f"{x}_bar": _bars(s) for x in streamed},
                  **{f"{x}_done": _bars(s, _COMPUTE) for x in streamed},
-                 **_token_scratch(c, c.bk, c.bq, "kid"))
+                 **_token_scratch(c, c.bk, c.bq, queries_own=False))
   dk5, dv5 = _launch(functools.partial(_dkv_kernel, c=c),
                      (heads // g, length // r // (_COMPUTE * c.bk), b), ("heads", "k_seq", "batch"),
-                     scratch, dict(inputs, **masks), (_view(dk, r), _view(dv, r)),
-                     f"ringdilated_mgpu_dkv_r{r}_t{geo.kept}{'_m' * c.masks}")
-  return dq5.reshape(dq.shape), dk5.reshape(dk.shape), dv5.reshape(dv.shape)
+                     scratch, dict(inputs, **masks), grads[1:], _name("dkv", c))
+  return dq5.reshape(q.shape), dk5.reshape(k.shape), dv5.reshape(v.shape)
 
 
 # ----------------------------------------------------------------------------
@@ -908,31 +1018,29 @@ class Mosaic(pallas.Pallas):
               "causal: 28.0 ms against 31.4 ms; benchmarks/results/h200.json)")
     return None
 
-  def _takes(self, kept: int, x: Array, vis: Visibility, dropout, masks: bool) -> bool:
-    """Whether the Mosaic GPU kernels run this call (token masks: only on
-    branches read in place, ``masks``)."""
-    return (not self.interpret and dropout is None and (masks or not vis.has_arrays)
+  def _takes(self, kept: int, x: Array, vis: Visibility, dropout, in_place: bool) -> bool:
+    """Whether the Mosaic GPU kernels run this call (token masks and dropout:
+    only on branches read in place)."""
+    return (not self.interpret and (in_place or (dropout is None and not vis.has_arrays))
             and not _varying(x) and x.dtype in self.dtypes and x.shape[-1] in (64, 128)
             and kept % self.mosaic.multiple == 0)
 
   def _block_forward(self, geo, q, k, v, vis, dropout):
-    if not self._takes(geo.kept, q, vis, dropout, masks=False):
+    if not self._takes(geo.kept, q, vis, dropout, in_place=False):
       return super()._block_forward(geo, q, k, v, vis, dropout)
-    return forward(geo, self.mosaic, q, k, v, jnp.zeros_like(q),
-                   jnp.full(q.shape[:3], -jnp.inf, _F32))
+    return forward(geo, self.mosaic, q, k, v)
 
   def _block_backward(self, geo, q, k, v, vis, dropout, dout, lse, delta):
-    if not self._takes(geo.kept, q, vis, dropout, masks=False):
+    if not self._takes(geo.kept, q, vis, dropout, in_place=False):
       return super()._block_backward(geo, q, k, v, vis, dropout, dout, lse, delta)
-    grads = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
-    return backward(geo, self.mosaic, q, k, v, dout, lse, delta, grads)
+    return backward(geo, self.mosaic, q, k, v, dout, lse, delta)
 
   def branch_forward(self, branch, q, k, v, vis, dropout, out, lse):
-    if not self._takes(branch.kept, q, vis, dropout, masks=True):
+    if not self._takes(branch.kept, q, vis, dropout, in_place=True):
       return super().branch_forward(branch, q, k, v, vis, dropout, out, lse)
-    return forward(branch, self.mosaic, q, k, v, out, lse, vis)
+    return forward(branch, self.mosaic, q, k, v, out, lse, vis, dropout)
 
   def branch_backward(self, branch, q, k, v, vis, dropout, dout, lse, delta, grads):
-    if not self._takes(branch.kept, q, vis, dropout, masks=True):
+    if not self._takes(branch.kept, q, vis, dropout, in_place=True):
       return super().branch_backward(branch, q, k, v, vis, dropout, dout, lse, delta, grads)
-    return backward(branch, self.mosaic, q, k, v, dout, lse, delta, grads, vis)
+    return backward(branch, self.mosaic, q, k, v, dout, lse, delta, grads, vis, dropout)

@@ -43,7 +43,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .._merge import row_delta
 from . import tile_masks as tm
@@ -490,13 +489,10 @@ def _masking(geo: StridedBranch, vis: Visibility, dropout: Dropout | None) -> di
                 k_valid=_tokens(vis.kv_valid, r))
   flags = dict(valid=vis.kv_valid is not None, seg=vis.q_seg is not None)
   if dropout is not None:
-    heads = np.asarray(dropout.heads).reshape(-1)
-    if not np.array_equal(heads, heads[0] + np.arange(heads.size)):
-      raise ValueError(f"dropout heads {heads} must be consecutive")
+    seed, head0 = tm.hash_key(dropout)
     tokens.update(q_pos=_tokens(dropout.q_pos, r), k_pos=_tokens(dropout.k_pos, r),
-                  seed=jax.lax.bitcast_convert_type(
-                      jnp.asarray(dropout.seed).astype(jnp.uint32), jnp.int32).reshape(1))
-    flags.update(rate=float(dropout.rate), head0=int(heads[0]))
+                  seed=seed.reshape(1))
+    flags.update(rate=float(dropout.rate), head0=head0)
   some = next((x for x in tokens.values() if x is not None and x.ndim == 4), None)
   flags["per_kv"] = some is not None and some.shape[-1] > 1
   return dict(tokens=tokens, flags=flags)

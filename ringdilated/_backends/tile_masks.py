@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from .base import keep_threshold
+from .base import Dropout, keep_threshold
 
 Array = jax.Array
 
@@ -56,9 +57,24 @@ def row_hash(seed: Array, head, q_pos: Array) -> Array:
 def keep(rows: Array, k_pos: Array, rate: float) -> Array:
   """[bq, bk] bool: weights kept by dropout of ``rate``; ``rows`` from
   :func:`row_hash`, ``k_pos`` [bk] global key positions."""
-  h = hash32(rows[:, None] ^ k_pos.astype(jnp.int32)[None, :])
-  half = jax.lax.shift_right_logical(h, jnp.int32(1))  # the uint32 hash // 2
+  return kept(rows[:, None] ^ k_pos.astype(jnp.int32)[None, :], rate)
+
+
+def kept(x: Array, rate: float) -> Array:
+  """Whether dropout of ``rate`` keeps the weights of ``x = row hash ^ key
+  position`` (int32, elementwise)."""
+  half = jax.lax.shift_right_logical(hash32(x), jnp.int32(1))  # the uint32 hash // 2
   return half < jnp.int32(keep_threshold(rate) // 2)
+
+
+def hash_key(dropout: Dropout) -> tuple[Array, int]:
+  """(int32 bits of the uint32 seed, global query head of the kernel's head
+  0) of ``dropout``, whose heads must be consecutive."""
+  heads = np.asarray(dropout.heads).reshape(-1)
+  if not np.array_equal(heads, heads[0] + np.arange(heads.size)):
+    raise ValueError(f"dropout heads {heads} must be consecutive")
+  seed = jax.lax.bitcast_convert_type(jnp.asarray(dropout.seed).astype(jnp.uint32), jnp.int32)
+  return seed, int(heads[0])
 
 
 def visible(shape: tuple[int, int], *, diagonal: bool, q0=0, k0=0,
