@@ -224,6 +224,12 @@ def test_dropout_mask_statistics():
   assert abs((per_head[0] == per_head[1]).mean() - 0.58) < 0.01
   # Neighbouring keys of one query are not correlated either.
   assert abs((keep[..., 1:] == keep[..., :-1]).mean() - 0.58) < 0.01
+  # Nor the four weights of two queries and two keys (one multiply per weight
+  # mixes row and key hashes): odd parity as often as for independent draws.
+  for s in (1, 64):
+    k8 = keep.astype(np.int8)
+    parity = k8[..., s:, s:] ^ k8[..., s:, :-s] ^ k8[..., :-s, s:] ^ k8[..., :-s, :-s]
+    assert abs(parity.mean() - (1 - (1 - 2 * 0.7) ** 4) / 2) < 0.01
   other = keep_mask(drop._replace(seed=jnp.uint32(54321)))
   assert abs((np.asarray(other) == keep).mean() - 0.58) < 0.01
 

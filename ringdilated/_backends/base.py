@@ -87,15 +87,29 @@ def keep_threshold(rate: float) -> int:
   return min(int((1.0 - rate) * 2.0**32), 2**32 - 2) // 2 * 2
 
 
+KEY_SALT = 0x2545F491  # seeds the keys' hashes apart from the queries'
+MIX = 0x9E3779B1  # odd, so x -> x * MIX (mod 2**32) is a bijection
+
+
 def keep_mask(dropout: Dropout | None) -> Array | None:
-  """shape [X, K, G, T, S] bool keep mask, or None without dropout."""
+  """shape [X, K, G, T, S] bool keep mask, or None without dropout.
+
+  Weight (head, query q, key k) is kept iff ``((row ^ col) * MIX) mod 2**32``
+  is below :func:`keep_threshold`, with ``row = hash32(hash32(seed ^ head) ^
+  q)`` and ``col = hash32(hash32(seed ^ KEY_SALT) ^ k)``: full hashes per
+  row and per key, and one multiply per weight (what a kernel pays per
+  weight). ``row ^ col`` is uniform, so each weight is kept with
+  probability ``1 - rate`` exactly up to the threshold's rounding.
+  """
   if dropout is None:
     return None
   u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)  # noqa: E731
-  h = hash32(u32(dropout.seed) ^ u32(dropout.heads)[None, :, :, None, None])
-  h = hash32(h ^ u32(jnp.moveaxis(dropout.q_pos, 1, 2))[:, :, None, :, None])
-  h = hash32(h ^ u32(jnp.moveaxis(dropout.k_pos, 1, 2))[:, :, None, None, :])
-  return h < jnp.uint32(keep_threshold(dropout.rate))
+  seed = u32(dropout.seed)
+  rows = hash32(hash32(seed ^ u32(dropout.heads)[None, :, :, None, None])
+                ^ u32(jnp.moveaxis(dropout.q_pos, 1, 2))[:, :, None, :, None])
+  cols = hash32(hash32(seed ^ jnp.uint32(KEY_SALT))
+                ^ u32(jnp.moveaxis(dropout.k_pos, 1, 2))[:, :, None, None, :])
+  return (rows ^ cols) * jnp.uint32(MIX) < jnp.uint32(keep_threshold(dropout.rate))
 
 
 @dataclasses.dataclass(frozen=True)

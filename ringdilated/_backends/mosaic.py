@@ -129,7 +129,7 @@ class _Launch:
     masks: token vectors (segment ids, key validity) travel with the tiles.
     fresh: the outputs are fresh (written, not merged or added into).
     rate: dropout rate, 0 without dropout (then the row hashes ``rh`` and
-      key positions ``kpos`` travel with the tiles).
+      key hashes ``kh`` travel with the tiles).
   """
 
   geo: StridedBranch
@@ -227,13 +227,13 @@ def _hide(s: Array, vis: Array | None, fill: float) -> Array:
   return s if vis is None else jnp.where(vis, s, fill)
 
 
-def _keep(shape, hashes: Array, positions: Array, *, rows_are_queries: bool,
+def _keep(shape, rows: Array, cols: Array, *, rows_are_queries: bool,
           rate: float) -> Array:
   """[rows, cols] bool: the weights dropout keeps, from the queries' row
-  hashes and the keys' global positions (:func:`.tile_masks.kept`)."""
+  hashes ``rows`` and the keys' ``cols`` (:func:`.tile_masks.kept`)."""
   q_axis, k_axis = (0, 1) if rows_are_queries else (1, 0)
-  return tm.kept(lax.broadcast_in_dim(hashes, shape, [q_axis])
-                 ^ lax.broadcast_in_dim(positions, shape, [k_axis]), rate)
+  return tm.kept(lax.broadcast_in_dim(rows, shape, [q_axis])
+                 ^ lax.broadcast_in_dim(cols, shape, [k_axis]), rate)
 
 
 def _own_hashes(scr, wg, c: _Launch) -> Array | None:
@@ -390,7 +390,7 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         l_i = l_i * alpha + p.sum(axis=1)
         if c.rate:  # (1 / (1 - rate) at the end)
-          p = _hide(p, _keep(p.shape, q_hash, _streamed_positions(scr, slot, 1),
+          p = _hide(p, _keep(p.shape, q_hash, _streamed_key_hashes(scr, slot, 1),
                              rows_are_queries=True, rate=c.rate), 0.0)
         p16 = p.astype(c.dtype)
         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
@@ -459,7 +459,7 @@ def _stream(ins, scr, c: _Launch, lo, hi, pure, source, names, dones, rows: int,
   """The memory warpgroup: tiles ``j`` in ``[lo, hi)`` of the inputs
   ``names`` (first row and head of each from ``source(j)``; with masks also
   the token vectors ``kid``, ``kval`` of those rows, unless ``pure``; with
-  dropout their positions ``kpos``) into
+  dropout their hashes ``kh``) into
   slot ``(j - lo) mod stages``, once the compute warpgroups released it
   (``dones``)."""
   pl, plgpu = _modules()
@@ -485,15 +485,15 @@ def _stream(ins, scr, c: _Launch, lo, hi, pure, source, names, dones, rows: int,
                                 scr[f"{name}_bar"].at[slot])
       pl.when(jnp.logical_not(pure))(copy)
     if c.rate:
-      plgpu.copy_gmem_to_smem(ins["kpos"].at[b, off, pl.ds(first, rows)], scr["kpos"].at[slot],
-                              scr["kpos_bar"].at[slot])
+      plgpu.copy_gmem_to_smem(ins["kh"].at[b, off, pl.ds(first, rows)], scr["kh"].at[slot],
+                              scr["kh_bar"].at[slot])
 
 
-def _streamed_positions(scr, slot, axis: int) -> Array:
-  """The streamed keys' global positions of ``slot``, along ``axis``."""
+def _streamed_key_hashes(scr, slot, axis: int) -> Array:
+  """The dropout hashes of the streamed keys of ``slot``, along ``axis``."""
   _, plgpu = _modules()
-  plgpu.barrier_wait(scr["kpos_bar"].at[slot])
-  return _vector(scr["kpos"].at[slot], axis)
+  plgpu.barrier_wait(scr["kh_bar"].at[slot])
+  return _vector(scr["kh"].at[slot], axis)
 
 
 def _own_rows(ins, scr, c: _Launch, wg, b, off, m0, stats) -> None:
@@ -594,11 +594,11 @@ def _token_scratch(c: _Launch, own: int, streamed: int, queries_own: bool) -> di
   """Shared memory and barriers of the int32 token vectors: the program's
   own rows (``own`` of them; query rows if ``queries_own``) and those
   streamed with each tile (``streamed``): segment ids and key validity
-  with masks, dropout row hashes and key positions with dropout (the dk/dv
+  with masks, dropout row and key hashes with dropout (the dk/dv
   kernel streams row hashes as a row statistic instead)."""
   _, plgpu = _modules()
   q_side = ("qid",) * c.masks + ("rh",) * bool(c.rate)
-  k_side = ("kid", "kval") * c.masks + ("kpos",) * bool(c.rate)
+  k_side = ("kid", "kval") * c.masks + ("kh",) * bool(c.rate)
   mine, theirs = (q_side, k_side) if queries_own else (k_side, ("qid",) * c.masks)
   vec = lambda n, rows: plgpu.SMEM((n, rows), jnp.int32)  # noqa: E731
   scratch = {x: vec(_COMPUTE, own) for x in mine}
@@ -611,7 +611,8 @@ def _token_scratch(c: _Launch, own: int, streamed: int, queries_own: bool) -> di
 def _dropout_inputs(dropout: Dropout | None, geo: StridedBranch, heads: int) -> dict:
   """The dropout inputs of a launch: ``rh`` [B, H, r, M] int32, the hash of
   each query head and row (:func:`.tile_masks.row_hash`; rows as ``lse``),
-  and ``kpos`` [B, r, M], the global key positions; none without dropout."""
+  and ``kh`` [B, r, M], the keys' (:func:`.tile_masks.col_hash`); none
+  without dropout."""
   if dropout is None:
     return {}
   seed, head0 = tm.hash_key(dropout)
@@ -619,7 +620,7 @@ def _dropout_inputs(dropout: Dropout | None, geo: StridedBranch, heads: int) -> 
   # every head of q (rows as lse); the branch's heads start at head0
   hs = head0 - geo.heads[0] + jnp.arange(heads, dtype=jnp.int32)
   return dict(rh=tm.row_hash(seed, hs[None, :, None, None], pos[:, None]),
-              kpos=_tokens(dropout.k_pos, geo.rate))
+              kh=tm.col_hash(seed, _tokens(dropout.k_pos, geo.rate)))
 
 
 def forward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Array,
@@ -732,7 +733,7 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
         dp = _mma(None, do_s, plgpu.transpose_ref(v_s, (1, 0)), (bq, bk))
         plgpu.barrier_arrive(scr["v_done"].at[slot])
         if c.rate:
-          dp = _hide(dp, _keep(dp.shape, q_hash, _streamed_positions(scr, slot, 1),
+          dp = _hide(dp, _keep(dp.shape, q_hash, _streamed_key_hashes(scr, slot, 1),
                                rows_are_queries=True, rate=c.rate), 0.0) * (1.0 / (1.0 - c.rate))
         ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
         dq = _mma(dq, ds.astype(c.dtype), k_s, (bq, c.d))
@@ -796,16 +797,16 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
     rows = (b, pl.ds(m0, bk), off, kv)
     plgpu.copy_gmem_to_smem(ins["k"].at[rows], k_s, scr["k_bar"].at[wg])
     plgpu.copy_gmem_to_smem(ins["v"].at[rows], v_s, scr["v_bar"].at[wg])
-    for name, vec in (("kid", "ids"), ("kval", "valid")) * c.masks + (("kpos", "kpos"),) * bool(
+    for name, vec in (("kid", "ids"), ("kval", "valid")) * c.masks + (("kh", "kh"),) * bool(
         c.rate):
       plgpu.copy_gmem_to_smem(ins[vec].at[b, off, pl.ds(m0, bk)], scr[name].at[wg],
                               scr[f"{name}_bar"].at[wg])
     plgpu.barrier_wait(scr["k_bar"].at[wg])
     plgpu.barrier_wait(scr["v_bar"].at[wg])
-    k_pos = None
+    k_hash = None
     if c.rate:
-      plgpu.barrier_wait(scr["kpos_bar"].at[wg])
-      k_pos = _vector(scr["kpos"].at[wg], 0)
+      plgpu.barrier_wait(scr["kh_bar"].at[wg])
+      k_hash = _vector(scr["kh"].at[wg], 0)
 
     def run(tokens: bool):
       key_ids = None
@@ -840,7 +841,7 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
                   vis, 0.0)
         p_drop = p
         if c.rate:
-          keep = _keep(p.shape, _vector(scr["rh"].at[slot], 1), k_pos, rows_are_queries=False,
+          keep = _keep(p.shape, _vector(scr["rh"].at[slot], 1), k_hash, rows_are_queries=False,
                        rate=c.rate)
           plgpu.barrier_arrive(scr["rh_done"].at[slot])
           p_drop = _hide(p, keep, 0.0) * (1.0 / (1.0 - c.rate))

@@ -254,6 +254,11 @@ def _seed(ins: dict) -> Array:
   return ins["seed"][0]
 
 
+def _col_hash(ins: dict, keys) -> Array:
+  """The dropout hashes of the keys ``keys`` of the window (:func:`.tile_masks.col_hash`)."""
+  return tm.col_hash(_seed(ins), ins["k_pos"][keys])
+
+
 def _token_masks(ins: dict, tokens: bool, q_seg: Array | None, keys) -> dict:
   """The token vectors :func:`tm.visible` needs for key tile ``keys``; none
   on the unmasked path."""
@@ -306,7 +311,7 @@ def _forward_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
     corr = jnp.exp2(m - m_new)
     l = l * corr + jnp.sum(p, axis=1)
     if c.rate:
-      p = jnp.where(tm.keep(rows, ins["k_pos"][keys], c.rate), p, 0.0)
+      p = jnp.where(tm.keep(rows, _col_hash(ins, keys), c.rate), p, 0.0)
     v = ins["v"][keys, :]
     acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l
@@ -375,7 +380,7 @@ def _dq_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
       p = jnp.where(vis, p, 0.0)
     dp = _dot_t(do, v)
     if c.rate:
-      dp = jnp.where(tm.keep(rows, ins["k_pos"][keys], c.rate), dp, 0.0) / (1.0 - c.rate)
+      dp = jnp.where(tm.keep(rows, _col_hash(ins, keys), c.rate), dp, 0.0) / (1.0 - c.rate)
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
@@ -390,6 +395,7 @@ def _dkv_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
   s0 = (pl.program_id(1) % (geo.kept // bk)) * bk  # key tile, within segment
   k, v = ins["k"][...], ins["v"][...]
   k_seg, k_valid = _vector(ins, "k_seg"), _vector(ins, "k_valid")
+  cols = _col_hash(ins, slice(None)) if c.rate else None  # the key tile's dropout hashes
   n_q = geo.kept // bq
   start, stop = (s0 // bq if geo.causal else 0), n_q  # query tiles from the diagonal on
   pure = None
@@ -418,7 +424,7 @@ def _dkv_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
     dp = _dot_t(do, v)
     p_drop = p
     if c.rate:
-      kept = tm.keep(rows(queries), ins["k_pos"][...], c.rate)
+      kept = tm.keep(rows(queries), cols, c.rate)
       p_drop = jnp.where(kept, p, 0.0) / (1.0 - c.rate)
       dp = jnp.where(kept, dp, 0.0) / (1.0 - c.rate)
     dv = dv + _tdot(p_drop.astype(do.dtype), do)

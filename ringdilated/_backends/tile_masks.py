@@ -4,10 +4,12 @@ Inside a kernel a tile is ``[bq, bk]`` logits of query tokens against key
 tokens. Which of them are visible (causal diagonal, key padding, segment
 ids) and which dropout drops are functions of per-token vectors that travel
 with the tensors, so a masked or dropped weight is the same whichever
-backend, tiling, ring or layout computes it. The dropout hash is
+backend, tiling, ring or layout computes it. The dropout hashes are
 :func:`.base.hash32` computed on int32 bit patterns (logical shifts,
-wrapping multiplies): bit-identical to the uint32 version of the XLA block,
-and free of unsigned integer support in kernel languages.
+wrapping multiplies): bit-identical to the uint32 version of the XLA block
+(:func:`.base.keep_mask`), and free of unsigned integer support in kernel
+languages. Rows and keys are hashed once per tile; a weight costs one
+multiply (:func:`kept`).
 
 Tile skipping: a key tile whose segment ids (over its valid keys) cannot
 meet a query tile's ids is dead; :func:`span` turns per-tile liveness into
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .base import Dropout, keep_threshold
+from .base import KEY_SALT, MIX, Dropout, keep_threshold
 
 Array = jax.Array
 
@@ -54,16 +56,21 @@ def row_hash(seed: Array, head, q_pos: Array) -> Array:
   return hash32(h ^ q_pos.astype(jnp.int32))
 
 
-def keep(rows: Array, k_pos: Array, rate: float) -> Array:
+def col_hash(seed: Array, k_pos: Array) -> Array:
+  """[bk] int32: the dropout hash of the keys at global positions ``k_pos``."""
+  return hash32(hash32(seed ^ jnp.int32(_i32(KEY_SALT))) ^ k_pos.astype(jnp.int32))
+
+
+def keep(rows: Array, cols: Array, rate: float) -> Array:
   """[bq, bk] bool: weights kept by dropout of ``rate``; ``rows`` from
-  :func:`row_hash`, ``k_pos`` [bk] global key positions."""
-  return kept(rows[:, None] ^ k_pos.astype(jnp.int32)[None, :], rate)
+  :func:`row_hash`, ``cols`` from :func:`col_hash`."""
+  return kept(rows[:, None] ^ cols[None, :], rate)
 
 
 def kept(x: Array, rate: float) -> Array:
-  """Whether dropout of ``rate`` keeps the weights of ``x = row hash ^ key
-  position`` (int32, elementwise)."""
-  half = jax.lax.shift_right_logical(hash32(x), jnp.int32(1))  # the uint32 hash // 2
+  """Whether dropout of ``rate`` keeps the weights of ``x = row hash ^ col
+  hash`` (int32, elementwise): one multiply, a shift and a compare."""
+  half = jax.lax.shift_right_logical(x * jnp.int32(_i32(MIX)), jnp.int32(1))  # uint32 // 2
   return half < jnp.int32(keep_threshold(rate) // 2)
 
 
