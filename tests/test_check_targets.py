@@ -64,6 +64,8 @@ def _records():
              _rec(f"ours_longnet_{mode}", M, default, 1.147),
              _rec(f"ours_cudnn_longnet_{mode}", M, default / 0.85, 1.8)]
   recs.append(_rec("ours_mosaic_dense", 32768, 27.5, 1.0))
+  # run with --isolate, bench.py also records the runtime peak (memory_stats())
+  _find(recs, "ours_longnet_mix", M)["runtime_peak_bytes"] = int(1.149 * 7 * M * 16 * 128 * 2)
   recs.append(_rec("slice_cudnn_set_longnet_partition", M, 52.0, 1.6))
   recs += [_rec("ours_docs64k_longnet_mix", M, 180.0, 1.15),
            _rec("ours_pad10_longnet_mix", M, 175.0, 1.15),
@@ -203,6 +205,23 @@ def test_ratios_compare_records_of_one_run(records, tmp_path, capsys):
   newer.append(dict(_rec("slice_cudnn_longnet_partition", M, 30.0), run="later"))
   assert _run(newer, tmp_path) == 0
   assert ">= 1.3x: 1.500" in capsys.readouterr().out
+
+
+def test_runtime_peak_comes_from_the_newest_record_that_has_one(records, tmp_path, capsys):
+  """Runs without --isolate record no runtime peak: the target reads the
+  newest isolated one, and fails when it is over 1.15x (or there is none)."""
+  later = copy.deepcopy(records) + [dict(_rec("ours_longnet_mix", M, 170.0), run="later")]
+  assert _run(later, tmp_path) == 0
+  assert "runtime peak (bench.py --isolate) <= 1.15x bytes of q,k,v,out,dq,dk,dv: 1.149" in \
+      capsys.readouterr().out
+  next(r for r in later if "runtime_peak_bytes" in r)["runtime_peak_bytes"] = int(
+      1.16 * 7 * M * 16 * 128 * 2)
+  assert _run(later, tmp_path) == 1
+  assert "FAIL  Hopper kernels: LongNet mix 1M runtime peak" in capsys.readouterr().out
+  none = [r for r in records if "runtime_peak_bytes" not in r]
+  assert _run(none, tmp_path) == 1
+  assert "FAIL  Hopper kernels: LongNet mix 1M runtime peak (bench.py --isolate) <= 1.15x " \
+      "bytes of q,k,v,out,dq,dk,dv: missing" in capsys.readouterr().out
 
 
 def test_portable_block_must_run(records, tmp_path, capsys):
