@@ -28,7 +28,10 @@ next to the attention).
 Key padding and segment ids of branches read in place travel as per-offset
 token vectors beside the tiles; each program reads the range of streamed
 tiles its ids can meet and, where all of them hold its one document, runs
-the unmasked loop. Dropout, masked ring blocks and shapes these kernels
+the unmasked loop. Dropout on those branches: each query row's hash (seed,
+head, position; as a row statistic) and each key's hash travel likewise,
+and a weight costs one multiply (:func:`.tile_masks.kept`). Ring blocks
+write fresh outputs. Masked or dropped ring blocks and shapes these kernels
 don't take go to the Triton kernels (:class:`Mosaic`).
 
 Shape legend: B batch, L local length, H query heads, K kv heads, G = H / K,
@@ -989,11 +992,11 @@ def _hopper_problem() -> str | None:
 class Mosaic(pallas.Pallas):
   """Hopper kernels (Mosaic GPU) reading branches in place.
 
-  Calls without dropout whose segments hold a multiple of 128 kept tokens,
-  head dim 64 or 128, in bf16 or f16, run the Mosaic GPU kernels (with key
-  padding and segment ids on branches read in place; ring blocks unmasked);
+  Calls whose segments hold a multiple of 128 kept tokens, head dim 64 or
+  128, in bf16 or f16, run the Mosaic GPU kernels (with key padding,
+  segment ids and dropout on branches read in place; ring blocks without);
   every other call runs the Triton kernels of :class:`~.pallas.Pallas`
-  (dropout, masked ring blocks, other shapes, and any call inside
+  (masked or dropped ring blocks, other shapes, and any call inside
   ``jax.shard_map(check_vma=True)``, see :func:`_varying`), so this backend
   takes everything that one does.
 
