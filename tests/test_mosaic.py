@@ -37,7 +37,8 @@ from jax.sharding import PartitionSpec as P
 import ringdilated as rd
 from ringdilated import _backends
 from ringdilated._backends import mosaic, pallas
-from ringdilated._backends.base import Dropout, Request, StridedBranch, Visibility
+from ringdilated._backends import tile_masks as tm
+from ringdilated._backends.base import Dropout, Request, StridedBranch, Visibility, keep_mask
 
 
 # ----------------------------------------------------------------------------
@@ -152,6 +153,35 @@ def test_rows_put_each_offset_contiguous():
   np.testing.assert_array_equal(mosaic._unrows(rows), x)
   tokens = mosaic._tokens(jnp.arange(24).reshape(2, 12), 4)
   assert tokens[1, 3, 2] == 12 + 2 * 4 + 3
+
+
+@pytest.mark.parametrize("offset,heads", [(None, (0, 4)), (1, (2, 4))])
+def test_dropout_hashes_drop_what_the_xla_block_drops(offset, heads):
+  """The row and key hashes the kernels read, combined per weight as the
+  kernels do (:func:`tile_masks.kept`), give the XLA block's keep mask for
+  every (head, query, key) of a branch read in place; and the kernels'
+  head indexing (q's whole head axis, as lse) picks the branch's heads."""
+  b, length, h, kh, rate = 2, 32, 4, 2, 0.3
+  geo = StridedBranch(kept=4, rate=2, heads=heads, group=h // kh, offset=offset,
+                      causal=True, scale=1.0)
+  pos = jnp.asarray(np.random.default_rng(0).permutation(4 * b * length)[:b * length]
+                    .reshape(b, length), jnp.int32)  # global positions, any order
+  g0 = 7  # global head of the branch's first head
+  n = heads[1] - heads[0]
+  drop = Dropout(rate, jnp.uint32(99), g0 + np.arange(n).reshape(n // geo.group, geo.group),
+                 pos, pos)
+  ins = mosaic._dropout_inputs(drop, geo, h)
+  rh, khash = np.asarray(ins["rh"]), np.asarray(ins["kh"])  # [B, H, r, M], [B, r, M]
+  assert rh.shape == (b, h, 2, length // 2) and khash.shape == (b, 2, length // 2)
+  for hq in range(*heads):
+    off = geo.off(hq // geo.group)
+    x = rh[:, hq, off, :, None] ^ khash[:, off, None, :]  # [B, M, M] of the offset
+    got = np.asarray(tm.kept(jnp.asarray(x), rate))
+    p = pos[:, off::2]  # positions of the offset's tokens
+    want = keep_mask(Dropout(rate, drop.seed, np.array([[g0 + hq - heads[0]]]),
+                             p[..., None], p[..., None]))[:, 0, 0]
+    np.testing.assert_array_equal(got, want)
+  assert 0.5 < got.mean() < 0.9  # (a mask that keeps about 1 - rate)
 
 
 # ----------------------------------------------------------------------------
