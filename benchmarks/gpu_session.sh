@@ -18,7 +18,8 @@
 #   longest      T_LONGEST=300  bench_multi_gpu.py --only longest (log: bench_multi.log),
 #                               LONGEST_BACKENDS=pallas,auto (searched in this order)
 #   mosaic       T_MOSAIC=400   the Hopper kernels: mosaic_probe.py (exactness against the
-#                               Triton kernels, dense speed), check_gpu.py mosaic with and
+#                               Triton kernels, 14 children over 2 GPUs; dense speed alone),
+#                               check_gpu.py mosaic with and
 #                               without check_vma, bench.py --only mosaic,masked (log: mosaic.log)
 # Each script gets an internal --time-budget below its timeout, so it stops
 # starting cases in time and keeps what it measured. RESUME=0 re-measures
@@ -126,7 +127,9 @@ for step in "${STEPS[@]}"; do
         "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" --only longest \
         --backends "$LONGEST_BACKENDS" --time-budget "$(inner "$T_LONGEST" 100)" $SMOKE_FLAG ;;
     mosaic)
-      run mosaic_probe "$((T_MOSAIC / 4))" mosaic.log "$PY" benchmarks/mosaic_probe.py
+      # exactness cases in parallel over both GPUs (each is mostly compile time)
+      run mosaic_probe "$((T_MOSAIC / 4))" mosaic.log env JOBS=14 PROBE_GPUS=0,1 \
+        "$PY" benchmarks/mosaic_probe.py
       for vma in "" --no-check-vma; do
         run "check_mosaic$vma" "$((T_MOSAIC / 4))" mosaic.log "$PY" benchmarks/check_gpu.py \
           mosaic $vma --time-budget "$(inner "$((T_MOSAIC / 4))" 30)" $SMOKE_FLAG
