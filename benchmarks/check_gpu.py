@@ -103,6 +103,8 @@ def single_cases(names):
            dilation_rates=(1, 2, 4, 8)),
       dict(segment_lengths=tuple(w // s for w in (512, 1024, 2048, 4096)),
            dilation_rates=(1, 2, 4, 8), mode="partition"),
+      dict(segment_lengths=tuple(w // s for w in (512, 1024, 2048, 4096)),
+           dilation_rates=(1, 2, 4, 8), **_dropout_kw(("dropout",))),
   ]
   for backend in names:
     for kw in configs:
@@ -144,7 +146,8 @@ def multi_cases(names, layouts):
   repro_pallas_ring_crash.py), Pallas with masks, the same pair on the other
   backends, the negative control (backend None), then every backend x layout
   x mode with the pair, masks (segment ids, key padding, both) on three
-  branches, three branches unmasked causal and not; each case once."""
+  branches, dropout (with segment ids; alone), three branches unmasked
+  causal and not; each case once."""
   order = [b for b in ("pallas", "cudnn", "xla") if b in names] + [
       b for b in names if b not in ("pallas", "cudnn", "xla")]
   first = []
@@ -165,6 +168,9 @@ def multi_cases(names, layouts):
       rest.append((backend, layout, "mix", "three_branch", True, ("key_padding_mask",)))
       rest.append((backend, layout, "partition", "three_branch", False,
                    ("segment_ids", "key_padding_mask")))
+  for backend in order:  # dropout (in place and on the ring) with documents
+    rest.append((backend, layouts[0], "mix", "three_branch", True, ("segment_ids", "dropout")))
+    rest.append((backend, layouts[-1], "partition", "two_branch", True, ("dropout",)))
   for backend in order:
     for layout in layouts:
       rest.append((backend, layout, "mix", "three_branch", False, ()))
@@ -175,6 +181,17 @@ def multi_cases(names, layouts):
     if case not in seen:
       seen.add(case)
       yield case
+
+
+def _dropout_kw(masks) -> dict:
+  """Dropout 0.1 with a fixed key when "dropout" is among a case's masks:
+  the float32 reference drops the same weights (a function of the key, the
+  head and the global positions)."""
+  return dict(dropout_rate=0.1, dropout_rng=jax.random.key(7)) if "dropout" in masks else {}
+
+
+def _tokens_of(masks):
+  return [m for m in masks if m != "dropout"]
 
 
 def _mask_data(n, rng):
@@ -197,12 +214,12 @@ def _reference(cfg_name, mode, causal, masks, data, tokens):
     cfg = two_branch() if cfg_name == "two_branch" else three_branch()
     dev = jax.devices()[0]
     q, k, v, cot = (jax.device_put(x.astype(np.float32), dev) for x in data)
-    extra = {m: jax.device_put(tokens[m], dev) for m in masks}
+    extra = {m: jax.device_put(tokens[m], dev) for m in _tokens_of(masks)}
 
     @jax.jit
     def run(q, k, v, cot, extra):
       fn = functools.partial(rd.dilated_attention, causal=causal, mode=mode, backend="xla",
-                             **cfg, **extra)
+                             **cfg, **extra, **_dropout_kw(masks))
       out, pull = jax.vjp(fn, q, k, v)
       return (out,) + pull(cot)
     _REFERENCE[key] = [np.asarray(x, np.float64) for x in run(q, k, v, cot, extra)]
@@ -217,18 +234,19 @@ def ring_out_and_grads(backend, layout, mode, cfg, causal, masks, data, tokens, 
   sh = NamedSharding(mesh, P(None, "sp"))
   perm = (lambda x: rd.to_layout(x, layout, p)) if lay_out else (lambda x: x)
   q, k, v, cot = (jax.device_put(perm(x), sh) for x in data)
-  extra = {m: jax.device_put(perm(tokens[m]), sh) for m in masks}
+  extra = {m: jax.device_put(perm(tokens[m]), sh) for m in _tokens_of(masks)}
 
   def attend(q, k, v, extra):
     return rd.dilated_attention(q, k, v, causal=causal, mode=mode, backend=backend,
-                                axis_name="sp", layout=layout, **cfg, **extra)
+                                axis_name="sp", layout=layout, **cfg, **extra,
+                                **_dropout_kw(masks))
 
   def go(q, k, v, cot, extra):
     out, pull = jax.vjp(lambda q, k, v: attend(q, k, v, extra), q, k, v)
     return (out,) + pull(cot)
 
   spec = P(None, "sp")
-  ring = jax.jit(jax.shard_map(go, mesh=mesh, in_specs=(spec,) * 4 + ({m: spec for m in masks},),
+  ring = jax.jit(jax.shard_map(go, mesh=mesh, in_specs=(spec,) * 4 + ({m: spec for m in extra},),
                                out_specs=spec, check_vma=_check_vma(backend)))
   return [rd.from_layout(np.asarray(x.astype(jnp.float32), np.float64), layout, p)
           for x in ring(q, k, v, cot, extra)]
@@ -341,7 +359,7 @@ def main(argv=None) -> int:
     names = args.backends or ["cudnn", "pallas", "mosaic"]
     for backend, kw, causal, ring in single_cases(names):
       label = (f"1 GPU  {backend:6s} {kw.get('mode', 'mix'):9s} w={kw['segment_lengths']} "
-               f"causal={causal!s:5} ring={ring!s:5}")
+               f"causal={causal!s:5} ring={ring!s:5}" + " dropout" * ("dropout_rate" in kw))
       if over_budget():
         left_out += 1
         continue
