@@ -227,6 +227,8 @@ def test_auto_on_hopper(monkeypatch):
   assert _backends.select("auto", _request(masks=True)).name == "mosaic"
   assert _backends.select("auto", _request(dense=True)).name == "cudnn"
   assert _backends.select("auto", _request(dense=True, masks=True)).name == "mosaic"
+  # cuDNN takes no dropout: dense attention with dropout stays on these kernels
+  assert _backends.select("auto", _request(dense=True, dropout=True)).name == "mosaic"
   assert _backends.select("mosaic", _request(dense=True)).name == "mosaic"  # explicit
 
 
