@@ -137,7 +137,7 @@ def targets(rec, errors=None):
     v = rec.peak_ratio((ours, n))
     yield f"LongNet {mode} 1M peak ({JUDGED}) <= 1.15x bytes of q,k,v,out,dq,dk,dv", v, \
         v is not None and v <= 1.15
-    v = None if get(ours, n // 2) is None else rec.ratio((ours, n), (ours, n // 2), "peak_bytes")
+    v = rec.ratio((ours, n), (ours, n // 2), "peak_bytes")
     yield f"LongNet {mode} peak(1M)/peak(512K) ({JUDGED}) <= 2.1", v, v is not None and v <= 2.1
   v = ratio("ringattention_pkg", "ours_dense_ring1", 32768)
   if v is None:  # the package is not installed on every GPU machine
