@@ -178,6 +178,20 @@ def _schedule(barrier) -> None:
   plgpu.barrier_wait(barrier)
 
 
+def _mmas(*products) -> tuple[Array, ...]:
+  """``acc + a @ b`` (or ``a @ b`` where ``acc`` is None) of each product
+  ``(acc, a, b, shape)``, issued together on the tensor cores and awaited
+  once, float32."""
+  pl, plgpu = _modules()
+
+  def issue(refs):
+    for ref, (_, a, b, _) in zip(refs, products):
+      plgpu.wgmma(ref, a, b)
+  accs = tuple(plgpu.ACC.init(_zeros(shape, plgpu.Layout.WGMMA) if acc is None else acc)
+               for acc, _, _, shape in products)
+  return pl.run_state(issue)(accs)
+
+
 def _mma(acc: Array | None, a, b, shape) -> Array:
   """``acc + a @ b`` (or ``a @ b``) on the tensor cores, float32."""
   pl, plgpu = _modules()
@@ -722,7 +736,10 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
         slot = slot_of(j)
         k_s, v_s = scr["k"].at[slot], scr["v"].at[slot]
         plgpu.barrier_wait(scr["k_bar"].at[slot])
-        s = _mma(None, q_s, plgpu.transpose_ref(k_s, (1, 0)), (bq, bk))
+        plgpu.barrier_wait(scr["v_bar"].at[slot])
+        s, dp = _mmas((None, q_s, plgpu.transpose_ref(k_s, (1, 0)), (bq, bk)),
+                      (None, do_s, plgpu.transpose_ref(v_s, (1, 0)), (bq, bk)))
+        plgpu.barrier_arrive(scr["v_done"].at[slot])
         key_tokens = None
         if tokens:
           plgpu.barrier_wait(scr["kid_bar"].at[slot])
@@ -732,9 +749,6 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
                        tokens=key_tokens)
         p = _hide(jnp.exp2(s * c.log2_scale - lax.broadcast_in_dim(lse, s.shape, [0])),
                   vis, 0.0)
-        plgpu.barrier_wait(scr["v_bar"].at[slot])
-        dp = _mma(None, do_s, plgpu.transpose_ref(v_s, (1, 0)), (bq, bk))
-        plgpu.barrier_arrive(scr["v_done"].at[slot])
         if c.rate:
           dp = _hide(dp, _keep(dp.shape, q_hash, _streamed_key_hashes(scr, slot, 1),
                                rows_are_queries=True, rate=c.rate), 0.0) * (1.0 / (1.0 - c.rate))
@@ -848,8 +862,10 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
                        rate=c.rate)
           plgpu.barrier_arrive(scr["rh_done"].at[slot])
           p_drop = _hide(p, keep, 0.0) * (1.0 / (1.0 - c.rate))
-        dv = _mma(dv, p_drop.astype(c.dtype), do_s, (bk, c.d))
-        dp = _mma(None, v_s, plgpu.transpose_ref(do_s, (1, 0)), (bk, bq))
+        # dV and dP^T together; dK alone (pairing it with dV, so the products
+        # of S^T and dP^T go together, was 2% slower on the H200)
+        dv, dp = _mmas((dv, p_drop.astype(c.dtype), do_s, (bk, c.d)),
+                       (None, v_s, plgpu.transpose_ref(do_s, (1, 0)), (bk, bq)))
         plgpu.barrier_arrive(scr["do_done"].at[slot])
         if c.rate:
           dp = _hide(dp, keep, 0.0) * (1.0 / (1.0 - c.rate))
