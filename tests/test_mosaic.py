@@ -46,12 +46,15 @@ from ringdilated._backends.base import Dropout, Request, StridedBranch, Visibili
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rate,causal,masks,drop,fresh", [
-    (1, True, "", False, False), (4, False, "", False, True), (1, False, "both", False, False),
-    (4, True, "seg", True, False), (2, True, "valid", False, False), (1, True, "", True, True),
-    (2, False, "both", True, False)])
-def test_kernels_lower_to_mosaic_gpu(rate, causal, masks, drop, fresh):
-  b, length, h, kh, d = 1, 4096, 4, 2, 128
+@pytest.mark.parametrize("rate,causal,masks,drop,fresh,d", [
+    (1, True, "", False, False, 128), (4, False, "", False, True, 128),
+    (1, False, "both", False, False, 128), (4, True, "seg", True, False, 128),
+    (2, True, "valid", False, False, 128), (1, True, "", True, True, 128),
+    (2, False, "both", True, False, 128), (4, True, "both", True, False, 64),
+    (1, False, "", False, True, 64)])
+def test_kernels_lower_to_mosaic_gpu(rate, causal, masks, drop, fresh, d):
+  b, length, h, kh = 1, 4096, 4, 2
+  tiles = mosaic.Mosaic().mosaic_tiles(d)  # the head dim's tuned tiles
   geo = StridedBranch(kept=2048 // rate, rate=rate, heads=(0, h), group=h // kh,
                       offset=None, causal=causal, scale=d ** -0.5)
 
@@ -65,11 +68,10 @@ def test_kernels_lower_to_mosaic_gpu(rate, causal, masks, drop, fresh):
 
   def fwd(q, k, v, o, l, seg, valid):
     accs = (None, None) if fresh else (o, l)
-    return mosaic.forward(geo, mosaic.MosaicTiles(), q, k, v, *accs, vis(seg, valid),
-                          dropout(seg))
+    return mosaic.forward(geo, tiles, q, k, v, *accs, vis(seg, valid), dropout(seg))
 
   def bwd(q, k, v, do, l, dl, dq, dk, dv, seg, valid):
-    return mosaic.backward(geo, mosaic.MosaicTiles(), q, k, v, do, l, dl,
+    return mosaic.backward(geo, tiles, q, k, v, do, l, dl,
                            None if fresh else (dq, dk, dv), vis(seg, valid), dropout(seg))
 
   sd = jax.ShapeDtypeStruct
@@ -203,6 +205,11 @@ def test_calls_the_kernels_take():
   assert not backend._takes(256, x[..., :32], plain, None, in_place=True)  # head dim 32
   assert not backend._takes(256, x.astype(jnp.float32), plain, None, in_place=True)
   assert not mosaic.Mosaic(interpret=True)._takes(256, x, plain, None, in_place=True)
+  # tiles: tuned per head dim unless given
+  assert backend.mosaic_tiles(64) == mosaic.TUNED[64] != mosaic.TUNED[128]
+  assert backend.mosaic_tiles(128) == mosaic.TUNED[128]
+  mine = mosaic.Mosaic(mosaic=mosaic.MosaicTiles(fwd_k=64))
+  assert mine.mosaic_tiles(64) == mine.mosaic_tiles(128) == mosaic.MosaicTiles(fwd_k=64)
   # Inside shard_map(check_vma=True) the accumulators vary over the mesh.
   seen = []
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))

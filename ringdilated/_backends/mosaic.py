@@ -88,6 +88,11 @@ class MosaicTiles:
 
 _BQ = 64  # rows of a wgmma accumulator per warpgroup
 
+# The tiles per head dim (the head dims the kernels take), chosen on an H200
+# with ``benchmarks/mosaic_probe.py`` (dense causal 32K, fwd+bwd; the sweeps
+# are in benchmarks/results/mosaic_tiles_h200.json).
+TUNED = {64: MosaicTiles(fwd_k=128, dq_k=128, dkv_q=128), 128: MosaicTiles()}
+
 
 def _modules():
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
@@ -1017,14 +1022,19 @@ class Mosaic(pallas.Pallas):
   takes everything that one does.
 
   Attributes:
-    mosaic: tiles and pipeline depth of the Mosaic GPU kernels.
+    mosaic: tiles and pipeline depth of the Mosaic GPU kernels, or None for
+      those tuned for the head dim (:data:`TUNED`).
   """
 
   name = "mosaic"
   capabilities = Capabilities(platforms=("gpu",), interpret=True, in_place=True,
                               masks=True, dropout=True)
   dtypes: ClassVar[tuple[jnp.dtype, ...]] = _DTYPES  # of q, k, v the kernels take
-  mosaic: MosaicTiles = MosaicTiles()
+  mosaic: MosaicTiles | None = None
+
+  def mosaic_tiles(self, head_dim: int) -> MosaicTiles:
+    """The tiles of calls with this head dim (one of :data:`TUNED`)."""
+    return self.mosaic or TUNED[head_dim]
 
   def problem(self, request: Request) -> str | None:
     why = super().problem(request)
@@ -1042,25 +1052,26 @@ class Mosaic(pallas.Pallas):
     """Whether the Mosaic GPU kernels run this call (token masks and dropout:
     only on branches read in place)."""
     return (not self.interpret and (in_place or (dropout is None and not vis.has_arrays))
-            and not _varying(x) and x.dtype in self.dtypes and x.shape[-1] in (64, 128)
-            and kept % self.mosaic.multiple == 0)
+            and not _varying(x) and x.dtype in self.dtypes and x.shape[-1] in TUNED
+            and kept % self.mosaic_tiles(x.shape[-1]).multiple == 0)
 
   def _block_forward(self, geo, q, k, v, vis, dropout):
     if not self._takes(geo.kept, q, vis, dropout, in_place=False):
       return super()._block_forward(geo, q, k, v, vis, dropout)
-    return forward(geo, self.mosaic, q, k, v)
+    return forward(geo, self.mosaic_tiles(q.shape[-1]), q, k, v)
 
   def _block_backward(self, geo, q, k, v, vis, dropout, dout, lse, delta):
     if not self._takes(geo.kept, q, vis, dropout, in_place=False):
       return super()._block_backward(geo, q, k, v, vis, dropout, dout, lse, delta)
-    return backward(geo, self.mosaic, q, k, v, dout, lse, delta)
+    return backward(geo, self.mosaic_tiles(q.shape[-1]), q, k, v, dout, lse, delta)
 
   def branch_forward(self, branch, q, k, v, vis, dropout, out, lse):
     if not self._takes(branch.kept, q, vis, dropout, in_place=True):
       return super().branch_forward(branch, q, k, v, vis, dropout, out, lse)
-    return forward(branch, self.mosaic, q, k, v, out, lse, vis, dropout)
+    return forward(branch, self.mosaic_tiles(q.shape[-1]), q, k, v, out, lse, vis, dropout)
 
   def branch_backward(self, branch, q, k, v, vis, dropout, dout, lse, delta, grads):
     if not self._takes(branch.kept, q, vis, dropout, in_place=True):
       return super().branch_backward(branch, q, k, v, vis, dropout, dout, lse, delta, grads)
-    return backward(branch, self.mosaic, q, k, v, dout, lse, delta, grads, vis, dropout)
+    tiles = self.mosaic_tiles(q.shape[-1])
+    return backward(branch, tiles, q, k, v, dout, lse, delta, grads, vis, dropout)
