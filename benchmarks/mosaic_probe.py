@@ -59,7 +59,9 @@ def _masks(kind, length, seed=1):
     v[:, -length // 10:] = False
     valid = jnp.asarray(v)
   return valid, seg
-SPEED = ("dense32k",)
+
+
+SPEED = {"dense32k": 128, "dense32k_d64": 64}  # dense causal 32K, H=16: name -> head dim
 
 
 def _inputs(length, h, k, d, seed=0):
@@ -76,8 +78,10 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def exact(name: str) -> dict:
+def exact(name: str, tiles: mosaic.MosaicTiles | None = None) -> dict:
+  """The case's relative errors (None: the tiles the backend runs)."""
   length, h, kh, d, kept, rate, heads, offset, causal, *opts = EXACT[name]
+  tiles = tiles or mosaic.TUNED[d]
   opts = opts[0].split("+") if opts else []
   geo = StridedBranch(kept=kept, rate=rate, heads=heads, group=h // kh, offset=offset,
                       causal=causal, scale=d ** -0.5)
@@ -90,7 +94,6 @@ def exact(name: str) -> dict:
     drop = Dropout(0.1, jnp.uint32(1234567), np.arange(*heads).reshape(-1, h // kh), pos, pos)
   fresh = "fresh" in opts
   tri = pallas.Pallas()
-  tiles = mosaic.MosaicTiles()
   acc = (lambda x: (None, None)) if fresh else (lambda x: (x["out"], x["lse"]))  # noqa: E731
   got = jax.jit(lambda x: mosaic.forward(geo, tiles, x["q"], x["k"], x["v"], *acc(x), vis,
                                          drop))(x)
@@ -126,10 +129,10 @@ def _time(fn, *args, iters=10):
   return float(np.median(ts))
 
 
-def speed(name: str, tiles: mosaic.MosaicTiles = mosaic.MosaicTiles(),
+def speed(name: str, tiles: mosaic.MosaicTiles | None = None,
           references: bool = True) -> dict:
-  assert name == "dense32k"
-  length, h, d = 32768, 16, 128
+  length, h, d = 32768, 16, SPEED[name]
+  tiles = tiles or mosaic.TUNED[d]
   x = _inputs(length, h, h, d)
   geo = StridedBranch(kept=length, rate=1, heads=(0, h), group=1, offset=None, causal=True,
                       scale=d ** -0.5)
@@ -169,18 +172,20 @@ def speed(name: str, tiles: mosaic.MosaicTiles = mosaic.MosaicTiles(),
 
 def main(argv) -> int:
   if argv:
-    kind, name, *tiles = argv[0].split(":")
+    kind, name, *tiles = argv[0].split(":")  # [kind:name:fwd_k,dq_k,dkv_q,stages]
+    tiles = mosaic.MosaicTiles(*map(int, tiles[0].split(","))) if tiles else None
     if kind == "tune":
-      rec = speed(name, mosaic.MosaicTiles(*map(int, tiles[0].split(","))), False)
+      rec = speed(name, tiles, False)
     else:
-      rec = (exact if kind == "exact" else speed)(name)
+      rec = (exact if kind == "exact" else speed)(name, tiles)
     print("RESULT", json.dumps(rec))
     return 0
   timeout = float(os.environ.get("CASE_TIMEOUT", "120"))
   exact_cases = [f"exact:{n}" for n in EXACT]
   timed = [f"speed:{n}" for n in SPEED]
   if os.environ.get("TUNE"):  # fwd_k,dq_k,dkv_q,stages sets, ";"-separated
-    exact_cases, timed = [], [f"tune:dense32k:{t}" for t in os.environ["TUNE"].split(";")]
+    case = os.environ.get("TUNE_CASE", "dense32k")
+    exact_cases, timed = [], [f"tune:{case}:{t}" for t in os.environ["TUNE"].split(";")]
   # exactness cases JOBS at a time over the GPUs PROBE_GPUS; timed ones alone
   gpus = os.environ.get("PROBE_GPUS", "0").split(",")
   jobs = int(os.environ.get("JOBS", "1"))
