@@ -136,7 +136,7 @@ def test_config_covers_every_zigzag_schedule():
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("mode", ["mix", "partition"])
-@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("p", [2, 8])  # 4: test_pallas_masks, test_ring
 def test_zigzag_ring_matches_single_device(p, mode, causal):
   """GQA (H=4, K=2), key padding and packed segments; outputs and grads."""
   kw = dict(CONFIG[mode], mode=mode, causal=causal)
