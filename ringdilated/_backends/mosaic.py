@@ -44,6 +44,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
+from collections.abc import Mapping
 from typing import ClassVar
 
 import jax
@@ -91,7 +93,8 @@ _BQ = 64  # rows of a wgmma accumulator per warpgroup
 # The tiles per head dim (the head dims the kernels take), chosen on an H200
 # with ``benchmarks/mosaic_probe.py`` (dense causal 32K, fwd+bwd; the sweeps
 # are in benchmarks/results/mosaic_tiles_h200.json).
-TUNED = {64: MosaicTiles(fwd_k=128, dq_k=128, dkv_q=128), 128: MosaicTiles()}
+TUNED: Mapping[int, MosaicTiles] = types.MappingProxyType(
+    {64: MosaicTiles(fwd_k=128, dq_k=128, dkv_q=128), 128: MosaicTiles()})
 
 
 def _modules():
