@@ -201,17 +201,16 @@ def _mmas(*products) -> tuple[Array, ...]:
 
 
 def _mma(acc: Array | None, a, b, shape) -> Array:
-  """``acc + a @ b`` (or ``a @ b``) on the tensor cores, float32."""
+  """``acc + a @ b`` (or ``a @ b``, in a fresh accumulator with no zero
+  fill) on the tensor cores, float32."""
+  if acc is not None:
+    return _mmas((acc, a, b, shape))[0]
   pl, plgpu = _modules()
-  if acc is None:
-    def product(ref):
-      plgpu.wgmma(ref, a, b)
-      return ref[...]
-    return pl.run_scoped(product, plgpu.ACC(shape, _F32))
 
-  def add(ref):
+  def product(ref):
     plgpu.wgmma(ref, a, b)
-  return pl.run_state(add)(plgpu.ACC.init(acc))
+    return ref[...]
+  return pl.run_scoped(product, plgpu.ACC(shape, _F32))
 
 
 def _zeros(shape, layout) -> Array:
