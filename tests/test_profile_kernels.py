@@ -1,0 +1,83 @@
+"""benchmarks/profile_kernels.py: reading kernel times from a profile.
+
+Only the kernels on a device's streams count (a device's "XLA Ops" line
+repeats their time, the host's lines are not device time); a profile with
+no stream is an error, not zero time; masked kernels line up with their
+unmasked twins.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _module():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    spec = importlib.util.spec_from_file_location(
+        "profile_kernels", ROOT / "benchmarks" / "profile_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _write_trace(root: pathlib.Path, events: list) -> None:
+  run = root / "plugins" / "profile" / "run"
+  run.mkdir(parents=True)
+  with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+
+
+def _meta(pid, name, tid=None):
+  if tid is None:
+    return {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+  return {"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": name}}
+
+
+def _kernel(pid, tid, name, dur):
+  return {"ph": "X", "pid": pid, "tid": tid, "ts": 0.0, "dur": dur, "name": name}
+
+
+def test_only_device_stream_kernels_count(tmp_path):
+  pk = _module()
+  _write_trace(tmp_path, [
+      _meta(1, "/host:CPU"), _meta(1, "python", tid=10),
+      _meta(2, "/device:GPU:0"), _meta(2, "Stream #13(Compute)", tid=20),
+      _meta(2, "XLA Ops", tid=21), _meta(2, "Stream #14", tid=22),
+      _kernel(1, 10, "PjitFunction(fwd_bwd)", 900.0),
+      _kernel(2, 20, "ringdilated_mgpu_dkv_r1_t2048_m_mosaic_gpu_kernel", 30.0),
+      _kernel(2, 21, "custom-call.3", 30.0),
+      _kernel(2, 22, "loop_fusion", 2.5),
+  ])
+  got = pk.device_events(str(tmp_path))
+  assert sorted(got) == [("loop_fusion", 2.5),
+                         ("ringdilated_mgpu_dkv_r1_t2048_m_mosaic_gpu_kernel", 30.0)]
+
+
+def test_a_profile_without_device_streams_is_an_error(tmp_path):
+  pk = _module()
+  _write_trace(tmp_path, [_meta(1, "/host:CPU"), _meta(1, "python", tid=10),
+                          _kernel(1, 10, "PjitFunction(fwd_bwd)", 900.0)])
+  with pytest.raises(RuntimeError, match="no kernels on a device stream"):
+    pk.device_events(str(tmp_path))
+
+
+def test_masked_kernels_group_with_their_unmasked_twins():
+  pk = _module()
+  group = pk._group  # pylint: disable=protected-access
+  assert (group("ringdilated_mgpu_dq_r2_t2048_m_p_f_mosaic_gpu_kernel")
+          == "ringdilated_mgpu_dq_r2_t2048_p_f_mosaic_gpu_kernel")
+  assert (group("ringdilated_mgpu_fwd_r1_t2048_mosaic_gpu_kernel")
+          == "ringdilated_mgpu_fwd_r1_t2048_mosaic_gpu_kernel")
+  assert group("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") != group("loop_fusion")
+  assert group("loop_fusion") == group("input_reduce_fusion_3")
