@@ -27,8 +27,9 @@ next to the attention).
 
 Key padding and segment ids of branches read in place travel as per-offset
 token vectors beside the tiles; each program reads the range of streamed
-tiles its ids can meet and, where all of them hold its one document, runs
-the unmasked loop. Dropout on those branches: each query row's hash (seed,
+tiles its ids can meet and, where all of them hold its one document, skips
+the token masks (one branch per tile: the other programs read the token
+vectors and mask). Dropout on those branches: each query row's hash (seed,
 head, position; as a row statistic) and each key's hash travel likewise,
 and a weight costs one multiply (:func:`.tile_masks.kept`). Ring blocks
 write fresh outputs. Masked or dropped ring blocks and shapes these kernels
@@ -61,7 +62,6 @@ Array = jax.Array
 _F32 = jnp.float32
 _LOG2E = math.log2(math.e)
 _COMPUTE = 2  # compute warpgroups; the memory warpgroup is number 2
-_NEG = -1e30  # masked logits with token masks: finite, so no row makes NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,32 +270,36 @@ def _own_hashes(scr, wg, c: _Launch) -> Array | None:
 
 
 def _span(span_ref, b, off, cta, causal_lo, causal_hi, masks: bool):
-  """(lo, hi, pure) of a program: the streamed tiles ``[lo, hi)`` it runs
+  """(lo, hi, impure) of a program: the streamed tiles ``[lo, hi)`` it runs
   (causal bounds within the live range of the token vectors) and whether
-  its tiles need no token masks (a traced bool, or True without masks)."""
+  its tiles need token masks (a traced bool, or False without masks)."""
   if not masks:
-    return causal_lo, causal_hi, True
+    return causal_lo, causal_hi, False
   lo = jnp.maximum(span_ref[b, off, cta, 0], causal_lo)
   hi = jnp.minimum(span_ref[b, off, cta, 1], causal_hi)
-  return lo, jnp.maximum(hi, lo), span_ref[b, off, cta, 2] != 0
+  return lo, jnp.maximum(hi, lo), span_ref[b, off, cta, 2] == 0
 
 
-def _paths(pure, run) -> None:
-  """``run(tokens)``: without token masks where ``pure``, with them elsewhere."""
-  pl, _ = _modules()
-  if pure is True:
-    run(False)
-    return
-  pl.when(pure)(functools.partial(run, False))
-  pl.when(jnp.logical_not(pure))(functools.partial(run, True))
+def _token_hide(x: Array, impure, tokens, *, rows_are_queries: bool, fill: float) -> Array:
+  """``x`` [rows, cols] with the pairs of different segment ids or an invalid
+  key set to ``fill`` on programs that need token masks (``impure``: a
+  traced bool, or False without masks); ``tokens()`` reads (row ids, column
+  ids, key validity) inside that branch, so the others never touch them."""
+  if impure is False:
+    return x
+
+  def masked(x):
+    return _hide(x, _visible(x.shape, diagonal=False, rows_are_queries=rows_are_queries,
+                             tokens=tokens()), fill)
+  return lax.cond(impure, masked, lambda x: x, x)
 
 
 def _query_program(ins, c: _Launch) -> tuple:
   """Where a program of the query-tile grid (forward, dq) stands: batch,
   warpgroup, query head, kv head, offset, first view row of its pair of
   query tiles, of their segment, the pair's position in the segment, and
-  the streamed key tiles ``[lo, n_kv)`` with whether they need no token
-  mask (:func:`_span`)."""
+  the streamed key tiles ``[lo, n_kv)`` with whether they need token
+  masks (:func:`_span`)."""
   geo, bq, bk, t = c.geo, c.bq, c.bk, c.geo.kept
   b, wg = lax.axis_index("batch"), lax.axis_index("wg")
   hq = geo.heads[0] + lax.axis_index("heads")
@@ -305,19 +309,36 @@ def _query_program(ins, c: _Launch) -> tuple:
   m_pair = pair * (_COMPUTE * bq)  # first row, view units
   seg = lax.div(m_pair, jnp.int32(t)) * t  # first row of the segment
   t_pair = m_pair - seg  # position of the pair within the segment
-  lo, n_kv, pure = _span(ins.get("span"), b, off, pair, 0,
-                         _cdiv(t_pair + _COMPUTE * bq, bk) if geo.causal else t // bk, c.masks)
-  return b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, pure
+  lo, n_kv, impure = _span(ins.get("span"), b, off, pair, 0,
+                           _cdiv(t_pair + _COMPUTE * bq, bk) if geo.causal else t // bk, c.masks)
+  return b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, impure
 
 
-def _own_ids(scr, wg, c: _Launch, tokens: bool) -> Array | None:
-  """The segment ids of the warpgroup's query rows (one per row) on the
-  masked path; None on the unmasked one, which still waits for their copy
-  (no copy outlives its program)."""
+def _own_ids(scr, wg, c: _Launch) -> None:
+  """Waits for the copy of the warpgroup's own segment ids (with masks; the
+  programs that need no mask read none, but no copy outlives its program)."""
   _, plgpu = _modules()
   if c.masks:
     plgpu.barrier_wait(scr["qid_bar"].at[wg])
-  return _vector(scr["qid"].at[wg], 0) if tokens else None
+
+
+def _query_tokens(scr, wg, slot) -> tuple[Array, Array, Array]:
+  """(own query ids, streamed key ids, their validity) of a query-tile
+  warpgroup (forward, dq) and the key tiles of ``slot``."""
+  _, plgpu = _modules()
+  plgpu.barrier_wait(scr["kid_bar"].at[slot])
+  plgpu.barrier_wait(scr["kval_bar"].at[slot])
+  return (_vector(scr["qid"].at[wg], 0), _vector(scr["kid"].at[slot], 1),
+          _vector(scr["kval"].at[slot], 1))
+
+
+def _key_tokens(scr, wg, slot) -> tuple[Array, Array, Array]:
+  """(own key ids, streamed query ids, own key validity) of a key-tile
+  warpgroup (dk, dv) and the query tiles of ``slot``."""
+  _, plgpu = _modules()
+  plgpu.barrier_wait(scr["qid_bar"].at[slot])
+  return (_vector(scr["kid"].at[wg], 0), _vector(scr["qid"].at[slot], 1),
+          _vector(scr["kval"].at[wg], 0))
 
 
 def _own_steps(c: _Launch, t0, lo, n_kv):
@@ -353,7 +374,7 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
   o_ref, l_ref = accs
   bq, bk = c.bq, c.bk
   geo = c.geo
-  b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, pure = _query_program(ins, c)
+  b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, impure = _query_program(ins, c)
   k_bar, v_bar, k_done, v_done, sched = (scr[x] for x in ("k_bar", "v_bar", "k_done", "v_done",
                                                             "sched"))
 
@@ -382,113 +403,104 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
 
     pl.when(wg == 1)(functools.partial(_schedule, sched))
 
-    def run(tokens: bool):
-      q_ids = _own_ids(scr, wg, c, tokens)
+    _own_ids(scr, wg, c)
 
-      def step(j, carry, diagonal: bool):
-        acc, m_i, l_i = carry
-        slot = slot_of(j)
-
-        def qk(ref):
-          plgpu.wgmma(ref, q_s, plgpu.transpose_ref(scr["k"].at[slot], (1, 0)))
-          _schedule(sched)
-          return ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((bq, bk), _F32))
-        key_tokens = None
-        if tokens:
-          plgpu.barrier_wait(scr["kid_bar"].at[slot])
-          plgpu.barrier_wait(scr["kval_bar"].at[slot])
-          key_tokens = (q_ids, _vector(scr["kid"].at[slot], 1),
-                        _vector(scr["kval"].at[slot], 1))
-        plgpu.barrier_arrive(k_done.at[slot])
-        vis = _visible(s.shape, diagonal=diagonal, q0=t0, k0=j * bk, rows_are_queries=True,
-                       tokens=key_tokens)
-        # log2 units: exp2 below is exp of the scaled logits
-        s = _hide(s * c.log2_scale, vis, -jnp.inf if not tokens else _NEG)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-        if tokens:  # a row may have seen no key yet: its m_new is _NEG
-          p = _hide(p, vis, 0.0)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l_i = l_i * alpha + p.sum(axis=1)
-        if c.rate:  # (1 / (1 - rate) at the end)
-          p = _hide(p, _keep(p.shape, q_hash, _streamed_key_hashes(scr, slot, 1),
-                             rows_are_queries=True, rate=c.rate), 0.0)
-        p16 = p.astype(c.dtype)
-        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        plgpu.barrier_arrive(sched)  # softmax done
-        plgpu.barrier_wait(v_bar.at[slot])
-        plgpu.barrier_wait(sched)  # tensor cores free
-
-        def pv(ref):
-          plgpu.wgmma(ref, p16, scr["v"].at[slot])
-          nxt = j + 1
-
-          @pl.when(nxt < steps)
-          def _():
-            plgpu.barrier_wait(k_bar.at[slot_of(nxt)])
-
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_done.at[slot])
-        return acc, m_new, l_i
-
-      def drain(j, _):  # tiles the other warpgroup needs and this one doesn't
-        slot = slot_of(j)
-        plgpu.barrier_arrive(k_done.at[slot])
-        plgpu.barrier_arrive(v_done.at[slot])
-        _schedule(sched)
-        _schedule(sched)
-
-      carry = (_zeros((bq, c.d), wgmma),
-               plgpu.layout_cast(jnp.full((bq,), -jnp.inf, _F32), wgmma.reduce(1)),
-               plgpu.layout_cast(jnp.full((bq,), 0.0, _F32), wgmma.reduce(1)))
-      carry = lax.fori_loop(lo, full, functools.partial(step, diagonal=False), carry)
-      if geo.causal:
-        carry = lax.fori_loop(full, steps, functools.partial(step, diagonal=True), carry)
-      if geo.causal or c.masks:
-        lax.fori_loop(steps, n_kv, drain, None)
+    def step(j, carry, diagonal: bool):
       acc, m_i, l_i = carry
-      pl.when(wg == 0)(functools.partial(_schedule, sched))
+      slot = slot_of(j)
 
-      # Without masks every query sees a key, so l_i > 0; with them a row
-      # that saw none gets out 0, lse -inf (it keeps a running (out, lse)).
-      seen = l_i > 0
-      l_safe = jnp.where(seen, l_i, 1.0) if c.masks else l_i
-      lse_b = (m_i + jnp.log2(l_safe)) / _LOG2E
-      out_b = acc / lax.broadcast_in_dim(l_safe * (1.0 - c.rate), acc.shape, [0])
-      if c.masks:
-        lse_b = jnp.where(seen, lse_b, -jnp.inf)
-      if not c.fresh:
-        plgpu.barrier_wait(scr["o_bar"].at[wg])
-        plgpu.barrier_wait(scr["l_bar"].at[wg])
-        out_b, lse_b = _merge(plgpu.load(o_s, (), layout=wgmma).astype(_F32), _vector(l_s, 0),
-                              out_b, lse_b, seen if c.masks else None)
-      o_s[...] = out_b.astype(c.dtype)
-      l_s[...] = lse_b
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_s, o_ref.at[rows])
-      plgpu.copy_smem_to_gmem(l_s, l_ref.at[stats])
-      plgpu.wait_smem_to_gmem(0)
+      def qk(ref):
+        plgpu.wgmma(ref, q_s, plgpu.transpose_ref(scr["k"].at[slot], (1, 0)))
+        _schedule(sched)
+        return ref[...]
 
-    _paths(pure, run)
+      s = pl.run_scoped(qk, plgpu.ACC((bq, bk), _F32))
+      plgpu.barrier_arrive(k_done.at[slot])
+      vis = _visible(s.shape, diagonal=diagonal, q0=t0, k0=j * bk, rows_are_queries=True)
+      # log2 units: exp2 below is exp of the scaled logits
+      s = _token_hide(_hide(s * c.log2_scale, vis, -jnp.inf), impure,
+                      functools.partial(_query_tokens, scr, wg, slot), rows_are_queries=True,
+                      fill=-jnp.inf)
+      m_new = jnp.maximum(m_i, s.max(axis=1))
+      # with masks a row may have seen no key yet: its m_new is -inf
+      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if c.masks else m_new
+      alpha = jnp.exp2(m_i - m_use)
+      p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      l_i = l_i * alpha + p.sum(axis=1)
+      if c.rate:  # (1 / (1 - rate) at the end)
+        p = _hide(p, _keep(p.shape, q_hash, _streamed_key_hashes(scr, slot, 1),
+                           rows_are_queries=True, rate=c.rate), 0.0)
+      p16 = p.astype(c.dtype)
+      acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+      plgpu.barrier_arrive(sched)  # softmax done
+      plgpu.barrier_wait(v_bar.at[slot])
+      plgpu.barrier_wait(sched)  # tensor cores free
+
+      def pv(ref):
+        plgpu.wgmma(ref, p16, scr["v"].at[slot])
+        nxt = j + 1
+
+        @pl.when(nxt < steps)
+        def _():
+          plgpu.barrier_wait(k_bar.at[slot_of(nxt)])
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_done.at[slot])
+      return acc, m_new, l_i
+
+    def drain(j, _):  # tiles the other warpgroup needs and this one doesn't
+      slot = slot_of(j)
+      plgpu.barrier_arrive(k_done.at[slot])
+      plgpu.barrier_arrive(v_done.at[slot])
+      _schedule(sched)
+      _schedule(sched)
+
+    carry = (_zeros((bq, c.d), wgmma),
+             plgpu.layout_cast(jnp.full((bq,), -jnp.inf, _F32), wgmma.reduce(1)),
+             plgpu.layout_cast(jnp.full((bq,), 0.0, _F32), wgmma.reduce(1)))
+    carry = lax.fori_loop(lo, full, functools.partial(step, diagonal=False), carry)
+    if geo.causal:
+      carry = lax.fori_loop(full, steps, functools.partial(step, diagonal=True), carry)
+    if geo.causal or c.masks:
+      lax.fori_loop(steps, n_kv, drain, None)
+    acc, m_i, l_i = carry
+    pl.when(wg == 0)(functools.partial(_schedule, sched))
+
+    # Without masks every query sees a key, so l_i > 0; with them a row
+    # that saw none gets out 0, lse -inf (it keeps a running (out, lse)).
+    seen = l_i > 0
+    l_safe = jnp.where(seen, l_i, 1.0) if c.masks else l_i
+    lse_b = (m_i + jnp.log2(l_safe)) / _LOG2E
+    out_b = acc / lax.broadcast_in_dim(l_safe * (1.0 - c.rate), acc.shape, [0])
+    if c.masks:
+      lse_b = jnp.where(seen, lse_b, -jnp.inf)
+    if not c.fresh:
+      plgpu.barrier_wait(scr["o_bar"].at[wg])
+      plgpu.barrier_wait(scr["l_bar"].at[wg])
+      out_b, lse_b = _merge(plgpu.load(o_s, (), layout=wgmma).astype(_F32), _vector(l_s, 0),
+                            out_b, lse_b, seen if c.masks else None)
+    o_s[...] = out_b.astype(c.dtype)
+    l_s[...] = lse_b
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_s, o_ref.at[rows])
+    plgpu.copy_smem_to_gmem(l_s, l_ref.at[stats])
+    plgpu.wait_smem_to_gmem(0)
 
   pl.when(wg == _COMPUTE)(functools.partial(
-      _stream, ins, scr, c, lo, n_kv, pure, lambda j: (seg + j * bk, kv), ("k", "v"),
+      _stream, ins, scr, c, lo, n_kv, impure, lambda j: (seg + j * bk, kv), ("k", "v"),
       ("k_done", "v_done"), bk, b, off))
 
 
-def _stream(ins, scr, c: _Launch, lo, hi, pure, source, names, dones, rows: int, b, off):
+def _stream(ins, scr, c: _Launch, lo, hi, impure, source, names, dones, rows: int, b, off):
   """The memory warpgroup: tiles ``j`` in ``[lo, hi)`` of the inputs
   ``names`` (first row and head of each from ``source(j)``; with masks also
-  the token vectors ``kid``, ``kval`` of those rows, unless ``pure``; with
+  the token vectors ``kid``, ``kval`` of those rows where ``impure``; with
   dropout their hashes ``kh``) into
   slot ``(j - lo) mod stages``, once the compute warpgroups released it
   (``dones``)."""
   pl, plgpu = _modules()
   plgpu.set_max_registers(40, action="decrease")
-  tokens = c.masks and pure is not True
 
   @pl.loop(lo, hi)
   def _(j):
@@ -503,11 +515,11 @@ def _stream(ins, scr, c: _Launch, lo, hi, pure, source, names, dones, rows: int,
     for name in names:
       plgpu.copy_gmem_to_smem(ins[name].at[b, pl.ds(first, rows), off, head],
                               scr[name].at[slot], scr[f"{name}_bar"].at[slot])
-    for name, vec in (("kid", "ids"), ("kval", "valid")) if tokens else ():
+    for name, vec in (("kid", "ids"), ("kval", "valid")) * c.masks:
       def copy(name=name, vec=vec):
         plgpu.copy_gmem_to_smem(ins[vec].at[b, off, pl.ds(first, rows)], scr[name].at[slot],
                                 scr[f"{name}_bar"].at[slot])
-      pl.when(jnp.logical_not(pure))(copy)
+      pl.when(impure)(copy)
     if c.rate:
       plgpu.copy_gmem_to_smem(ins["kh"].at[b, off, pl.ds(first, rows)], scr["kh"].at[slot],
                               scr["kh_bar"].at[slot])
@@ -715,7 +727,7 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
   pl, plgpu = _modules()
   (dq_ref,) = accs
   bq, bk, geo = c.bq, c.bk, c.geo
-  b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, pure = _query_program(ins, c)
+  b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, impure = _query_program(ins, c)
 
   slot_of = lambda j: _slot(c, j, lo)  # noqa: E731
 
@@ -736,54 +748,47 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
     q_hash = _own_hashes(scr, wg, c)
     steps, full = _own_steps(c, t0, lo, n_kv)
 
-    def run(tokens: bool):
-      q_ids = _own_ids(scr, wg, c, tokens)
+    _own_ids(scr, wg, c)
 
-      def step(j, dq, diagonal: bool):
-        slot = slot_of(j)
-        k_s, v_s = scr["k"].at[slot], scr["v"].at[slot]
-        plgpu.barrier_wait(scr["k_bar"].at[slot])
-        plgpu.barrier_wait(scr["v_bar"].at[slot])
-        s, dp = _mmas((None, q_s, plgpu.transpose_ref(k_s, (1, 0)), (bq, bk)),
-                      (None, do_s, plgpu.transpose_ref(v_s, (1, 0)), (bq, bk)))
-        plgpu.barrier_arrive(scr["v_done"].at[slot])
-        key_tokens = None
-        if tokens:
-          plgpu.barrier_wait(scr["kid_bar"].at[slot])
-          plgpu.barrier_wait(scr["kval_bar"].at[slot])
-          key_tokens = (q_ids, _vector(scr["kid"].at[slot], 1), _vector(scr["kval"].at[slot], 1))
-        vis = _visible(s.shape, diagonal=diagonal, q0=t0, k0=j * bk, rows_are_queries=True,
-                       tokens=key_tokens)
-        p = _hide(jnp.exp2(s * c.log2_scale - lax.broadcast_in_dim(lse, s.shape, [0])),
-                  vis, 0.0)
-        if c.rate:
-          dp = _hide(dp, _keep(dp.shape, q_hash, _streamed_key_hashes(scr, slot, 1),
-                               rows_are_queries=True, rate=c.rate), 0.0) * (1.0 / (1.0 - c.rate))
-        ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
-        dq = _mma(dq, ds.astype(c.dtype), k_s, (bq, c.d))
-        plgpu.barrier_arrive(scr["k_done"].at[slot])
-        return dq
+    def step(j, dq, diagonal: bool):
+      slot = slot_of(j)
+      k_s, v_s = scr["k"].at[slot], scr["v"].at[slot]
+      plgpu.barrier_wait(scr["k_bar"].at[slot])
+      plgpu.barrier_wait(scr["v_bar"].at[slot])
+      s, dp = _mmas((None, q_s, plgpu.transpose_ref(k_s, (1, 0)), (bq, bk)),
+                    (None, do_s, plgpu.transpose_ref(v_s, (1, 0)), (bq, bk)))
+      plgpu.barrier_arrive(scr["v_done"].at[slot])
+      vis = _visible(s.shape, diagonal=diagonal, q0=t0, k0=j * bk, rows_are_queries=True)
+      p = _hide(jnp.exp2(s * c.log2_scale - lax.broadcast_in_dim(lse, s.shape, [0])),
+                vis, 0.0)
+      p = _token_hide(p, impure, functools.partial(_query_tokens, scr, wg, slot),
+                      rows_are_queries=True, fill=0.0)
+      if c.rate:
+        dp = _hide(dp, _keep(dp.shape, q_hash, _streamed_key_hashes(scr, slot, 1),
+                             rows_are_queries=True, rate=c.rate), 0.0) * (1.0 / (1.0 - c.rate))
+      ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+      dq = _mma(dq, ds.astype(c.dtype), k_s, (bq, c.d))
+      plgpu.barrier_arrive(scr["k_done"].at[slot])
+      return dq
 
-      def drain(j, _):
-        slot = slot_of(j)
-        plgpu.barrier_arrive(scr["k_done"].at[slot])
-        plgpu.barrier_arrive(scr["v_done"].at[slot])
+    def drain(j, _):
+      slot = slot_of(j)
+      plgpu.barrier_arrive(scr["k_done"].at[slot])
+      plgpu.barrier_arrive(scr["v_done"].at[slot])
 
-      dq = _zeros((bq, c.d), plgpu.Layout.WGMMA)
-      dq = lax.fori_loop(lo, full, functools.partial(step, diagonal=False), dq)
-      if geo.causal:
-        dq = lax.fori_loop(full, steps, functools.partial(step, diagonal=True), dq)
-      if geo.causal or c.masks:
-        lax.fori_loop(steps, n_kv, drain, None)
-      q_s[...] = (dq * geo.scale).astype(c.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_s, dq_ref.at[rows], reduction_op=c.reduction)
-      plgpu.wait_smem_to_gmem(0)
-
-    _paths(pure, run)
+    dq = _zeros((bq, c.d), plgpu.Layout.WGMMA)
+    dq = lax.fori_loop(lo, full, functools.partial(step, diagonal=False), dq)
+    if geo.causal:
+      dq = lax.fori_loop(full, steps, functools.partial(step, diagonal=True), dq)
+    if geo.causal or c.masks:
+      lax.fori_loop(steps, n_kv, drain, None)
+    q_s[...] = (dq * geo.scale).astype(c.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_s, dq_ref.at[rows], reduction_op=c.reduction)
+    plgpu.wait_smem_to_gmem(0)
 
   pl.when(wg == _COMPUTE)(functools.partial(
-      _stream, ins, scr, c, lo, n_kv, pure, lambda j: (seg + j * bk, kv), ("k", "v"),
+      _stream, ins, scr, c, lo, n_kv, impure, lambda j: (seg + j * bk, kv), ("k", "v"),
       ("k_done", "v_done"), bk, b, off))
 
 
@@ -800,8 +805,9 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
   seg = lax.div(m_pair, jnp.int32(t)) * t
   t_pair = m_pair - seg
   # query tiles [q_lo, q_hi) of every head: from the pair's diagonal on
-  q_lo, q_hi, pure = _span(ins.get("span"), b, off, pair,
-                           lax.div(t_pair, jnp.int32(bq)) if geo.causal else 0, t // bq, c.masks)
+  q_lo, q_hi, impure = _span(ins.get("span"), b, off, pair,
+                             lax.div(t_pair, jnp.int32(bq)) if geo.causal else 0, t // bq,
+                             c.masks)
   n_q = q_hi - q_lo
   streamed = ("q", "do", "l", "d") + ("rh",) * bool(c.rate)  # rh: as a row statistic
   dones = tuple(f"{x}_done" for x in streamed)
@@ -832,79 +838,72 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
       plgpu.barrier_wait(scr["kh_bar"].at[wg])
       k_hash = _vector(scr["kh"].at[wg], 0)
 
-    def run(tokens: bool):
-      key_ids = None
-      if c.masks:  # (also unread: no copy outlives the program)
-        plgpu.barrier_wait(scr["kid_bar"].at[wg])
-        plgpu.barrier_wait(scr["kval_bar"].at[wg])
-      if tokens:
-        key_ids = (_vector(scr["kid"].at[wg], 0), _vector(scr["kval"].at[wg], 0))
+    if c.masks:  # (read only where impure: no copy outlives the program)
+      plgpu.barrier_wait(scr["kid_bar"].at[wg])
+      plgpu.barrier_wait(scr["kval_bar"].at[wg])
 
-      def step(n, carry, mode: str):
-        slot = slot_of(n)
-        for name in streamed:
-          plgpu.barrier_wait(scr[f"{name}_bar"].at[slot])
-        if tokens:
-          plgpu.barrier_wait(scr["qid_bar"].at[slot])
-        if mode == "skip":  # wholly above the diagonal: nothing to add
-          for done in dones:
-            plgpu.barrier_arrive(scr[done].at[slot])
-          return carry
-        dk, dv = carry
-        q_s, do_s = scr["q"].at[slot], scr["do"].at[slot]
-        s = _mma(None, k_s, plgpu.transpose_ref(q_s, (1, 0)), (bk, bq))
-        tokens_ = None
-        if tokens:
-          tokens_ = (key_ids[0], _vector(scr["qid"].at[slot], 1), key_ids[1])
-        q0 = (q_lo + lax.rem(n, jnp.maximum(n_q, 1))) * bq
-        vis = _visible(s.shape, diagonal=mode == "diagonal", q0=q0, k0=s0,
-                       rows_are_queries=False, tokens=tokens_)
-        lse = _row_lse(scr["l"].at[slot], 1, c.masks)
-        plgpu.barrier_arrive(scr["l_done"].at[slot])
-        p = _hide(jnp.exp2(s * c.log2_scale - lax.broadcast_in_dim(lse, s.shape, [1])),
-                  vis, 0.0)
-        p_drop = p
-        if c.rate:
-          keep = _keep(p.shape, _vector(scr["rh"].at[slot], 1), k_hash, rows_are_queries=False,
-                       rate=c.rate)
-          plgpu.barrier_arrive(scr["rh_done"].at[slot])
-          p_drop = _hide(p, keep, 0.0) * (1.0 / (1.0 - c.rate))
-        # dV and dP^T together; dK alone (pairing it with dV, so the products
-        # of S^T and dP^T go together, was 2% slower on the H200)
-        dv, dp = _mmas((dv, p_drop.astype(c.dtype), do_s, (bk, c.d)),
-                       (None, v_s, plgpu.transpose_ref(do_s, (1, 0)), (bk, bq)))
-        plgpu.barrier_arrive(scr["do_done"].at[slot])
-        if c.rate:
-          dp = _hide(dp, keep, 0.0) * (1.0 / (1.0 - c.rate))
-        delta = _vector(scr["d"].at[slot], 1)
-        plgpu.barrier_arrive(scr["d_done"].at[slot])
-        ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [1]))
-        dk = _mma(dk, ds.astype(c.dtype), q_s, (bk, c.d))
-        plgpu.barrier_arrive(scr["q_done"].at[slot])
-        return dk, dv
+    def step(n, carry, mode: str):
+      slot = slot_of(n)
+      for name in streamed:
+        plgpu.barrier_wait(scr[f"{name}_bar"].at[slot])
+      if mode == "skip":  # wholly above the diagonal: nothing to add
+        if c.masks:  # (unread: no copy outlives the program)
+          pl.when(impure)(lambda: plgpu.barrier_wait(scr["qid_bar"].at[slot]))
+        for done in dones:
+          plgpu.barrier_arrive(scr[done].at[slot])
+        return carry
+      dk, dv = carry
+      q_s, do_s = scr["q"].at[slot], scr["do"].at[slot]
+      s = _mma(None, k_s, plgpu.transpose_ref(q_s, (1, 0)), (bk, bq))
+      q0 = (q_lo + lax.rem(n, jnp.maximum(n_q, 1))) * bq
+      vis = _visible(s.shape, diagonal=mode == "diagonal", q0=q0, k0=s0,
+                     rows_are_queries=False)
+      lse = _row_lse(scr["l"].at[slot], 1, c.masks)
+      plgpu.barrier_arrive(scr["l_done"].at[slot])
+      p = _hide(jnp.exp2(s * c.log2_scale - lax.broadcast_in_dim(lse, s.shape, [1])),
+                vis, 0.0)
+      p = _token_hide(p, impure, functools.partial(_key_tokens, scr, wg, slot),
+                      rows_are_queries=False, fill=0.0)
+      p_drop = p
+      if c.rate:
+        keep = _keep(p.shape, _vector(scr["rh"].at[slot], 1), k_hash, rows_are_queries=False,
+                     rate=c.rate)
+        plgpu.barrier_arrive(scr["rh_done"].at[slot])
+        p_drop = _hide(p, keep, 0.0) * (1.0 / (1.0 - c.rate))
+      # dV and dP^T together; dK alone (pairing it with dV, so the products
+      # of S^T and dP^T go together, was 2% slower on the H200)
+      dv, dp = _mmas((dv, p_drop.astype(c.dtype), do_s, (bk, c.d)),
+                     (None, v_s, plgpu.transpose_ref(do_s, (1, 0)), (bk, bq)))
+      plgpu.barrier_arrive(scr["do_done"].at[slot])
+      if c.rate:
+        dp = _hide(dp, keep, 0.0) * (1.0 / (1.0 - c.rate))
+      delta = _vector(scr["d"].at[slot], 1)
+      plgpu.barrier_arrive(scr["d_done"].at[slot])
+      ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [1]))
+      dk = _mma(dk, ds.astype(c.dtype), q_s, (bk, c.d))
+      plgpu.barrier_arrive(scr["q_done"].at[slot])
+      return dk, dv
 
-      def head(h, carry):
-        base = h * n_q - q_lo  # step of query tile i is base + i
-        run_ = lambda lo, hi, mode, carry: lax.fori_loop(  # noqa: E731
-            base + lo, base + hi, functools.partial(step, mode=mode), carry)
-        if not geo.causal:
-          return run_(q_lo, q_hi, "full", carry)
-        first = _clip(lax.div(s0, jnp.int32(bq)), q_lo, q_hi)  # first tile reaching the keys
-        clear = _clip(_cdiv(s0 + bk, bq), q_lo, q_hi)  # first wholly below the diagonal
-        carry = run_(q_lo, first, "skip", carry)
-        carry = run_(first, clear, "diagonal", carry)
-        return run_(clear, q_hi, "full", carry)
+    def head(h, carry):
+      base = h * n_q - q_lo  # step of query tile i is base + i
+      run_ = lambda lo, hi, mode, carry: lax.fori_loop(  # noqa: E731
+          base + lo, base + hi, functools.partial(step, mode=mode), carry)
+      if not geo.causal:
+        return run_(q_lo, q_hi, "full", carry)
+      first = _clip(lax.div(s0, jnp.int32(bq)), q_lo, q_hi)  # first tile reaching the keys
+      clear = _clip(_cdiv(s0 + bk, bq), q_lo, q_hi)  # first wholly below the diagonal
+      carry = run_(q_lo, first, "skip", carry)
+      carry = run_(first, clear, "diagonal", carry)
+      return run_(clear, q_hi, "full", carry)
 
-      zeros = _zeros((bk, c.d), plgpu.Layout.WGMMA)
-      dk, dv = lax.fori_loop(0, g, head, (zeros, zeros))
-      k_s[...] = (dk * geo.scale).astype(c.dtype)
-      v_s[...] = dv.astype(c.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_s, dk_ref.at[rows], reduction_op=c.reduction)
-      plgpu.copy_smem_to_gmem(v_s, dv_ref.at[rows], reduction_op=c.reduction)
-      plgpu.wait_smem_to_gmem(0)
-
-    _paths(pure, run)
+    zeros = _zeros((bk, c.d), plgpu.Layout.WGMMA)
+    dk, dv = lax.fori_loop(0, g, head, (zeros, zeros))
+    k_s[...] = (dk * geo.scale).astype(c.dtype)
+    v_s[...] = dv.astype(c.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_s, dk_ref.at[rows], reduction_op=c.reduction)
+    plgpu.copy_smem_to_gmem(v_s, dv_ref.at[rows], reduction_op=c.reduction)
+    plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _COMPUTE)
   def _memory():
@@ -924,7 +923,7 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
       for name, idx in zip(streamed, (rows, rows, stats, stats, stats)):
         plgpu.copy_gmem_to_smem(ins[name].at[idx], scr[name].at[slot], scr[f"{name}_bar"].at[slot])
       if c.masks:
-        @pl.when(jnp.logical_not(pure))
+        @pl.when(impure)
         def _():
           plgpu.copy_gmem_to_smem(ins["ids"].at[b, off, pl.ds(first, bq)], scr["qid"].at[slot],
                                   scr["qid_bar"].at[slot])
