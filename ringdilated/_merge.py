@@ -13,28 +13,44 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Array = jax.Array
 
 
-def merge(out: Array, lse: Array, out_b: Array, lse_b: Array) -> tuple[Array, Array]:
+def merge(out: Array, lse: Array, out_b: Array, lse_b: Array,
+          seen: Array | bool | None = None) -> tuple[Array, Array]:
   """Merges block ``(out_b, lse_b)`` into the running ``(out, lse)``.
 
-  Overflow-safe and exact for rows that no block has seen yet (``lse=-inf``):
-  the new block's weight is ``exp(lse_b - lse_new) <= 1``, in float32.
+  One definition for every place that merges: between blocks in XLA and in
+  the kernels' epilogues (a tile's rows), so it uses only elementwise
+  operations and ``lax.broadcast_in_dim``. Shifted by the larger of the two
+  log-sum-exps, so the new block's weight ``exp(lse_b - lse_new) <= 1``;
+  exact for rows no block has seen yet (``lse = -inf``), float32.
 
   Args:
     out: shape [..., D] float32.
     lse: shape [...] float32.
     out_b: shape [..., D].
     lse_b: shape [...] float32.
+    seen: shape [...] bool, the rows where the block saw a key; ``True``
+      where every row did (a kernel without token masks: no test is made);
+      None: the rows where ``lse_b > -inf``.
 
   Returns:
     The merged ``(out, lse)``, float32.
   """
-  new = jnp.logaddexp(lse, lse_b)
-  weight = jnp.where(jnp.isneginf(new), 0.0, jnp.exp(lse_b - new))
-  return out - weight[..., None] * (out - out_b), new
+  if seen is None:
+    seen = lse_b > -jnp.inf
+  top = jnp.maximum(lse, lse_b)
+  if seen is not True:
+    top = jnp.where(top == -jnp.inf, 0.0, top)
+  new = top + jnp.log(jnp.exp(lse - top) + jnp.exp(lse_b - top))
+  weight = jnp.exp(lse_b - new)
+  if seen is not True:
+    weight = jnp.where(seen, weight, 0.0)
+  rows = tuple(range(weight.ndim))
+  return out + lax.broadcast_in_dim(weight, out.shape, rows) * (out_b - out), new
 
 
 def row_delta(dout: Array, out: Array) -> Array:

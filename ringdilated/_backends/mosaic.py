@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._merge import merge
 from . import pallas
 from . import tile_masks as tm
 from .base import Capabilities, Dropout, Request, StridedBranch, Visibility
@@ -351,19 +352,6 @@ def _own_steps(c: _Launch, t0, lo, n_kv):
   return steps, _clip(lax.div(t0, jnp.int32(c.bk)), lo, steps)
 
 
-def _merge(out: Array, lse: Array, out_b: Array, lse_b: Array, seen: Array | None):
-  """The running ``(out, lse)`` [bq, D], [bq] with a block's; ``seen``:
-  rows where the block saw a key (None: all)."""
-  top = jnp.maximum(lse, lse_b)
-  if seen is not None:
-    top = jnp.where(top == -jnp.inf, 0.0, top)
-  new = top + jnp.log(jnp.exp(lse - top) + jnp.exp(lse_b - top))
-  weight = jnp.exp(lse_b - new)
-  if seen is not None:
-    weight = jnp.where(seen, weight, 0.0)
-  return out + lax.broadcast_in_dim(weight, out.shape, [0]) * (out_b - out), new
-
-
 # ----------------------------------------------------------------------------
 # Forward: merges the branch into (out, lse).
 # ----------------------------------------------------------------------------
@@ -478,8 +466,8 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
     if not c.fresh:
       plgpu.barrier_wait(scr["o_bar"].at[wg])
       plgpu.barrier_wait(scr["l_bar"].at[wg])
-      out_b, lse_b = _merge(plgpu.load(o_s, (), layout=wgmma).astype(_F32), _vector(l_s, 0),
-                            out_b, lse_b, seen if c.masks else None)
+      out_b, lse_b = merge(plgpu.load(o_s, (), layout=wgmma).astype(_F32), _vector(l_s, 0),
+                           out_b, lse_b, seen if c.masks else True)
     o_s[...] = out_b.astype(c.dtype)
     l_s[...] = lse_b
     plgpu.commit_smem()

@@ -44,7 +44,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from .._merge import row_delta
+from .._merge import merge, row_delta
 from . import tile_masks as tm
 from .base import Backend, Capabilities, Dropout, Request, StridedBranch, Visibility
 
@@ -328,14 +328,9 @@ def _forward_kernel(ins: dict, accs_in, accs_out, *, c: _Call):
     l_ref[...] = lse_b
     return
   o_in, l_in = accs_in
-  lse = l_in[...]
-  top = jnp.maximum(lse, lse_b)
-  top = jnp.where(top == -jnp.inf, 0.0, top)
-  new = top + jnp.log(jnp.exp(lse - top) + jnp.exp(lse_b - top))
-  weight = jnp.where(seen, jnp.exp(lse_b - new), 0.0)
-  out = o_in[...].astype(_F32)
-  o_ref[...] = (out + weight[:, None] * (out_b - out)).astype(o_ref.dtype)
-  l_ref[...] = new
+  out, lse = merge(o_in[...].astype(_F32), l_in[...], out_b, lse_b, seen)
+  o_ref[...] = out.astype(o_ref.dtype)
+  l_ref[...] = lse
 
 
 # ----------------------------------------------------------------------------
