@@ -1,9 +1,13 @@
-"""benchmarks/profile_kernels.py: reading kernel times from a profile.
+"""The GPU measuring tools' logic, on CPU.
 
-Only the kernels on a device's streams count (a device's "XLA Ops" line
-repeats their time, the host's lines are not device time); a profile with
-no stream is an error, not zero time; masked kernels line up with their
-unmasked twins.
+``benchmarks/profile_kernels.py``: only the kernels on a device's streams
+count (a device's "XLA Ops" line repeats their time, the host's lines are not
+device time); a profile with no stream is an error, not zero time; masked
+kernels line up with their unmasked twins.
+
+``benchmarks/ab_kernels.py``: another version of a module loads beside it
+(relative imports resolve), and two programs count as the same exactly when
+they differ only in source locations.
 """
 
 from __future__ import annotations
@@ -14,16 +18,17 @@ import json
 import pathlib
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _module():
+def _module(name: str = "profile_kernels"):
   sys.path.insert(0, str(ROOT / "benchmarks"))
   try:
-    spec = importlib.util.spec_from_file_location(
-        "profile_kernels", ROOT / "benchmarks" / "profile_kernels.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -81,3 +86,23 @@ def test_masked_kernels_group_with_their_unmasked_twins():
           == "ringdilated_mgpu_fwd_r1_t2048_mosaic_gpu_kernel")
   assert group("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") != group("loop_fusion")
   assert group("loop_fusion") == group("input_reduce_fusion_3")
+
+
+def test_ab_tells_programs_apart_by_what_they_compute(tmp_path):
+  ab = _module("ab_kernels")
+  from ringdilated import _merge  # pylint: disable=import-outside-toplevel
+  source = (ROOT / "ringdilated" / "_merge.py").read_text()
+  (tmp_path / "same.py").write_text("\n\n" + source)  # other lines, same program
+  assert "weight = jnp.exp(lse_b - new)" in source
+  (tmp_path / "other.py").write_text(
+      source.replace("weight = jnp.exp(lse_b - new)", "weight = jnp.exp(lse_b - new) * 0.5"))
+  rows = jnp.zeros((4, 8), jnp.float32), jnp.zeros((4,), jnp.float32)
+
+  def digest(module):
+    return ab._digest(jax.jit(module.merge).lower(*rows, *rows).compile())  # pylint: disable=protected-access
+
+  same = ab.load_base(str(tmp_path / "same.py"), "ringdilated._merge")
+  other = ab.load_base(str(tmp_path / "other.py"), "ringdilated._merge")
+  assert same is not _merge and same.merge is not _merge.merge
+  assert digest(same) == digest(_merge)
+  assert digest(other) != digest(_merge)

@@ -1,0 +1,124 @@
+"""Interleaved A/B of two versions of a kernel module, in one process, one GPU.
+
+A kernel change counts only when measured side by side with what it
+replaces. This compiles the same fwd+bwd program twice, once with the
+working tree's kernel module and once with another version of it (a file,
+for example the last commit's), and times the two alternately, so clock and
+temperature drift fall on both::
+
+  git show HEAD:ringdilated/_backends/mosaic.py > ab_base_mosaic.py   # untracked
+  python benchmarks/ab_kernels.py --base ab_base_mosaic.py \\
+      --n 262144 --cases unmasked,docs64k,docs8k
+
+``--module`` names the module the file replaces (default
+``ringdilated._backends.mosaic``; its ``forward`` and ``backward`` are
+swapped while the base program is traced). Cases are those of
+``profile_kernels.py``. Prints per case the median of each round and the
+ratio new / base; refuses to time two programs that compiled to the same
+text (the swap did not take).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+import statistics
+import sys
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench  # noqa: E402
+import profile_kernels  # noqa: E402
+
+
+def load_base(path: str, module: str):
+  """The file ``path`` as a sibling of ``module`` (so its relative imports
+  resolve in the same package)."""
+  package, _, name = module.rpartition(".")
+  spec = importlib.util.spec_from_file_location(f"{package}._ab_base_{name}", path)
+  base = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = base  # (dataclasses look their module up)
+  spec.loader.exec_module(base)
+  return base
+
+
+def compile_with(target, source, impl, args):
+  """``fwd_bwd(*args)`` compiled while ``target``'s forward and backward are
+  ``source``'s."""
+  saved = target.forward, target.backward
+  target.forward, target.backward = source.forward, source.backward
+  try:
+    @jax.jit
+    def fwd_bwd(q, k, v, dout, *extra):
+      _, pull = jax.vjp(lambda q, k, v: impl(q, k, v, *extra), q, k, v)
+      return pull(dout)
+    return fwd_bwd.lower(*args).compile()
+  finally:
+    target.forward, target.backward = saved
+
+
+def _digest(compiled) -> str:
+  """Of the compiled program's text without its source locations (the
+  stack-frame tables and metadata: they differ between the two versions even
+  where the program doesn't)."""
+  text = re.sub(r"\nFileNames\n.*?\n(?=[%E])", "\n", compiled.as_text(), flags=re.S)
+  text = re.sub(r",? metadata=\{[^}]*\}", "", text)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def median_ms(fn, args, iters: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--base", required=True, help="the other version of the module (a file)")
+  p.add_argument("--module", default="ringdilated._backends.mosaic")
+  p.add_argument("--n", type=int, default=262144)
+  p.add_argument("--mode", default="mix", choices=("mix", "partition"))
+  p.add_argument("--cases", default="unmasked,docs64k,docs8k",
+                 help=f"comma-separated: {', '.join(profile_kernels.CASES)}")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--iters", type=int, default=8)
+  p.add_argument("--smoke", action="store_true", help="bench.py's tiny sizes (CPU)")
+  args = p.parse_args(argv)
+  bench._configure(args.smoke)  # pylint: disable=protected-access
+  target = importlib.import_module(args.module)
+  versions = {"base": load_base(args.base, args.module), "new": target}
+  device = jax.devices()[0]
+  q, k, v, dout = bench._inputs(args.n, device, args.n)  # pylint: disable=protected-access
+  for case in args.cases.split(","):
+    impl, make_extra = profile_kernels.CASES[case](args.mode)
+    extra = tuple(jax.device_put(x, device) for x in make_extra(args.n)) if make_extra else ()
+    inputs = (q, k, v, dout, *extra)
+    compiled = {name: compile_with(target, mod, impl, inputs) for name, mod in versions.items()}
+    texts = {_digest(c) for c in compiled.values()}
+    if len(texts) == 1:
+      print(f"{case}: base and new compiled to the same program; nothing to compare")
+      continue
+    times = {name: [] for name in compiled}
+    for _ in range(args.rounds):
+      for name, fn in compiled.items():
+        times[name].append(median_ms(fn, inputs, args.iters))
+    base = statistics.median(times["base"])
+    for name, ts in times.items():
+      mid = statistics.median(ts)
+      print(f"{case:12s} N={args.n} {name:4s} {mid:9.3f} ms  x{mid / base:.3f}  rounds "
+            + " ".join(f"{t:.2f}" for t in ts), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
