@@ -28,7 +28,6 @@ import os
 import re
 import statistics
 import sys
-import time
 
 import jax
 
@@ -72,16 +71,6 @@ def _digest(compiled) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
-def median_ms(fn, args, iters: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--base", required=True, help="the other version of the module (a file)")
@@ -111,7 +100,7 @@ def main(argv=None) -> int:
     times = {name: [] for name in compiled}
     for _ in range(args.rounds):
       for name, fn in compiled.items():
-        times[name].append(median_ms(fn, inputs, args.iters))
+        times[name].append(bench._median_ms(fn, inputs, args.iters, seconds=60.0))  # pylint: disable=protected-access
     base = statistics.median(times["base"])
     for name, ts in times.items():
       mid = statistics.median(ts)
