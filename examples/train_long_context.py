@@ -307,7 +307,9 @@ def main(argv=None) -> dict:
 
   rng = np.random.default_rng(args.seed)
   blank = jnp.zeros((1, args.seq_len), jnp.int32)
-  params = model.init(jax.random.key(args.seed), blank, positions_of(blank))
+  # Under jit: one compile, not one per operation of an eager forward pass.
+  init = jax.jit(model.init)
+  params = init(jax.random.key(args.seed), blank, positions_of(blank))
   n_params = sum(x.size for x in jax.tree.leaves(params))
   warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
   schedule = optax.warmup_cosine_decay_schedule(
@@ -352,7 +354,7 @@ def main(argv=None) -> dict:
     f.write(flax.serialization.to_bytes(params))
 
   # Reload into a freshly initialized template and evaluate on new sequences.
-  template = model.init(jax.random.key(args.seed + 1), blank, positions_of(blank))
+  template = init(jax.random.key(args.seed + 1), blank, positions_of(blank))
   with open(ckpt_path, "rb") as f:
     restored = flax.serialization.from_bytes(template, f.read())
   eval_rng = np.random.default_rng(args.seed + 12345)
