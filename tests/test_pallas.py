@@ -262,12 +262,19 @@ def test_linen_module_passes_the_backend():
   x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 128, 64)), jnp.float32)
   kw = dict(num_heads=4, num_kv_heads=2, segment_lengths=(32, 64),
             dilation_rates=(1, 2), causal=True)
-  params = rd.MultiHeadDilatedAttention(**kw).init(jax.random.key(0), x)
-  apply = {b: jax.jit(rd.MultiHeadDilatedAttention(**kw, backend=b).apply)
-           for b in ("pallas", "xla")}
-  grad = {b: jax.grad(lambda p, b=b: jnp.sum(apply[b](p, x) ** 2))(params) for b in apply}
-  np.testing.assert_allclose(apply["pallas"](params, x), apply["xla"](params, x), atol=TOL)
-  for a, b in zip(jax.tree.leaves(grad["pallas"]), jax.tree.leaves(grad["xla"])):
+  params = jax.jit(rd.MultiHeadDilatedAttention(**kw).init)(jax.random.key(0), x)
+
+  @functools.partial(jax.jit, static_argnums=0)  # one program per backend
+  def out_and_grad(backend, params):
+    def loss(params):
+      out = rd.MultiHeadDilatedAttention(**kw, backend=backend).apply(params, x)
+      return jnp.sum(out ** 2), out
+    (_, out), grad = jax.value_and_grad(loss, has_aux=True)(params)
+    return out, grad
+
+  (out, grad), (want, want_grad) = (out_and_grad(b, params) for b in ("pallas", "xla"))
+  np.testing.assert_allclose(out, want, atol=TOL)
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
   calls = _pallas_calls(lambda x: rd.MultiHeadDilatedAttention(**kw, backend="pallas")
                         .apply(params, x), x)
