@@ -5,7 +5,6 @@ from __future__ import annotations
 import pathlib
 import re
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -25,12 +24,10 @@ def test_readme_snippets_run_and_agree():
   for block in blocks:
     exec(compile(block, str(README), "exec"), env)  # pylint: disable=exec-used
   assert env["y"].shape == env["x"].shape
-  # The ring snippet's result equals the single-device one of the first snippet
-  # only if both describe the same call: recompute the single-device output.
-  import ringdilated as rd  # pylint: disable=g-import-not-at-top
-  single = rd.dilated_attention(env["q"], env["k"], env["v"], segment_lengths=(2048, 4096, 8192),
-                                dilation_rates=(1, 2, 4), causal=True)
-  np.testing.assert_allclose(np.asarray(env["out_ring"]), np.asarray(single), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(env["out_zigzag"]), np.asarray(single), atol=1e-5)
-  assert bool(jnp.all(jnp.isfinite(env["out"])))
+  # "equals the single-device result": the first snippet's `out`, on the
+  # same q, k, v (a snippet that changed its call would fail here).
+  single = np.asarray(env["out"])
+  assert np.all(np.isfinite(single)) and np.max(np.abs(single)) > 0.1
+  np.testing.assert_allclose(np.asarray(env["out_ring"]), single, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(env["out_zigzag"]), single, atol=1e-5)
   assert callable(env["test_my_attention"])  # "Testing your model" ran
