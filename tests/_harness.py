@@ -3,6 +3,7 @@
 One place for what every comparison needs: inputs, the mesh, a ring of the
 single-device function, outputs and gradients in one jit, and tolerances
 (re-exported from :mod:`ringdilated.testing`, the ones users test with).
+Every program compiles at LLVM optimization level 0 (``tests/conftest.py``).
 
 Shape legend: B batch, N global sequence length, P ring size, H query heads,
 K kv heads, D head dim.
@@ -18,22 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import ringdilated as rd
-from ringdilated import testing
 from ringdilated.reference import dilated_attention_reference
 from ringdilated.testing import TOLERANCES as TOLERANCES
+from ringdilated.testing import assert_matches_reference as assert_matches_reference
 from ringdilated.testing import tolerance as tolerance
 
 # Max abs error of a ring against the same call on one device, float32
 # (observed ~1e-6: the two sum the same float32 terms in other orders).
 RING_TOL = 1e-5
-
-# Compiles dominate the run time; LLVM optimization does not change what is
-# tested (HLO, buffer assignment, results) and takes half of each compile.
-COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-jit = functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
-# ringdilated.testing's oracle comparison, compiled likewise.
-assert_matches_reference = functools.partial(testing.assert_matches_reference,
-                                             compiler_options=COMPILER_OPTIONS)
 
 
 def mesh(p: int) -> jax.sharding.Mesh:
@@ -100,7 +93,7 @@ def out_and_grads(fn, q, k, v, cot, kpm, seg, *, compile=True):
   ``compile``: one jit around it (else it runs as traced by the caller).
   """
   run = out_and_grads_fn(fn)
-  return (jit(run) if compile else run)(q, k, v, cot, kpm, seg)
+  return (jax.jit(run) if compile else run)(q, k, v, cot, kpm, seg)
 
 
 def inputs(b, n, h, hkv, d, *, masks=True, seed=0, dtype=jnp.float32):
@@ -122,7 +115,7 @@ def zigzag_ring(attend, p: int):
   """``attend(q, k, v)`` under ``shard_map`` on a zigzag ring of ``p`` devices,
   jitted, with inputs and output in natural order."""
   spec = jax.sharding.PartitionSpec(None, "sp")
-  sharded = jit(jax.shard_map(attend, mesh=mesh(p), in_specs=spec, out_specs=spec))
+  sharded = jax.jit(jax.shard_map(attend, mesh=mesh(p), in_specs=spec, out_specs=spec))
 
   def run(*args):
     return rd.from_layout(sharded(*(rd.to_layout(x, "zigzag", p) for x in args)), "zigzag", p)

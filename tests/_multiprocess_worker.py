@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 import ringdilated as rd
-from _harness import RING_TOL, jit, mesh, out_and_grads_fn  # this script's directory
+from _harness import RING_TOL, mesh, out_and_grads_fn  # this script's directory
 
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 4
@@ -74,7 +74,7 @@ def main() -> int:
           q, k, v, key_padding_mask=kpm, segment_ids=seg, axis_name="sp", **KW),
       mesh=ring_mesh, in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
   args_global = list(map(global_array, host))
-  compiled = jit(out_and_grads_fn(ring)).lower(*args_global).compile()
+  compiled = jax.jit(out_and_grads_fn(ring)).lower(*args_global).compile()
   # The full ring sends chunks from device 3 (process 0) to device 4
   # (process 1) and from 7 back to 0: ppermute crosses the process boundary.
   hlo = compiled.as_text()
@@ -85,7 +85,7 @@ def main() -> int:
   assert got[0].shape == (B, N, H, D), got[0].shape
 
   if args.process_id == 0:
-    single = jit(out_and_grads_fn(
+    single = jax.jit(out_and_grads_fn(
         lambda q, k, v, kpm, seg: rd.dilated_attention(
             q, k, v, key_padding_mask=kpm, segment_ids=seg, **KW)))
     with jax.default_device(jax.local_devices()[0]):

@@ -103,7 +103,7 @@ def test_large_logits_do_not_overflow():
             softmax_scale=100.0)
   got = _out_and_grads(q, k, v, cot, **kw)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in got)
-  want = harness.jit(harness.reference(**kw))(q, k, v, None, None)
+  want = jax.jit(harness.reference(**kw))(q, k, v, None, None)
   assert float(jnp.max(jnp.abs(got[0] - want))) < 1e-4
 
 
@@ -172,7 +172,7 @@ def test_dropout_is_deterministic_given_rng():
   q, k, v, cot, *_ = _inputs(11)
   kw = dict(segment_lengths=(8, 32), dilation_rates=(1, 2))
 
-  @functools.partial(harness.jit, static_argnums=1)  # one compile per rate
+  @functools.partial(jax.jit, static_argnums=1)  # one compile per rate
   def run(key, rate):
     attend = harness.attention(dropout_rate=rate, dropout_rng=key, **kw)
     return harness.out_and_grads(attend, q, k, v, cot, None, None, compile=False)

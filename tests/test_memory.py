@@ -46,7 +46,7 @@ def _temp_bytes(n: int, kw: dict, h: int = 1, d: int = 4) -> int:
 
   x = jax.ShapeDtypeStruct((1, n, h, d), jnp.float32)
   # (memory_analysis does not depend on the LLVM optimization level.)
-  mem = harness.jit(grads).lower(x, x, x).compile().memory_analysis()
+  mem = jax.jit(grads).lower(x, x, x).compile().memory_analysis()
   # Per device: the arguments are the local shards of q, k, v.
   assert mem.argument_size_in_bytes == 3 * (n // P) * h * d * 4
   return mem.temp_size_in_bytes

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -27,8 +28,9 @@ def _free_port() -> int:
 def test_ring_over_two_processes_matches_single_device():
   port = _free_port()
   env = dict(os.environ)
-  # The parent's XLA_FLAGS ask for 8 devices (conftest); each worker has 4.
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  # The parent's XLA_FLAGS (conftest) ask for 8 devices; each worker has 4.
+  env["XLA_FLAGS"] = re.sub(r"(--xla_force_host_platform_device_count=)\d+", r"\g<1>4",
+                            os.environ["XLA_FLAGS"])
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_NUM_CPU_DEVICES", None)
   procs = [

@@ -112,7 +112,7 @@ def _ring(p, kw_items):
     attend = harness.attention(**kw)
   else:
     attend = harness.ring(harness.attention(axis_name="sp", **kw), p)
-  return harness.jit(harness.out_and_grads_fn(attend))
+  return jax.jit(harness.out_and_grads_fn(attend))
 
 
 def _run(p, dtype, **kw):
@@ -125,7 +125,7 @@ def _run(p, dtype, **kw):
 
 @functools.lru_cache(maxsize=None)
 def _reference(kw_items):
-  return harness.jit(harness.out_and_grads_fn(harness.reference(**dict(kw_items))))
+  return jax.jit(harness.out_and_grads_fn(harness.reference(**dict(kw_items))))
 
 
 def _errs(got, want):

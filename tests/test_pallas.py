@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _harness import inputs, jit, mesh, out_and_grads
+from _harness import inputs, mesh, out_and_grads
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
@@ -179,8 +179,8 @@ def test_ring_uses_kernels_as_blocks():
   # Pallas' interpreter mistypes its grid loop under shard_map's varying-axes
   # check (jax 0.10); the Triton build runs with the check (check_gpu.py).
   spec = P(None, "sp")
-  ring = jit(jax.shard_map(attend, mesh=mesh(2), in_specs=spec, out_specs=spec,
-                           check_vma=False))
+  ring = jax.jit(jax.shard_map(attend, mesh=mesh(2), in_specs=spec, out_specs=spec,
+                               check_vma=False))
   got = ring(*(rd.to_layout(x, "zigzag", 2) for x in (q, k, v, cot)))
   got = [rd.from_layout(x, "zigzag", 2) for x in got]
   assert max(_errs(got, want)) < TOL

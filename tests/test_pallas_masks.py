@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _harness import jit, max_errs, mesh, out_and_grads
+from _harness import max_errs, mesh, out_and_grads
 
 import ringdilated as rd
 from ringdilated import _plan, _ring
@@ -119,8 +119,8 @@ def test_masked_ring_equals_one_device(p, layout, segments):
   # Pallas' interpreter mistypes its grid loop under shard_map's varying-axes
   # check (jax 0.10); the Triton build runs with the check (check_gpu.py).
   spec = jax.sharding.PartitionSpec(None, "sp")
-  sharded = jit(jax.shard_map(attend, mesh=mesh(p), in_specs=spec, out_specs=spec,
-                              check_vma=False))
+  sharded = jax.jit(jax.shard_map(attend, mesh=mesh(p), in_specs=spec, out_specs=spec,
+                                  check_vma=False))
   got = sharded(*(rd.to_layout(x, layout, p) for x in (q, k, v, cot, kpm, seg)))
   got = [rd.from_layout(x, layout, p) for x in got]
   assert max(max_errs(got, want)) < TOL, max_errs(got, want)

@@ -30,7 +30,6 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _harness import jit as _jit
 from _harness import max_errs as _max_errs
 from _harness import mesh as _mesh
 from _harness import out_and_grads as _out_and_grads
@@ -145,7 +144,7 @@ def test_negative_control_ring_without_rotation_fails(monkeypatch):
   monkeypatch.setattr(_ring.jax.lax, "ppermute", lambda x, axis_name, perm: x)
   kw = dict(MIX, causal=False)
   q, k, v, _, kpm, seg = _inputs()
-  wrong = _jit(_shard_map(4, kw))(q, k, v, kpm, seg)
+  wrong = jax.jit(_shard_map(4, kw))(q, k, v, kpm, seg)
   want = _single_device("mix", False, 2, True)[0]
   assert float(jnp.max(jnp.abs(wrong - want))) > 1e-2
 
@@ -160,7 +159,7 @@ def test_dropout_in_ring_is_deterministic_and_differentiable():
   kw = dict(segment_lengths=(16, 64, 128), dilation_rates=(1, 2, 4), causal=True)
   q, k, v, cot, *_ = _inputs(4, False)
 
-  @functools.partial(_jit, static_argnums=5)
+  @functools.partial(jax.jit, static_argnums=5)
   def _run(q, k, v, cot, key, rate):
     ring = jax.shard_map(
         lambda q, k, v, key: rd.dilated_attention(
@@ -230,7 +229,7 @@ def test_hlo_has_only_collective_permutes_of_compacted_chunks():
     return jax.grad(lambda q, k, v: jnp.sum(ring(q, k, v, kpm, seg) * cot),
                     argnums=(0, 1, 2))(q, k, v)
 
-  hlo = _jit(f).lower(q, k, v, kpm, seg).compile().as_text()
+  hlo = jax.jit(f).lower(q, k, v, kpm, seg).compile().as_text()
   for op in ("all-gather", "all-to-all", "all-reduce", "reduce-scatter"):
     assert op not in hlo
   permutes = _collective_permutes(hlo)
@@ -315,7 +314,7 @@ def _grad_memory(p):
                     argnums=(0, 1, 2))(q, k, v)
 
   # (memory_analysis is the same at any LLVM optimization level.)
-  return _jit(f).lower(x, x, x).compile().memory_analysis()
+  return jax.jit(f).lower(x, x, x).compile().memory_analysis()
 
 
 def test_per_device_memory_halves_when_ring_doubles():

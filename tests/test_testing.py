@@ -2,8 +2,7 @@
 strategies draw only configurations the library runs.
 
 Small shapes and few hypothesis examples: every compared example compiles
-a program. ``harness.assert_matches_reference`` is the public function with
-faster compiles.
+a program. ``harness.assert_matches_reference`` is the public function.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def _block(q, k, v, dout, vis, drop, *, tiles, scale):
                     tiles=tiles, scale=scale)
 
 
-@functools.partial(harness.jit, static_argnames=("diagonal", "rate", "tiles", "scale"))
+@functools.partial(jax.jit, static_argnames=("diagonal", "rate", "tiles", "scale"))
 def _block_jit(q, k, v, dout, masks, drop, *, diagonal, rate, tiles, scale):
   vis = Visibility(*masks, diagonal)
   drop = None if drop is None else Dropout(rate, *drop)
@@ -266,7 +266,7 @@ def _temp_bytes(s: int, tile: int) -> int:
     return xla.backward(q, k, v, vis, dout, out, lse, scale=0.25, query_tile=tile,
                         key_tile=tile)
 
-  mem = harness.jit(f).lower(q, kv, kv, q).compile().memory_analysis()
+  mem = jax.jit(f).lower(q, kv, kv, q).compile().memory_analysis()
   return mem.temp_size_in_bytes
 
 

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _harness import jit as _jit
 from _harness import max_errs as _max_errs
 from _harness import mesh as _mesh
 from _harness import out_and_grads as _out_and_grads
@@ -150,7 +149,7 @@ def test_zigzag_ring_matches_single_device(p, mode, causal):
 def test_negative_control_zigzag_data_run_as_contiguous_fails():
   kw = dict(MIX, causal=True)
   q, k, v, _, kpm, seg = _inputs()
-  wrong = _jit(_ring_in(4, "contiguous", kw, data_layout="zigzag"))(q, k, v, kpm, seg)
+  wrong = jax.jit(_ring_in(4, "contiguous", kw, data_layout="zigzag"))(q, k, v, kpm, seg)
   want = _single_device("mix", True)[0]
   assert float(jnp.max(jnp.abs(wrong - want))) > 1e-2
 
@@ -165,7 +164,7 @@ def test_one_device_zigzag_is_contiguous():
       f = _attend(axis_name, dict(kw, layout=layout))
       if axis_name:
         f = jax.shard_map(f, mesh=_mesh(p), in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
-      outs.append(np.asarray(_jit(f)(q, k, v, kpm, seg)))
+      outs.append(np.asarray(jax.jit(f)(q, k, v, kpm, seg)))
     np.testing.assert_array_equal(*outs)
 
 
@@ -323,5 +322,5 @@ def test_zigzag_ring_needs_no_more_memory_than_contiguous():
         lambda q, k, v: rd.dilated_attention(q, k, v, axis_name="sp", layout=layout, **kw),
         mesh=_mesh(p), in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))
     grad = jax.grad(lambda q, k, v: jnp.sum(ring(q, k, v)), argnums=(0, 1, 2))
-    temp[layout] = _jit(grad).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+    temp[layout] = jax.jit(grad).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
   assert temp["zigzag"] <= 1.25 * temp["contiguous"], temp
