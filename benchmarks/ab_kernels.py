@@ -53,11 +53,7 @@ def compile_with(target, source, impl, args):
   saved = target.forward, target.backward
   target.forward, target.backward = source.forward, source.backward
   try:
-    @jax.jit
-    def fwd_bwd(q, k, v, dout, *extra):
-      _, pull = jax.vjp(lambda q, k, v: impl(q, k, v, *extra), q, k, v)
-      return pull(dout)
-    return fwd_bwd.lower(*args).compile()
+    return bench.fwd_bwd(impl).lower(*args).compile()
   finally:
     target.forward, target.backward = saved
 

@@ -42,12 +42,7 @@ def main(argv=None) -> int:
   x = jax.ShapeDtypeStruct((bench.B, n, bench.H, bench.D), jnp.bfloat16)
   extra = case.extra(n) if case.extra else ()  # masks / dropout key: small, concrete
 
-  @jax.jit
-  def fwd_bwd(q, k, v, dout, *extra):
-    _, pull = jax.vjp(lambda q, k, v: case.impl(q, k, v, *extra), q, k, v)
-    return pull(dout)
-
-  m = fwd_bwd.lower(x, x, x, x, *extra).compile().memory_analysis()
+  m = bench.fwd_bwd(case.impl).lower(x, x, x, x, *extra).compile().memory_analysis()
   gib = 2.0**30
   print(f"{args.name} N={n}: arguments {m.argument_size_in_bytes / gib:.2f} GiB, "
         f"outputs {m.output_size_in_bytes / gib:.2f} GiB, "

@@ -95,11 +95,7 @@ def profile(case: str, n: int, steps: int, mode: str) -> dict:
   impl, make_extra = CASES[case](mode)
   extra = tuple(jax.device_put(x, device) for x in make_extra(n)) if make_extra else ()
 
-  @jax.jit
-  def fwd_bwd(q, k, v, dout, *extra):
-    _, pull = jax.vjp(lambda q, k, v: impl(q, k, v, *extra), q, k, v)
-    return pull(dout)
-
+  fwd_bwd = bench.fwd_bwd(impl)
   args = (q, k, v, dout, *extra)
   jax.block_until_ready(fwd_bwd(*args))
   t0 = time.perf_counter()
