@@ -49,12 +49,12 @@ def test_train_long_context_single_device(tmp_path):
   _check_run(result, tmp_path)
 
 
-def test_train_long_context_ring(tmp_path, layout="zigzag"):
+def test_train_long_context_ring(tmp_path):
   """A 2-device zigzag ring (the contiguous layout's rings: test_ring)."""
   if len(jax.devices()) < 2:
     pytest.skip("needs 2 devices (conftest asks XLA for 8 CPU devices)")
   train = _load("train_long_context")
-  argv = TINY + ["--mesh", "2", "--layout", layout, "--out-dir", str(tmp_path)]
+  argv = TINY + ["--mesh", "2", "--layout", "zigzag", "--out-dir", str(tmp_path)]
   result = train.main(argv)
   _check_run(result, tmp_path)
   # The ring model computes the same logits as the single-device model.
