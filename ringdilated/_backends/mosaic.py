@@ -315,12 +315,13 @@ def _query_program(ins, c: _Launch) -> tuple:
   return b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, impure
 
 
-def _own_ids(scr, wg, c: _Launch) -> None:
-  """Waits for the copy of the warpgroup's own segment ids (with masks; the
-  programs that need no mask read none, but no copy outlives its program)."""
+def _wait_own_ids(scr, wg, c: _Launch, names: tuple[str, ...] = ("qid",)) -> None:
+  """Waits for the copies of the warpgroup's own token vectors ``names``
+  (with masks; the programs that need no mask read none, but no copy
+  outlives its program)."""
   _, plgpu = _modules()
-  if c.masks:
-    plgpu.barrier_wait(scr["qid_bar"].at[wg])
+  for name in names * c.masks:
+    plgpu.barrier_wait(scr[f"{name}_bar"].at[wg])
 
 
 def _query_tokens(scr, wg, slot) -> tuple[Array, Array, Array]:
@@ -391,7 +392,7 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
 
     pl.when(wg == 1)(functools.partial(_schedule, sched))
 
-    _own_ids(scr, wg, c)
+    _wait_own_ids(scr, wg, c)
 
     def step(j, carry, diagonal: bool):
       acc, m_i, l_i = carry
@@ -736,7 +737,7 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
     q_hash = _own_hashes(scr, wg, c)
     steps, full = _own_steps(c, t0, lo, n_kv)
 
-    _own_ids(scr, wg, c)
+    _wait_own_ids(scr, wg, c)
 
     def step(j, dq, diagonal: bool):
       slot = slot_of(j)
@@ -826,9 +827,7 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
       plgpu.barrier_wait(scr["kh_bar"].at[wg])
       k_hash = _vector(scr["kh"].at[wg], 0)
 
-    if c.masks:  # (read only where impure: no copy outlives the program)
-      plgpu.barrier_wait(scr["kid_bar"].at[wg])
-      plgpu.barrier_wait(scr["kval_bar"].at[wg])
+    _wait_own_ids(scr, wg, c, ("kid", "kval"))
 
     def step(n, carry, mode: str):
       slot = slot_of(n)
