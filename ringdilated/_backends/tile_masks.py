@@ -18,8 +18,8 @@ the ends (other documents, trailing padding) cost nothing. For packed
 documents with non-decreasing ids the live tiles are exactly that range.
 When every tile of that range holds valid keys of the query tile's one id
 (:func:`uniform`), no token mask can hide anything: the Triton kernels run
-their unmasked loop there, the Hopper kernels skip the mask (one branch per
-tile).
+their unmasked loop there, and so do the Hopper kernels (a second loop
+nest, chosen once per program).
 
 Shape legend: bq query tile, bk key tile, n tiles of a segment.
 """
