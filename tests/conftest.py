@@ -5,6 +5,8 @@ does it at the top and why the library itself never touches devices at import.
 """
 
 import os
+import subprocess
+import sys
 
 # XLA:CPU's concurrency-optimized scheduler lets simulated devices run the
 # collective-permutes of independent rings out of step, and its collective
@@ -17,12 +19,28 @@ import os
 # its older IR emitters compile the same HLO about twice as fast (the whole
 # suite 595 -> 370 s on 2 cores, jax 0.10.2) and change what is tested no
 # more than the LLVM level does (results within float32 rounding; the same
-# collectives; memory still linear). If a jax release drops the flag, XLA
-# aborts at start-up ("Unknown flag in XLA_FLAGS"): delete the line then.
+# collectives; memory still linear).
+_FAST_CODEGEN = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_takes(flag: str) -> bool:
+  """Whether XLA starts with ``flag``: an unknown flag aborts the process, so a
+  jax release that drops it must cost speed, not the suite. Asked once, in a
+  child process; the answer travels to pytest-xdist's workers in the
+  environment."""
+  known = os.environ.get("RINGDILATED_TEST_FAST_CODEGEN")
+  if known is None:
+    env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+    known = str(int(subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                                   env=env, capture_output=True, check=False).returncode == 0))
+    os.environ["RINGDILATED_TEST_FAST_CODEGEN"] = known
+  return known == "1"
+
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     " --xla_cpu_enable_concurrency_optimized_scheduler=false"
     " --xla_backend_optimization_level=0"
-    " --xla_cpu_use_fusion_emitters=false"
+    + (" " + _FAST_CODEGEN) * _xla_takes(_FAST_CODEGEN)
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
