@@ -14,13 +14,12 @@ turn, round after round, so clock and temperature drift fall on all::
 ``ringdilated._backends.mosaic``; its ``forward`` and ``backward`` are
 swapped while a version's program is traced). Cases are those of
 ``profile_kernels.py``. Prints per case and version the median of each
-round and the ratio to the first ``--base``. Versions with the same source,
-or whose programs compile to the same text as an earlier one's (without
-source locations), are timed once under the joined names. (Mosaic GPU
-kernels carry their module's name and lines inside the compiled text, so
-two copies of one kernel module are only caught by their source; two
-versions that differ only in code a case doesn't reach are timed apart,
-which shows the noise between equal programs: 0.1-0.6% at 1M on the H200.)
+round and the ratio to the first ``--base``. Versions whose programs lower
+to the same text (without locations; the Mosaic GPU kernels inside
+included) are compiled and timed once, under the joined names: a case that
+no version changes (the unmasked one, for a change of the masked kernels)
+gives the reference time once. (Two equal programs timed apart differed by
+0.1-0.6% at 1M on the H200.)
 """
 
 from __future__ import annotations
@@ -45,44 +44,30 @@ def load_base(path: str, module: str):
   """The file ``path`` as a sibling of ``module`` (so its relative imports
   resolve in the same package)."""
   package, _, name = module.rpartition(".")
-  spec = importlib.util.spec_from_file_location(f"{package}._ab_base_{name}", path)
+  stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+  spec = importlib.util.spec_from_file_location(f"{package}._ab_{stem}_{name}", path)
   base = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = base  # (dataclasses look their module up)
   spec.loader.exec_module(base)
   return base
 
 
-def compile_with(target, source, impl, args):
-  """``fwd_bwd(*args)`` compiled while ``target``'s forward and backward are
+def lower_with(target, source, impl, args):
+  """``fwd_bwd(*args)`` lowered while ``target``'s forward and backward are
   ``source``'s."""
   saved = target.forward, target.backward
   target.forward, target.backward = source.forward, source.backward
   try:
-    return bench.fwd_bwd(impl).lower(*args).compile()
+    return bench.fwd_bwd(impl).lower(*args)
   finally:
     target.forward, target.backward = saved
 
 
-def _digest(compiled) -> str:
-  """Of the compiled program's text without its source locations (the
-  stack-frame tables and metadata: they differ between the two versions even
-  where the program doesn't)."""
-  text = re.sub(r"\nFileNames\n.*?\n(?=[%E])", "\n", compiled.as_text(), flags=re.S)
-  text = re.sub(r",? metadata=\{[^}]*\}", "", text)
-  return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _versions(paths: list[str], module: str, target) -> dict[str, object]:
-  """name (joined names of versions with one source) -> module; the
-  working tree's ``target`` is "new"."""
-  by_source: dict[str, tuple[list[str], object]] = {}
-  for path in paths:
-    with open(path) as f:
-      by_source.setdefault(f.read(), ([], load_base(path, module)))[0].append(
-          os.path.splitext(os.path.basename(path))[0])
-  with open(target.__file__) as f:
-    by_source.setdefault(f.read(), ([], target))[0].append("new")
-  return {"=".join(names): mod for names, mod in by_source.values()}
+def _digest(lowered) -> str:
+  """Of the lowered program's text without locations: equal for one program
+  from two files. (With ``jax_traceback_in_locations_limit`` 0, which
+  :func:`main` sets, the serialized Mosaic GPU kernels carry none either.)"""
+  return hashlib.sha256(lowered.as_text(debug_info=False).encode()).hexdigest()
 
 
 def main(argv=None) -> int:
@@ -99,8 +84,11 @@ def main(argv=None) -> int:
   p.add_argument("--smoke", action="store_true", help="bench.py's tiny sizes (CPU)")
   args = p.parse_args(argv)
   bench._configure(args.smoke)  # pylint: disable=protected-access
+  jax.config.update("jax_traceback_in_locations_limit", 0)
   target = importlib.import_module(args.module)
-  versions = _versions(args.base, args.module, target)
+  versions = {os.path.splitext(os.path.basename(path))[0]: load_base(path, args.module)
+              for path in args.base}
+  versions["new"] = target
   first = next(iter(versions))
   device = jax.devices()[0]
   q, k, v, dout = bench._inputs(args.n, device, args.n)  # pylint: disable=protected-access
@@ -110,9 +98,10 @@ def main(argv=None) -> int:
     inputs = (q, k, v, dout, *extra)
     compiled, names = {}, {}  # digest -> program, version names
     for name, mod in versions.items():
-      fn = compile_with(target, mod, impl, inputs)
-      digest = _digest(fn)
-      compiled.setdefault(digest, fn)
+      lowered = lower_with(target, mod, impl, inputs)
+      digest = _digest(lowered)
+      if digest not in compiled:
+        compiled[digest] = lowered.compile()
       names.setdefault(digest, []).append(name)
     times = {digest: [] for digest in compiled}
     for _ in range(args.rounds):
