@@ -840,7 +840,8 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
         plgpu.copy_gmem_to_smem(ins[vec].at[b, off, pl.ds(m0, bk)], scr[name].at[wg],
                                 scr[f"{name}_bar"].at[wg])
     pl.when(impure)(functools.partial(own, ("kid", "ids"), ("kval", "valid")))
-    own(*(("kh", "kh"),) * bool(c.rate))
+    if c.rate:
+      own(("kh", "kh"))
     plgpu.barrier_wait(scr["k_bar"].at[wg])
     plgpu.barrier_wait(scr["v_bar"].at[wg])
     k_hash = None
