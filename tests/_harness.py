@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import ringdilated as rd
 from ringdilated.reference import dilated_attention_reference
@@ -131,3 +132,10 @@ def max_errs(got, want) -> list[float]:
 def named(errs) -> dict[str, float]:
   """``{"out": .., "dq": .., "dk": .., "dv": ..}`` of :func:`max_errs`."""
   return dict(zip(("out", "dq", "dk", "dv"), errs))
+
+
+def ring_cases(cases):
+  """``pytest.mark.parametrize`` over ``(p, mode, causal)`` triples, named
+  like ``4-mix-causal``."""
+  return pytest.mark.parametrize(
+      "p,mode,causal", cases, ids=[f"{p}-{m}-{'causal' if c else 'full'}" for p, m, c in cases])

@@ -141,8 +141,7 @@ PAIRWISE = [(2, "mix", True), (2, "partition", False), (8, "mix", False),
             (8, "partition", True)]
 
 
-@pytest.mark.parametrize("p,mode,causal", PAIRWISE,
-                         ids=[f"{p}-{m}-{'causal' if c else 'full'}" for p, m, c in PAIRWISE])
+@harness.ring_cases(PAIRWISE)
 def test_zigzag_ring_matches_single_device(p, mode, causal):
   """GQA (H=4, K=2), key padding and packed segments; outputs and grads."""
   kw = dict(CONFIG[mode], mode=mode, causal=causal)
