@@ -42,6 +42,7 @@ if "--smoke" in sys.argv and "xla_force_host_platform_device_count" not in os.en
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -279,6 +280,9 @@ def main(argv=None) -> int:
   parser.add_argument("--time-budget", type=float, default=None,
                       help="seconds; no case starts after that (exit code 3)")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, CPU")
+  parser.add_argument("--match", default=None,
+                      help="regular expression: only the cases whose printed label matches "
+                      "(the negative control always runs)")
   parser.add_argument("--no-check-vma", action="store_true",
                       help="rings under jax.shard_map(check_vma=False)")
   args = parser.parse_args(argv)
@@ -331,6 +335,10 @@ def main(argv=None) -> int:
       tokens = _mask_data(n, rng)
       names = args.backends or ["pallas", "cudnn", "xla", "mosaic"]
       for backend, layout, mode, cfg_name, causal, masks in multi_cases(names, layouts):
+        label = (f"ring P={p} {backend or '-':6s} {layout:10s} {mode:9s} {cfg_name:12s} "
+                 f"causal={causal!s:5} masks={'+'.join(masks) or '-':29s}")
+        if backend is not None and args.match and not re.search(args.match, label):
+          continue
         if over_budget():
           left_out += 1
           continue
@@ -339,8 +347,6 @@ def main(argv=None) -> int:
             failed.append("negative control")
           continue
         cfg = two_branch() if cfg_name == "two_branch" else three_branch()
-        label = (f"ring P={p} {backend:6s} {layout:10s} {mode:9s} {cfg_name:12s} "
-                 f"causal={causal!s:5} masks={'+'.join(masks) or '-':29s}")
         try:
           rd.ring_balance(rd.DilatedConfig(cfg["segment_lengths"], cfg["dilation_rates"],
                                            mode, causal, layout=layout), n, p)
@@ -360,6 +366,8 @@ def main(argv=None) -> int:
     for backend, kw, causal, ring in single_cases(names):
       label = (f"1 GPU  {backend:6s} {kw.get('mode', 'mix'):9s} w={kw['segment_lengths']} "
                f"causal={causal!s:5} ring={ring!s:5}" + " dropout" * ("dropout_rate" in kw))
+      if args.match and not re.search(args.match, label):
+        continue
       if over_budget():
         left_out += 1
         continue
