@@ -109,6 +109,7 @@ STRONG = (("dense", 131072), ("longnet_ring", 2 * M))
 WEAK = (("dense", 65536), ("longnet_ring", M))  # tokens per GPU
 DENSE_1M = 1 * M
 LONGEST_START, LONGEST_MAX = 8 * M, 64 * M
+CHECK_VMA = True  # shard_map's varying-axes check (--no-check-vma)
 GROUPS = ("correctness", "strong", "weak", "layouts", "overlap", "longest8m", "dense1m",
           "longest")
 DEFAULT_GROUPS = GROUPS[:-1]
@@ -277,9 +278,11 @@ def ring_attention(case: Case, mesh):
 
 
 def check_vma(backend: str) -> bool:
-  """shard_map's varying-axes check: on, except for Pallas in interpret mode
-  (off a GPU), whose grid loop it mistypes (jax 0.10; tests/test_pallas.py)."""
-  return backend != "pallas" or jax.default_backend() == "gpu"
+  """shard_map's varying-axes check: on (unless ``--no-check-vma``: the Hopper
+  kernels run only without it, see the README), except for Pallas in
+  interpret mode (off a GPU), whose grid loop it mistypes (jax 0.10;
+  tests/test_pallas.py)."""
+  return CHECK_VMA and (backend != "pallas" or jax.default_backend() == "gpu")
 
 
 def fwd_bwd_fn(fn):
@@ -400,6 +403,7 @@ def _base_record(case: Case) -> dict:
               causal=True, dtype="bfloat16", batch=B, heads=H, head_dim=D,
               segment_lengths=list(cfg["segment_lengths"]),
               dilation_rates=list(cfg["dilation_rates"]), mode=cfg["mode"],
+              check_vma=check_vma(case.backend),
               device_kind=dev.device_kind, platform=dev.platform,
               visible_devices=len(jax.devices()), jax_version=jax.__version__)
 
@@ -577,7 +581,8 @@ def merge(path: str, rec: dict, keep_measured: bool = False) -> None:
 
 def _child(args, extra: list[str], timeout: float | None) -> int | None:
   cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out,
-         "--iters", str(args.iters)] + ["--smoke"] * args.smoke + extra
+         "--iters", str(args.iters)] + ["--smoke"] * args.smoke + [
+             "--no-check-vma"] * (not args.check_vma) + extra
   try:
     return subprocess.run(cmd, timeout=timeout, check=False).returncode
   except subprocess.TimeoutExpired:
@@ -722,9 +727,13 @@ def main(argv=None) -> int:
   parser.add_argument("--trace", default=None, help="directory for a jax.profiler trace")
   parser.add_argument("--trace-match", default="longnet_ring")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 CPU devices")
+  parser.add_argument("--no-check-vma", dest="check_vma", action="store_false",
+                      help="rings under jax.shard_map(check_vma=False)")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--attempt", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  global CHECK_VMA  # pylint: disable=global-statement
+  CHECK_VMA = args.check_vma
   _configure(args.smoke)
   if args.smoke:
     args.longest_max = min(args.longest_max, 2 * LONGEST_START)
