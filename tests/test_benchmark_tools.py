@@ -8,6 +8,8 @@ kernels line up with their unmasked twins.
 ``benchmarks/ab_kernels.py``: another version of a module loads beside it
 (relative imports resolve), and two programs count as the same exactly when
 they differ only in source locations.
+
+``benchmarks/memory_report.py --ring``: per-device sizes of a ring.
 """
 
 from __future__ import annotations
@@ -106,3 +108,15 @@ def test_ab_tells_programs_apart_by_what_they_compute(tmp_path):
   assert same is not _merge and same.merge is not _merge.merge
   assert digest(same) == digest(_merge)
   assert digest(other) != digest(_merge)
+
+
+def test_ring_memory_report_is_per_device_and_takes_the_varying_axes_choice():
+  """``memory_report.py --ring``: sizes are a device's (its arguments are the
+  local shards of q, k, v, dout), and ``--no-check-vma`` reaches the ring."""
+  report = _module("memory_report")
+  for check_vma in (True, False):
+    label, mem, tensor = report.ring_memory("longnet_ring", 16384, 2, "zigzag", "xla",
+                                            check_vma)
+    assert tensor == 16384 // 2 * 16 * 128 * 2
+    assert mem.argument_size_in_bytes == 4 * tensor
+    assert f"check_vma={check_vma}" in label
