@@ -285,6 +285,11 @@ def check_vma(backend: str) -> bool:
   return CHECK_VMA and (backend != "pallas" or jax.default_backend() == "gpu")
 
 
+def local_tensor_bytes(case: Case) -> int:
+  """Bytes of one device's ``[B, N / P, H, D]`` bf16 tensor."""
+  return B * (case.n // case.p) * H * D * 2
+
+
 def fwd_bwd_fn(fn):
   """(q, k, v, dout) -> (dq, dk, dv) of ``fn``; jitted."""
   def run(q, k, v, dout):
@@ -420,7 +425,7 @@ def measure_timing(case: Case, iters: int, isolated: bool, trace_dir: str | None
   census = ppermute_census(traced.jaxpr.jaxpr)
   compiled = traced.lower().compile()
   rec["peak_bytes_per_device"] = bench._peak_bytes(compiled)  # pylint: disable=protected-access
-  rec["qkv_out_grad_bytes_per_device"] = 7 * B * (case.n // case.p) * H * D * 2
+  rec["qkv_out_grad_bytes_per_device"] = 7 * local_tensor_bytes(case)
   rec["fwd_bwd_ms"] = bench._median_ms(compiled, (q, k, v, dout), iters)  # pylint: disable=protected-access
   if trace_dir:
     with jax.profiler.trace(trace_dir):
