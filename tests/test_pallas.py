@@ -95,14 +95,20 @@ def test_random_configs_match_dense_oracle(cfg):
   assert max(_errs(got, want)) < TOL, cfg
 
 
-def _pallas_calls(fn, *args) -> collections.Counter:
-  """How often each kernel is called in the jaxpr of ``fn`` (nested too)."""
+def _pallas_calls(fn, *args, in_place: bool = False) -> collections.Counter:
+  """How often each kernel is called in the jaxpr of ``fn`` (nested too);
+  with ``in_place``, keyed by (kernel, rate, whether it adds into its
+  inputs) instead."""
   calls = collections.Counter()
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == "pallas_call":  # ringdilated_<kernel>_r<rate>_t<kept>...
-        calls[re.findall(r"ringdilated_[a-z]+", str(eqn.params))[0]] += 1
+        kernel, rate = re.findall(r"ringdilated_([a-z]+)_r(\d+)", str(eqn.params))[0]
+        key = f"ringdilated_{kernel}"
+        if in_place:
+          key = (kernel, int(rate), bool(eqn.params["input_output_aliases"]))
+        calls[key] += 1
         continue  # not into the kernel body
       for p in eqn.params.values():
         for sub in p if isinstance(p, (tuple, list)) else (p,):
@@ -125,6 +131,27 @@ def test_fused_path_reads_branches_in_place():
     return pull(cot)
   calls = _pallas_calls(fwd_bwd, q, k, v, cot)
   assert calls == {"ringdilated_fwd": 3, "ringdilated_dq": 3, "ringdilated_dkv": 3}, calls
+
+
+@pytest.mark.parametrize("rates", [(1, 2, 4), (2, 1, 4)])
+def test_a_first_branch_keeping_everything_writes_fresh_buffers(rates):
+  """Read first, a rate-1 branch writes the output and the gradients fresh
+  (no zeros to add into: XLA folds the equal zeros of dk and dv into one
+  buffer and copies it, a full-size tensor more); a branch after it, or a
+  first one of rate > 1, adds in place."""
+  q, k, v, cot, _, _ = inputs(1, 256, 4, 4, 16, masks=False)
+  kw = dict(segment_lengths=tuple(32 * r for r in rates), dilation_rates=rates, causal=True,
+            backend="pallas")
+
+  def fwd_bwd(q, k, v, cot):
+    _, pull = jax.vjp(functools.partial(rd.dilated_attention, **kw), q, k, v)
+    return pull(cot)
+  calls = _pallas_calls(fwd_bwd, q, k, v, cot, in_place=True)
+  fresh = rates[0] == 1  # the plan keeps the given order
+  want = collections.Counter({(kernel, r, not (fresh and i == 0)): 1
+                              for kernel in ("fwd", "dq", "dkv")
+                              for i, r in enumerate(rates)})
+  assert calls == want
 
 
 @pytest.mark.parametrize("offset", [None, 1])

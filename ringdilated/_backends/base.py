@@ -265,7 +265,9 @@ class Backend:
         the branch's causality.
       dropout: with ``q_pos`` and ``k_pos`` shape [B, L] and ``heads`` the
         branch's global query heads, or None.
-      out: shape [B, L, H, D], running output (0 where nothing merged yet).
+      out: shape [B, L, H, D], running output (0 where nothing merged yet),
+        or None (with ``lse``) for fresh ones: only for a branch keeping
+        every position of every head.
       lse: shape [B, L, H] float32, running log-sum-exp (``-inf`` likewise).
 
     Returns:
@@ -286,6 +288,7 @@ class Backend:
       k, v: shape [B, L, K, D].
       lse: shape [B, L, H] float32, the global log-sum-exp.
       delta: shape [B, L, H] float32, ``rowsum(dout * out)`` of the global out.
-      grads: accumulators shaped like ``q, k, v``.
+      grads: accumulators shaped like ``q, k, v``, or None for fresh ones
+        (as ``out`` in :meth:`branch_forward`).
     """
     raise NotImplementedError
