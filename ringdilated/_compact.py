@@ -36,6 +36,16 @@ def _hits(br: Branch, rest: int) -> np.ndarray:
   return hit.reshape((1, 1, br.rate, br.num_kv) + (1,) * rest)
 
 
+def _consecutive(br: Branch) -> slice | None:
+  """The kept slots as one strided slice of the flattened (rate, slot) axis,
+  if slot j keeps offset ``first + j`` ("mix" offsets, kv head mod r, when
+  r >= K_b): index ``(first + j) * K_b + j``, a stride of ``K_b + 1``."""
+  k, first = br.num_kv, br.offsets[0]
+  if k == 1 or br.offsets != tuple(range(first, first + k)):
+    return None
+  return slice(first * k, (first + k) * k, k + 1)
+
+
 def _take_offsets(x: Array, br: Branch) -> Array:
   """[B, L, K_b, ...] -> [X, T, K_b, ...]: slot j keeps ``offsets[j]``."""
   b, length = x.shape[:2]
@@ -43,8 +53,13 @@ def _take_offsets(x: Array, br: Branch) -> Array:
   x = x.reshape(b * (length // br.piece), br.kept, br.rate, br.num_kv, *rest)
   if len(set(br.offsets)) == 1:
     return x[:, :, br.offsets[0]]
+  kept = _consecutive(br)
+  if kept is not None:
+    return x.reshape(*x.shape[:2], br.rate * br.num_kv, *rest)[:, :, kept]
   # A masked sum rather than a gather: elementwise, so XLA fuses it, and its
   # transpose (the backward scatter) is elementwise too: no full-size buffer.
+  # It reads every position, though (XLA:GPU moves the rate axis last for the
+  # sum: a transposed copy of the whole input).
   zero = jnp.zeros((), x.dtype)
   return jnp.sum(jnp.where(_hits(br, len(rest)), x, zero), axis=2, dtype=x.dtype)
 
