@@ -6,6 +6,7 @@ Run on a machine with P GPUs (all visible devices are used)::
   python benchmarks/bench_multi_gpu.py --devices 1            # one GPU only
   python benchmarks/bench_multi_gpu.py --only longest         # longest context per backend
   python benchmarks/bench_multi_gpu.py --smoke                # CPU, 2 simulated devices
+  python benchmarks/bench_multi_gpu.py --match "longnet_ring/.*/mosaic"  # these cases only
   python benchmarks/check_targets.py benchmarks/results/h200x2.json
 
 The sequence is sharded with ``jax.shard_map`` over
@@ -78,6 +79,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -727,6 +729,8 @@ def main(argv=None) -> int:
                       help="seconds; no case starts after that")
   parser.add_argument("--resume", action="store_true",
                       help="skip cases already measured in --out")
+  parser.add_argument("--match", default=None,
+                      help="regular expression: only the cases whose name matches it")
   parser.add_argument("--longest-max", type=int, default=LONGEST_MAX)
   parser.add_argument("--attempt-timeout", type=float, default=300.0)
   parser.add_argument("--trace", default=None, help="directory for a jax.profiler trace")
@@ -770,6 +774,8 @@ def main(argv=None) -> int:
         f"backends {backends}, layouts {layouts}", flush=True)
   timed = ["auto"] if args.smoke and args.backends is None else backends
   cases = plan(groups, ps, backends, layouts, timed)
+  if args.match:
+    cases = [c for c in cases if re.search(args.match, c.name)]
   if args.resume:
     done = {r["name"] for r in load(args.out) if "error" not in r and "skipped" not in r}
     cases = [c for c in cases if c.name not in done]
