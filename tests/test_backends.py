@@ -224,18 +224,3 @@ def test_selection_reads_capabilities_and_falls_back_with_a_warning(toy_register
   jax.jit(functools.partial(rd.dilated_attention, backend="toy", segment_lengths=(8, 32),
                             dilation_rates=(1, 4)))(q, k, v)
   assert set(_TOY_TRACES) == {"forward"}
-
-
-def test_the_request_says_whether_a_branch_spans_devices(monkeypatch):
-  """``auto`` hears whether the plan has a ring (it picks other blocks
-  there on GPU): a segment of 64 tokens spans a ring of 2 with 32 tokens
-  each, segments of 16 do not."""
-  seen = []
-  select = _backends.select
-  monkeypatch.setattr(_backends, "select", lambda choice, request: (
-      seen.append(request.spans_devices), select(choice, request))[1])
-  q, k, v = _qkv(n=64)
-  for kw in (KW, dict(KW, segment_lengths=(16, 16))):
-    jax.jit(harness.ring(functools.partial(rd.dilated_attention, axis_name="sp", **kw), 2))(
-        q, k, v)
-  assert seen == [True, False]

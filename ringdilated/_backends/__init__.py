@@ -30,9 +30,8 @@ REGISTRY = types.MappingProxyType({
 # backend="auto" takes the first of these that can run a call natively:
 # fastest first, as measured by benchmarks/bench.py on an H200. The Hopper
 # kernels beat cuDNN blocks on dilated attention (and take masks) at the
-# least memory, except on unmasked rings (Mosaic.auto_problem); elsewhere
-# cuDNN blocks beat the Triton kernels, which alone take masks and dropout
-# there. The last runs anything.
+# least memory; elsewhere cuDNN blocks beat the Triton kernels, which alone
+# take masks and dropout there. The last runs anything.
 AUTO = ("mosaic", "cudnn", "pallas", "xla")
 
 _log = logging.getLogger("ringdilated")

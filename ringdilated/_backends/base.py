@@ -150,7 +150,6 @@ class Request:
     masks: a key padding mask or segment ids are given.
     dropout: dropout is applied.
     dense: the call is plain attention (one branch of rate 1).
-    spans_devices: a branch's segments span several devices (a ring).
   """
 
   platform: str
@@ -159,7 +158,6 @@ class Request:
   masks: bool
   dropout: bool
   dense: bool = False
-  spans_devices: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

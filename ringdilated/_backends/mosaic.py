@@ -1054,16 +1054,9 @@ class Mosaic(pallas.Pallas):
     return why
 
   def auto_problem(self, request: Request) -> str | None:
-    if request.masks or request.dropout:  # the cuDNN blocks take neither
-      return None
-    if request.dense:
+    if request.dense and not (request.masks or request.dropout):
       return ("plain dense attention: cuDNN's fused kernel is faster there (H200, 32K "
               "causal: 28.0 ms against 31.4 ms; benchmarks/results/h200.json)")
-    if request.spans_devices:
-      return ("branches spanning devices: the cuDNN blocks measured faster on rings (2 H200s, "
-              "LongNet-ring 2M zigzag fwd+bwd: 213.3 ms against 274.1 ms, for 53.0 against "
-              "44.6 GiB per GPU; benchmarks/results/h200x2.json); backend='mosaic' takes "
-              "the least memory")
     return None
 
   def _takes(self, kept: int, x: Array, vis: Visibility, dropout, in_place: bool) -> bool:
