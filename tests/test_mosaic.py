@@ -237,6 +237,21 @@ def test_auto_on_hopper(monkeypatch):
   # cuDNN takes no dropout: dense attention with dropout stays on these kernels
   assert _backends.select("auto", _request(dense=True, dropout=True)).name == "mosaic"
   assert _backends.select("mosaic", _request(dense=True)).name == "mosaic"  # explicit
+  # inside shard_map(check_vma=True) these kernels give way to Triton: cuDNN
+  # blocks, unless masks or dropout need the kernels
+  assert _backends.select("auto", _request(varying=True)).name == "cudnn"
+  assert _backends.select("auto", _request(varying=True, masks=True)).name == "mosaic"
+  assert _backends.select("mosaic", _request(varying=True)).name == "mosaic"
+
+
+def test_auto_passes_over_these_kernels_only_for_cudnn(monkeypatch):
+  """Measured slower than cuDNN (dense, check_vma) means nothing where cuDNN
+  can't run: these kernels then beat the Triton ones that would be next."""
+  monkeypatch.setattr(mosaic, "_hopper_problem", lambda: None)
+  monkeypatch.setattr(_backends.cudnn, "internal_api_problem",
+                      lambda: "no cuDNN attention in this jax")
+  assert _backends.select("auto", _request(dense=True)).name == "mosaic"
+  assert _backends.select("auto", _request(varying=True)).name == "mosaic"
 
 
 def test_auto_elsewhere_passes_it_over(monkeypatch, caplog):
@@ -327,9 +342,12 @@ def test_glue_matches_the_oracle(bound, mode, segments, causal, masks, ring, dro
     kw.update(dropout_rate=0.2, dropout_rng=jax.random.key(5))
   want = _out_and_grads("xla", q, k, v, cot, False, **dict(kw))
   got = _out_and_grads(_Bound(), q, k, v, cot, ring, **dict(kw))
-  # local branches in place (with their masks and dropout); unmasked ring
+  # local branches in place (with their masks and dropout; the first, rate 1,
+  # writes fresh buffers where it keeps every head: mix mode); unmasked ring
   # blocks as fresh outputs (masked or dropped ones take the Triton kernels)
-  in_place = {"fwd" + "_drop" * drop, "bwd" + "_drop" * drop}
+  local = sum(w <= (n // 2 if ring else n) for w in segments[0])
+  in_place = {kernel + "_fresh" * (i == 0 and mode == "mix") + "_drop" * drop
+              for kernel in ("fwd", "bwd") for i in range(local)}
   blocks = {"fwd_fresh", "bwd_fresh"} if ring and not (masks or drop) else set()
   assert set(bound) == in_place | blocks
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):

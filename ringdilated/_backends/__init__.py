@@ -15,10 +15,11 @@ import logging
 import types
 
 from . import cudnn, mosaic, pallas, xla
-from .base import Backend, Capabilities, Dropout, Request, StridedBranch, Visibility
+from .base import (Backend, Capabilities, Dropout, Request, StridedBranch, Visibility,
+                   varies_over_mesh)
 
 __all__ = ["AUTO", "Backend", "Capabilities", "Dropout", "REGISTRY", "Request",
-           "StridedBranch", "Visibility", "check_name", "portable", "select"]
+           "StridedBranch", "Visibility", "check_name", "portable", "select", "varies_over_mesh"]
 
 REGISTRY = types.MappingProxyType({
     "xla": xla.XLA(),
@@ -83,10 +84,14 @@ def select(choice, request: Request) -> Backend:
   """
   check_name(choice)
   if choice == "auto":
+    def runs(name: str) -> bool:
+      backend = REGISTRY[name]
+      return (_platform_problem(backend, request) or problem(backend, request)) is None
+
     for name in AUTO:
       backend = REGISTRY[name]
       why = (_platform_problem(backend, request) or problem(backend, request)
-             or backend.auto_problem(request))
+             or backend.auto_problem(request, runs))
       if why is None:
         return backend
       _log.debug("backend='auto' passes %r over: %s", name, why)

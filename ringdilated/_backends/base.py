@@ -21,6 +21,7 @@ branches B batch, L local length, H query heads.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import jax
@@ -150,6 +151,8 @@ class Request:
     masks: a key padding mask or segment ids are given.
     dropout: dropout is applied.
     dense: the call is plain attention (one branch of rate 1).
+    varying: ``q`` varies over mesh axes (inside ``jax.shard_map`` with
+      ``check_vma=True``; see :func:`varies_over_mesh`).
   """
 
   platform: str
@@ -158,6 +161,15 @@ class Request:
   masks: bool
   dropout: bool
   dense: bool = False
+  varying: bool = False
+
+
+def varies_over_mesh(x: Array) -> bool:
+  """Whether ``x`` varies over mesh axes: inside ``jax.shard_map`` with
+  ``check_vma=True``, which types every value by the axes it varies over."""
+  t = jax.typeof(x)
+  mat = getattr(t, "mat", None)
+  return bool(getattr(mat, "varying", None) or getattr(t, "vma", None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,10 +216,11 @@ class Backend:
     del request
     return None
 
-  def auto_problem(self, request: Request) -> str | None:
+  def auto_problem(self, request: Request, runs: Callable[[str], bool]) -> str | None:
     """Why ``backend="auto"`` should pass this backend over for ``request``
-    although it can run it (another is measured faster), or None."""
-    del request
+    although it can run it, or None: another that ``runs(name)`` says runs
+    ``request`` natively is measured faster."""
+    del request, runs
     return None
 
   def block_problem(self, kept: int) -> str | None:

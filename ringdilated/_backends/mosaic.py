@@ -56,7 +56,7 @@ from jax import lax
 from .._merge import merge
 from . import pallas
 from . import tile_masks as tm
-from .base import Capabilities, Dropout, Request, StridedBranch, Visibility
+from .base import Capabilities, Dropout, Request, StridedBranch, Visibility, varies_over_mesh
 
 Array = jax.Array
 
@@ -1004,15 +1004,6 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _varying(x: Array) -> bool:
-  """Whether ``x`` varies over mesh axes (inside ``jax.shard_map`` with
-  ``check_vma=True``). jax 0.11's kernel launcher (``mpmd_map``) refuses
-  accumulator Refs of such types, so those calls take the Triton kernels."""
-  t = jax.typeof(x)
-  mat = getattr(t, "mat", None)
-  return bool(getattr(mat, "varying", None) or getattr(t, "vma", None))
-
-
 def _hopper_problem() -> str | None:
   cc = getattr(jax.devices()[0], "compute_capability", None)
   if cc != "9.0":
@@ -1029,8 +1020,9 @@ class Mosaic(pallas.Pallas):
   segment ids and dropout on branches read in place; ring blocks without);
   every other call runs the Triton kernels of :class:`~.pallas.Pallas`
   (masked or dropped ring blocks, other shapes, and any call inside
-  ``jax.shard_map(check_vma=True)``, see :func:`_varying`), so this backend
-  takes everything that one does.
+  ``jax.shard_map(check_vma=True)``: jax 0.11's kernel launcher,
+  ``mpmd_map``, refuses accumulator Refs that vary over mesh axes), so this
+  backend takes everything that one does.
 
   Attributes:
     mosaic: tiles and pipeline depth of the Mosaic GPU kernels, or None for
@@ -1053,17 +1045,23 @@ class Mosaic(pallas.Pallas):
       why = _hopper_problem()
     return why
 
-  def auto_problem(self, request: Request) -> str | None:
-    if request.dense and not (request.masks or request.dropout):
+  def auto_problem(self, request: Request, runs) -> str | None:
+    if request.masks or request.dropout or not runs("cudnn"):
+      return None
+    if request.dense:
       return ("plain dense attention: cuDNN's fused kernel is faster there (H200, 32K "
               "causal: 28.0 ms against 31.4 ms; benchmarks/results/h200.json)")
+    if request.varying:
+      return ("inside jax.shard_map(check_vma=True) these kernels give way to the Triton "
+              "ones, which the cuDNN blocks beat (2 H200s, LongNet-ring 2M; "
+              "benchmarks/results/h200x2.json); check_vma=False keeps them")
     return None
 
   def _takes(self, kept: int, x: Array, vis: Visibility, dropout, in_place: bool) -> bool:
     """Whether the Mosaic GPU kernels run this call (token masks and dropout:
     only on branches read in place)."""
     return (not self.interpret and (in_place or (dropout is None and not vis.has_arrays))
-            and not _varying(x) and x.dtype in self.dtypes and x.shape[-1] in TUNED
+            and not varies_over_mesh(x) and x.dtype in self.dtypes and x.shape[-1] in TUNED
             and kept % self.mosaic_tiles(x.shape[-1]).multiple == 0)
 
   def _block_forward(self, geo, q, k, v, vis, dropout):
