@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh                      # repro check_gpu bench_multi bench
 #   bash benchmarks/gpu_session.sh bench_multi longest  # a second call: the rest
+#   bash benchmarks/gpu_session.sh rings                # the Hopper kernels on rings
 #   T_MULTI=300 T_LONGEST=250 bash benchmarks/gpu_session.sh bench_multi longest
 #   PYTHON=.venv/bin/python SMOKE=1 OUT=/tmp/out bash benchmarks/gpu_session.sh  # CPU
 #
@@ -17,6 +18,9 @@
 #   bench        T_BENCH=120    bench.py masked + slice baselines -> results/h200.json
 #   longest      T_LONGEST=300  bench_multi_gpu.py --only longest (log: bench_multi.log),
 #                               LONGEST_BACKENDS=pallas,auto (searched in this order)
+#   rings        T_RINGS=500    check_gpu.py mosaic on rings (check_vma=False), then
+#                               bench_multi_gpu.py LongNet-ring scaling, Hopper kernels
+#                               against cuDNN blocks (log: rings.log)
 #   mosaic       T_MOSAIC=400   the Hopper kernels: mosaic_probe.py (exactness against the
 #                               Triton kernels, 14 children over 2 GPUs; dense speed alone),
 #                               check_gpu.py mosaic with and
@@ -44,6 +48,7 @@ T_MULTI=${T_MULTI:-240}
 T_BENCH=${T_BENCH:-120}
 T_LONGEST=${T_LONGEST:-300}
 T_MOSAIC=${T_MOSAIC:-400}
+T_RINGS=${T_RINGS:-500}
 REPRO_VARIANT_TIMEOUT=${REPRO_VARIANT_TIMEOUT:-60}
 # searched in this order (with SMOKE=1: auto; Pallas interprets on CPU, minutes a case)
 LONGEST_BACKENDS=${LONGEST_BACKENDS:-$([ "$SMOKE" = 1 ] && echo auto || echo pallas,auto)}
@@ -60,7 +65,11 @@ mkdir -p "$RESULTS"
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(repro check_gpu bench_multi bench)
 
-export NCCL_NVLS_ENABLE=0          # the machine sets it; NVLink multicast stays off
+export NCCL_NVLS_ENABLE=0          # the machine sets these; NVLink multicast stays off
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# jax 0.11.2's Shardy partitioner crashes compiling kernels read in place
+# beside a ring (README, "On NVIDIA GPUs"); GSPMD compiles them.
+export JAX_USE_SHARDY_PARTITIONER=${JAX_USE_SHARDY_PARTITIONER:-false}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -126,6 +135,16 @@ for step in "${STEPS[@]}"; do
       run longest "$T_LONGEST" bench_multi.log \
         "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" --only longest \
         --backends "$LONGEST_BACKENDS" --time-budget "$(inner "$T_LONGEST" 100)" $SMOKE_FLAG ;;
+    rings)
+      # the Hopper kernels on rings (check_vma=False): exactness, then
+      # LongNet-ring scaling against the cuDNN blocks in the same run
+      run check_rings "$((T_RINGS / 2))" rings.log "$PY" benchmarks/check_gpu.py mosaic \
+        --sections multi --no-check-vma --time-budget "$(inner "$((T_RINGS / 2))" 30)" \
+        $SMOKE_FLAG
+      run bench_rings "$((T_RINGS / 2))" rings.log \
+        "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" --no-check-vma \
+        --only strong,weak,layouts --backends mosaic,cudnn --match longnet_ring \
+        --time-budget "$(inner "$((T_RINGS / 2))" 60)" $SMOKE_FLAG ;;
     mosaic)
       # exactness cases in parallel over both GPUs (each is mostly compile time)
       run mosaic_probe "$((T_MOSAIC / 4))" mosaic.log env JOBS=14 PROBE_GPUS=0,1 \
