@@ -305,6 +305,7 @@ def _result(code) -> str:
 
 def run_variant(name, description, child_variant, flags, smoke, timeout):
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+  env.pop("JAX_USE_SHARDY_PARTITIONER", None)  # jax's default unless the variant says
   base = env.get("XLA_FLAGS", "")
   if smoke and "xla_force_host_platform_device_count" not in base:
     base += (" --xla_force_host_platform_device_count=2"
