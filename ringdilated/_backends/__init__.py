@@ -84,14 +84,15 @@ def select(choice, request: Request) -> Backend:
   """
   check_name(choice)
   if choice == "auto":
+    def cannot(backend: Backend) -> str | None:  # why it can't run request natively
+      return _platform_problem(backend, request) or problem(backend, request)
+
     def runs(name: str) -> bool:
-      backend = REGISTRY[name]
-      return (_platform_problem(backend, request) or problem(backend, request)) is None
+      return cannot(REGISTRY[name]) is None
 
     for name in AUTO:
       backend = REGISTRY[name]
-      why = (_platform_problem(backend, request) or problem(backend, request)
-             or backend.auto_problem(request, runs))
+      why = cannot(backend) or backend.auto_problem(request, runs)
       if why is None:
         return backend
       _log.debug("backend='auto' passes %r over: %s", name, why)

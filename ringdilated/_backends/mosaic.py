@@ -29,9 +29,10 @@ Key padding and segment ids of branches read in place travel as per-offset
 token vectors beside the tiles; each program reads the range of streamed
 tiles its ids can meet and, where all of them hold its one document, runs
 a loop nest without token masks (chosen once per program; the other
-programs read the token vectors and mask). Dropout on those branches: each query row's hash (seed,
-head, position; as a row statistic) and each key's hash travel likewise,
-and a weight costs one multiply (:func:`.tile_masks.kept`). Ring blocks
+programs read the token vectors and mask). Dropout on those branches: each
+query row's hash (seed, head, position; as a row statistic) and each key's
+hash travel likewise, and a weight costs one multiply
+(:func:`.tile_masks.kept`). Ring blocks
 write fresh outputs. Masked or dropped ring blocks and shapes these kernels
 don't take go to the Triton kernels (:class:`Mosaic`).
 
@@ -46,7 +47,7 @@ import dataclasses
 import functools
 import math
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import jax
@@ -1045,7 +1046,7 @@ class Mosaic(pallas.Pallas):
       why = _hopper_problem()
     return why
 
-  def auto_problem(self, request: Request, runs) -> str | None:
+  def auto_problem(self, request: Request, runs: Callable[[str], bool]) -> str | None:
     if request.masks or request.dropout or not runs("cudnn"):
       return None
     if request.dense:
