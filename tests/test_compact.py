@@ -111,3 +111,6 @@ def test_consecutive_offsets_are_one_strided_slice():
   eqns = jax.make_jaxpr(functools.partial(_compact.add_kv, br))(k, kc).jaxpr.eqns
   names = [e.primitive.name for e in eqns]
   assert names.count("dynamic_update_slice") == 4 and "select_n" not in names, names
+  # and the updated buffer leaves through a barrier (no consumer fuses the updates)
+  last_update = max(i for i, n in enumerate(names) if n == "dynamic_update_slice")
+  assert "optimization_barrier" in names[last_update:], names
