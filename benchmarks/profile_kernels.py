@@ -58,27 +58,29 @@ CASES = {
 }
 
 
-def device_events(trace_dir: str) -> list[tuple[str, float]]:
+def device_events(trace_dir: str, timeline: bool = False) -> list[tuple]:
   """(name, microseconds) of every kernel on a device's streams in the
   perfetto trace ``jax.profiler.trace`` wrote under ``trace_dir`` (a device's
-  "XLA Ops" and "XLA Modules" lines repeat the streams' time: left out)."""
+  "XLA Ops" and "XLA Modules" lines repeat the streams' time: left out).
+  With ``timeline``: (device, stream, name, start us, microseconds)."""
   (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
   with gzip.open(path, "rt") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   meta = [e for e in events if e.get("ph") == "M"]
-  devices = {e["pid"] for e in meta
+  devices = {e["pid"]: e["args"]["name"] for e in meta
              if e.get("name") == "process_name" and "/device:" in e["args"]["name"]}
-  streams = {(e["pid"], e["tid"]) for e in meta
+  streams = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta
              if e.get("name") == "thread_name" and e["pid"] in devices
              and e["args"]["name"].lower().startswith("stream")}
-  found = [(e["name"], float(e["dur"])) for e in events
+  found = [(devices[e["pid"]], streams[e["pid"], e["tid"]], e["name"], float(e["ts"]),
+            float(e["dur"])) for e in events
            if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams and "dur" in e]
   if not found:
     lines = sorted({e["args"]["name"] for e in meta if e.get("name") in ("process_name",
                                                                          "thread_name")})
     raise RuntimeError(f"no kernels on a device stream in the profile; lines: {lines[:40]}")
-  return found
+  return found if timeline else [(name, dur) for _, _, name, _, dur in found]
 
 
 def _group(name: str) -> str:

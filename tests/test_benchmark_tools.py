@@ -120,3 +120,21 @@ def test_ring_memory_report_is_per_device_and_takes_the_varying_axes_choice():
     assert tensor == 16384 // 2 * 16 * 128 * 2
     assert mem.argument_size_in_bytes == 4 * tensor
     assert f"check_vma={check_vma}" in label
+
+
+def test_ring_profile_splits_each_gpu_into_busy_compute_and_idle():
+  """``benchmarks/profile_ring.py``: per GPU, overlapping kernels count once
+  as busy, NCCL's not as compute, and the gaps between kernels as idle."""
+  pr = _module("profile_ring")
+  assert pr.busy_us([(0.0, 10.0), (5.0, 10.0), (20.0, 5.0)]) == 20.0
+  events = [("/device:GPU:0", "s1", "ringdilated_mgpu_fwd_r1_t2048_mosaic_gpu_kernel", 0.0, 600.0),
+            ("/device:GPU:0", "s2", "ncclDevKernel_SendRecv", 100.0, 1000.0),
+            ("/device:GPU:0", "s1", "input_reduce_fusion.1", 1500.0, 500.0),
+            ("/device:GPU:1", "s1", "input_reduce_fusion", 0.0, 400.0)]
+  got = pr.summarize(events, steps=1)
+  gpu0 = got["/device:GPU:0"]
+  assert gpu0["span_ms"] == 2.0 and gpu0["busy_ms"] == 1.6 and gpu0["idle_ms"] == 0.4
+  assert gpu0["compute_ms"] == 1.1
+  assert gpu0["groups_ms"] == {"ringdilated_mgpu_fwd_r1_t2048_mosaic_gpu_kernel": 0.6,
+                               "nccl": 1.0, "xla input_reduce_fusion": 0.5}
+  assert got["/device:GPU:1"]["groups_ms"] == {"xla input_reduce_fusion": 0.4}

@@ -1,0 +1,133 @@
+"""Where a ring's time goes, per GPU: device time per kernel group and idle time.
+
+Profiles ``bench_multi_gpu.py`` timing cases (by name) under
+``jax.profiler.trace`` and prints, per case and per GPU, the time of one
+forward+backward: the span from its first kernel to its last, the time some
+stream is busy, the time the GPU waits with nothing running (a ring step
+waiting for its peer, or the host), and each kernel group's device time:
+ours by name, cuDNN's, NCCL's, XLA's fusions by name (largest first)::
+
+  python benchmarks/profile_ring.py --no-check-vma \\
+      timing/longnet_ring/N2097152/P1/contiguous/mosaic \\
+      timing/longnet_ring/N2097152/P2/contiguous/mosaic
+
+One GPU's program against the ring's shows what the ring adds: the strong-
+scaling gap of ``check_targets.py`` split into kernels, glue and waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+import jax  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_multi_gpu as bmg  # noqa: E402
+import profile_kernels  # noqa: E402
+
+
+def group(name: str) -> str:
+  """A kernel's group: ours and cuDNN's by name, NCCL's as one, XLA's fusions
+  by name without their numeric suffix."""
+  if name.startswith("ringdilated") or "sdpa" in name or "cudnn" in name:
+    return name
+  if "nccl" in name.lower():
+    return "nccl"
+  return "xla " + re.sub(r"[._]\d+$", "", name)
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+  """Length of the union of ``[(start, duration)]``."""
+  total, end = 0.0, float("-inf")
+  for start, dur in sorted(intervals):
+    stop = start + dur
+    if stop > end:
+      total += stop - max(start, end)
+      end = stop
+  return total
+
+
+def summarize(events: list[tuple], steps: int) -> dict:
+  """Per device: span, busy and idle ms per step and each group's ms per step."""
+  out = {}
+  for device in sorted({e[0] for e in events}):
+    mine = [e for e in events if e[0] == device]
+    start = min(ts for *_, ts, _ in mine)
+    stop = max(ts + dur for *_, ts, dur in mine)
+    busy = busy_us([(ts, dur) for *_, ts, dur in mine])
+    compute = busy_us([(ts, dur) for _, _, name, ts, dur in mine if group(name) != "nccl"])
+    per = collections.defaultdict(float)
+    count = collections.Counter()
+    for _, _, name, _, dur in mine:
+      per[group(name)] += dur / steps / 1e3
+      count[group(name)] += 1
+    out[device] = dict(span_ms=(stop - start) / steps / 1e3, busy_ms=busy / steps / 1e3,
+                       compute_ms=compute / steps / 1e3,
+                       idle_ms=(stop - start - busy) / steps / 1e3,
+                       groups_ms=dict(per), launches={k: c // steps for k, c in count.items()})
+  return out
+
+
+def profile(name: str, steps: int) -> dict:
+  case = bmg.Case.parse(name)
+  mesh = bmg._mesh(case.p)  # pylint: disable=protected-access
+  q, k, v, dout = bmg._inputs(case, mesh, case.n)  # pylint: disable=protected-access
+  fn = bmg.fwd_bwd_fn(bmg.ring_attention(case, mesh)).lower(q, k, v, dout).compile()
+  args = (q, k, v, dout)
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    jax.block_until_ready(fn(*args))
+  wall = (time.perf_counter() - t0) / steps * 1e3
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(steps):
+        jax.block_until_ready(fn(*args))
+    events = profile_kernels.device_events(tmp, timeline=True)
+  return dict(case=name, wall_ms=wall, steps=steps, devices=summarize(events, steps))
+
+
+def report(rec: dict, top: int) -> None:
+  print(f"{rec['case']}: wall {rec['wall_ms']:.2f} ms per fwd+bwd")
+  for device, d in rec["devices"].items():
+    print(f"  {device}: span {d['span_ms']:.2f}  busy {d['busy_ms']:.2f}  compute "
+          f"{d['compute_ms']:.2f}  idle {d['idle_ms']:.2f} ms")
+    ranked = sorted(d["groups_ms"], key=d["groups_ms"].get, reverse=True)
+    for g in ranked[:top]:
+      print(f"    {g[:70]:70s} {d['groups_ms'][g]:8.3f} ms x{d['launches'][g]}")
+    rest = sum(d["groups_ms"][g] for g in ranked[top:])
+    if rest:
+      print(f"    {'(the rest: ' + str(len(ranked) - top) + ' groups)':70s} {rest:8.3f} ms")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("cases", nargs="+", help="bench_multi_gpu.py timing case names")
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--top", type=int, default=25)
+  p.add_argument("--no-check-vma", dest="check_vma", action="store_false")
+  p.add_argument("--json")
+  args = p.parse_args(argv)
+  bmg.CHECK_VMA = args.check_vma
+  recs = []
+  for name in args.cases:
+    recs.append(profile(name, args.steps))
+    report(recs[-1], args.top)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(recs, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
