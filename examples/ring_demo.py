@@ -133,7 +133,11 @@ def main():
   # Bytes one device sends, from the configuration: a branch whose segment
   # spans g devices rotates its compacted K/V chunk [B, L/r, K_b, D] g - 1
   # times forward; backward rotates it again plus the float32 dK/dV
-  # accumulators, which travel g hops back to their owner.
+  # accumulators, which travel g hops back to their owner. A causal ring
+  # with chunks in device order first swaps half of each compacted chunk
+  # (q [B, L/2r, H_b, D] and K/V) into the zigzag order, so that every
+  # device does the same work, and the float32 results back; with g = 2 the
+  # first halves stay, else both halves move (most of them).
   item = dtype.itemsize
   print("\nring communication per device (from the configuration)")
   print(f"  {'w':>6s}{'r':>4s}{'g':>4s}  {'chunk [B,L/r,K,D]':18s}{'forward':>13s}{'fwd+bwd':>13s}")
@@ -145,6 +149,14 @@ def main():
     chunk = b * (local // r) * slots * d if g > 1 else 0
     fwd = (g - 1) * 2 * chunk * item
     both = 2 * fwd + g * 2 * chunk * 4
+    if args.causal and g > 1 and (local // r) % 2 == 0:
+      half = b * (local // r) // 2
+      hq = _q_heads(args.mode, i, len(args.segment_lengths), h)
+      swap = half * ((hq + 2 * slots) * d * item + hq * (d + 1) * 4)  # q, k, v; out, lse
+      swap_bwd = half * ((3 * hq + 2 * slots) * d * item + hq * 4     # q, dout, out, k, v, lse
+                         + (hq + 2 * slots) * d * 4)                  # dq, dk, dv
+      moved = 1 if g == 2 else 2
+      fwd, both = fwd + moved * swap, both + moved * (swap + swap_bwd)
     fwd_total, both_total = fwd_total + fwd, both_total + both
     shape = f"[{b},{local // r},{slots},{d}]" if chunk else "local"
     print(f"  {w:6d}{r:4d}{g:4d}  {shape:18s}{_mib(fwd):>13s}{_mib(both):>13s}")
@@ -166,6 +178,12 @@ def main():
     raise SystemExit("traced communication differs from the configuration")
   if args.causal:
     _zigzag(args, kw, mesh, (q, k, v), cot, results["single"])
+
+
+def _q_heads(mode: str, i: int, k: int, h: int) -> int:
+  """Query heads branch ``i`` of ``k`` reads: all in "mix", its group in
+  "partition" (the first ``h % k`` groups have one more)."""
+  return h if mode == "mix" else h // k + (i < h % k)
 
 
 def _kv_slots(mode: str, i: int, k: int, h: int, hkv: int) -> int:

@@ -42,6 +42,12 @@ class Branch:
     half-chunk ``g - 1 - c`` of the other.
   * ``"zigzag"`` (zigzag layout, segment of the whole sequence): device ``c``
     holds half-chunks ``c`` and ``2g - 1 - c`` of the segment.
+
+  ``regroup``: the chunks lie contiguously (contiguous layout, causal), and
+  the ring first swaps halves of the compacted chunks between the devices of
+  the segment into the ``"zigzag"`` order, and the results back at the end:
+  two exchanges of a half-chunk for causal work balanced over the devices
+  (else the last device of the segment works at every step, the first once).
   """
 
   index: int
@@ -54,6 +60,7 @@ class Branch:
   piece: int                        # local tokens per piece: min(w, L)
   ring_size: int                    # g: devices per segment
   schedule: str = "contiguous"      # "contiguous", "mirror" or "zigzag"
+  regroup: bool = False             # contiguous chunks swapped into "zigzag"
 
   @property
   def num_kv(self) -> int:
@@ -153,8 +160,11 @@ def make_plan(config: DilatedConfig, seq_len: int, num_heads: int,
       kv_heads, g = _kv_slots(start, stop, num_heads, num_kv_heads)
       offsets = (i % r,) * len(kv_heads)
     piece, ring_size, schedule = placement(w, seq_len, num_shards, config.layout)
+    regroup = (config.causal and schedule == "contiguous" and ring_size > 1
+               and (piece // r) % 2 == 0)
     branches.append(Branch(
         index=i, segment_length=w, rate=r, q_heads=(start, stop),
         kv_heads=kv_heads, group=g, offsets=offsets,
-        piece=piece, ring_size=ring_size, schedule=schedule))
+        piece=piece, ring_size=ring_size, schedule="zigzag" if regroup else schedule,
+        regroup=regroup))
   return Plan(config, seq_len, num_heads, num_kv_heads, num_shards, tuple(branches))

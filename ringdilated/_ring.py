@@ -42,7 +42,7 @@ from ._compact import (add_kv, add_q, compact_kv, compact_q, compact_token, dist
 from ._layout import global_positions
 from ._merge import merge, row_delta
 from ._plan import Branch, Plan
-from ._schedule import ring_permutation, visible_pairs
+from ._schedule import regroup_permutations, ring_permutation, visible_pairs
 
 Array = jax.Array
 
@@ -133,6 +133,38 @@ def _with(tree: Any, i: Half, half: int, fn: Callable[[Any], Any]) -> Any:
   return jax.tree.map(lambda x, y: _put_half(x, i, half, y), tree, fn(_at(tree, i, half)))
 
 
+def _regroup(static: Static, br: Branch, tree: Any, back: bool = False) -> Any:
+  """Every [X, T, ...] leaf of ``tree`` moved from the contiguous order to
+  the zigzag one among the devices of its segment (``back``: the reverse),
+  see :func:`._schedule.regroup_permutations`. Position ``c`` receives
+  half-chunk ``c`` by the first permutation if ``c`` is even, else by the
+  second, and ``2g - 1 - c`` by the other."""
+  leaves, treedef = jax.tree.flatten(tree)
+  if not leaves:
+    return tree
+  firsts, seconds = regroup_permutations(br.ring_size, static.plan.num_shards)
+  odd = jax.lax.axis_index(static.axis_name) % br.ring_size % 2 == 1
+  views = [x.reshape(-1, 2, br.half, *x.shape[2:]) for x in leaves]
+  a, b = [v[:, 0] for v in views], [v[:, 1] for v in views]
+
+  def unswap(a, b):  # slots <-> (arrived by firsts, arrived by seconds)
+    return ([jnp.where(odd, y, x) for x, y in zip(a, b)],
+            [jnp.where(odd, x, y) for x, y in zip(a, b)])
+
+  def send(xs, perm):  # (g = 2: the first halves stay)
+    if all(i == j for i, j in perm):
+      return xs
+    return jax.lax.ppermute(xs, static.axis_name, [(j, i) for i, j in perm] if back else perm)
+
+  if back:
+    a, b = unswap(a, b)
+  a, b = send(a, firsts), send(b, seconds)
+  if not back:
+    a, b = unswap(a, b)
+  return jax.tree.unflatten(treedef, [jnp.stack([x, y], 1).reshape(leaf.shape)
+                                     for x, y, leaf in zip(a, b, leaves)])
+
+
 # ----------------------------------------------------------------------------
 # One branch: its blocks, the own chunk and the sub-ring.
 # ----------------------------------------------------------------------------
@@ -183,6 +215,8 @@ def _ring(static: Static, br: Branch, block: Callable[[Queries, Chunk, bool], tu
   causal = static.plan.config.causal
   if br.ring_size == 1:
     return first(block(queries, travel, causal))
+  if br.regroup:
+    queries, travel = _regroup(static, br, (queries, travel))
   g = br.ring_size
   c = jax.lax.axis_index(static.axis_name) % g
   rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name,
@@ -210,7 +244,8 @@ def _ring(static: Static, br: Branch, block: Callable[[Queries, Chunk, bool], tu
 
   kv, acc = rotate((travel, acc)) if acc else (rotate(travel), acc)
   (kv, local, acc), _ = jax.lax.scan(body, (kv, local, acc), jnp.arange(1, g - 1))
-  return step(g - 1, kv, local, acc)
+  local, acc = step(g - 1, kv, local, acc)
+  return _regroup(static, br, (local, acc), back=True) if br.regroup else (local, acc)
 
 
 def _branch_forward(static: Static, br: Branch, rng: Array | None, queries: Queries,

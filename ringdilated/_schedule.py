@@ -6,13 +6,16 @@ group position ``(c - s) mod g``. :func:`visible_pairs` says which blocks of
 that chunk its queries see; the ring executes exactly this rule, and
 :func:`step_work` counts the work from it.
 
-With a causal mask a device skips chunks that come after its own; in the
-contiguous layout the last device of a ring then works at every step while
-the first idles (``max / mean`` work per step up to ``g``). In the zigzag
-layout (``rd.to_layout``) each device holds two half-chunks and
+With a causal mask a device skips chunks that come after its own; with
+chunks in device order the last device of a ring would work at every step
+while the first idles (``max / mean`` work per step up to ``g``). So each
+device holds two half-chunks, ``c`` and ``2g - 1 - c``: placed there by the
+zigzag layout (``rd.to_layout``), or in the contiguous layout swapped there
+(and the results back) by :func:`regroup_permutations`. Then
 :func:`visible_pairs` picks per step the half-blocks that are visible:
 exactly the same work on every device at every step, chosen by index
-arithmetic (no data-dependent branches).
+arithmetic (no data-dependent branches). Chunks whose kept length is odd
+can't be halved and stay in device order.
 """
 
 from __future__ import annotations
@@ -31,6 +34,25 @@ def ring_permutation(ring_size: int, num_shards: int) -> list[tuple[int, int]]:
   its sub-ring of ``ring_size`` consecutive devices (cyclic in the group)."""
   g = ring_size
   return [(d, d - d % g + (d % g + 1) % g) for d in range(num_shards)]
+
+
+def regroup_permutations(ring_size: int, num_shards: int
+                         ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+  """``ppermute`` pairs moving contiguous chunks into the zigzag order.
+
+  In each sub-ring of ``g = ring_size`` consecutive devices, group position
+  ``c`` holds half-chunks ``2c`` and ``2c + 1`` of the segment, and is to
+  hold ``c`` and ``2g - 1 - c``: half-chunk ``h`` goes to position ``h`` if
+  ``h < g``, else ``2g - 1 - h``. Returns the pairs sending every device's
+  first half, and those sending its second half; each is a permutation.
+  """
+  g = ring_size
+
+  def to(h):
+    return h if h < g else 2 * g - 1 - h
+
+  return tuple([(d, d - d % g + to(2 * (d % g) + s)) for d in range(num_shards)]
+               for s in (0, 1))
 
 
 def visible_pairs(br: Branch, causal: bool, c, src) -> list[tuple[Any, Any, Any]]:
@@ -106,13 +128,15 @@ def ring_balance(config: DilatedConfig, seq_len: int, num_shards: int) -> tuple[
   Returns:
     ``(worst_step, whole_pass)``, each ``>= 1``.
 
-  Example:
+  Example (a chunk of one kept token can't be halved, so it is not swapped
+  into the zigzag order):
     >>> import ringdilated as rd
     >>> dense = dict(segment_lengths=(4096,), dilation_rates=(1,), causal=True)
     >>> rd.ring_balance(rd.DilatedConfig(**dense), 4096, 4)
-    (4.0, 1.75)
-    >>> rd.ring_balance(rd.DilatedConfig(**dense, layout="zigzag"), 4096, 4)
     (1.0, 1.0)
+    >>> one_kept = dict(segment_lengths=(4096,), dilation_rates=(1024,), causal=True)
+    >>> rd.ring_balance(rd.DilatedConfig(**one_kept), 4096, 4)
+    (4.0, 1.75)
   """
   if not isinstance(config, DilatedConfig):
     raise TypeError(f"config must be a ringdilated.DilatedConfig, got {type(config).__name__}")

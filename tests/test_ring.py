@@ -36,7 +36,7 @@ from _harness import out_and_grads as _out_and_grads
 from jax.sharding import PartitionSpec as PS
 
 import ringdilated as rd
-from ringdilated import _plan, _ring
+from ringdilated import _plan, _ring, _schedule
 
 N = 128
 B, H, D = 2, 4, 8
@@ -224,7 +224,10 @@ def _sub_rings(p, g):
 
 
 def test_hlo_has_only_collective_permutes_of_compacted_chunks():
-  """fwd+bwd: K/V (+ masks, dK/dV) move as [B, L/r, K, .] chunks in sub-rings."""
+  """fwd+bwd: K/V (+ masks, dK/dV) rotate as [B, L/r, K, .] chunks in
+  sub-rings; the causal rings first swap half-chunks [B, L/2r, K, .] (the
+  query side [B, L/2r, K, G, .] too) into the zigzag order, and the results
+  back, within the same sub-rings."""
   p, hkv = 4, 2
   local = N // p
   # w < L (local), w = 2 L (rate 2, sub-rings of 2), w = N (rate 4, ring of 4).
@@ -241,17 +244,25 @@ def test_hlo_has_only_collective_permutes_of_compacted_chunks():
     assert op not in hlo
   permutes = _collective_permutes(hlo)
   assert len(permutes) == len(re.findall(r"\scollective-permute(?:-start)?\(", hlo)) > 0
-  # Each ring branch sends chunks of L / r tokens, inside groups of g devices.
-  expected = {local // 2: _sub_rings(p, 2), local // 4: _sub_rings(p, 4)}
+  rotations = {(local // 2, _sub_rings(p, 2)), (local // 4, _sub_rings(p, 4))}
+  swaps = set()
+  for r, g in ((2, 2), (4, 4)):
+    for perm in _schedule.regroup_permutations(g, p):
+      if any(i != j for i, j in perm):  # (g = 2: the first halves stay)
+        swaps |= {(local // (2 * r), frozenset(perm)),
+                  (local // (2 * r), frozenset((j, i) for i, j in perm))}
+  g_q = H // hkv
   for dtype, shape, pairs in permutes:
     assert dtype in ("f32", "pred", "s32")
-    assert shape[0] == B and shape[2] == hkv and shape[3:] in ((), (D,))
-    assert shape[1] in expected, shape
-    assert pairs == expected[shape[1]]
-  seen = {(dtype, shape[1], len(shape)) for dtype, shape, _ in permutes}
+    assert shape[0] == B and shape[2] == hkv and shape[3:] in ((), (D,), (g_q,), (g_q, D))
+    assert (shape[1], pairs) in rotations | swaps, (shape, pairs)
+  seen = {(dtype, shape[1], len(shape), pairs) for dtype, shape, pairs in permutes}
   # K, V (f32 4-d), key padding (pred) and segment ids (s32) for both branches.
-  for t in expected:
-    assert {("f32", t, 4), ("pred", t, 3), ("s32", t, 3)} <= seen
+  for t, pairs in rotations:
+    assert {("f32", t, 4, pairs), ("pred", t, 3, pairs), ("s32", t, 3, pairs)} <= seen
+  # and queries (f32 5-d) swapped for both
+  assert {(t, pairs) for t, pairs in swaps} == {
+      (t, pairs) for dtype, t, n, pairs in seen if n == 5 and (t, pairs) in swaps}
 
 
 def _count_ppermutes(kw, p=4):

@@ -184,17 +184,48 @@ def _primitives(jaxpr):
           yield from _primitives(sub)
 
 
-@pytest.mark.parametrize("layout,conds", [("contiguous", True), ("zigzag", False)])
-def test_causal_zigzag_ring_has_no_data_dependent_skips(layout, conds):
-  """Contiguous causal rings skip later chunks with ``cond`` (idle devices);
-  zigzag rings compute a block on every device at every step."""
-  kw = dict(segment_lengths=(64, 128), dilation_rates=(2, 4), causal=True)
+@pytest.mark.parametrize("layout,rates,conds", [("contiguous", (2, 4), False),
+                                                ("zigzag", (2, 4), False),
+                                                ("contiguous", (2, 32), True)])
+def test_causal_rings_have_no_data_dependent_skips(layout, rates, conds):
+  """Causal rings compute a block on every device at every step: zigzag
+  rings, and contiguous ones after swapping halves into the zigzag order.
+  Only chunks of an odd kept length (here 128 / 4 / 32 = 1), which can't be
+  halved, skip later chunks with ``cond`` (idle devices)."""
+  kw = dict(segment_lengths=(64, 128), dilation_rates=rates, causal=True)
   q, k, v, cot, kpm, seg = _inputs()
   ring = _ring_in(4, layout, kw)
   grad = jax.grad(lambda q: jnp.sum(ring(q, k, v, kpm, seg) * cot))
   prims = set(_primitives(jax.make_jaxpr(grad)(q).jaxpr))
   assert "ppermute" in prims
   assert ("cond" in prims) == conds
+
+
+@pytest.mark.parametrize("g,p", [(2, 2), (2, 4), (3, 3), (4, 4), (4, 8), (8, 8)])
+def test_regroup_moves_contiguous_halves_into_the_zigzag_order_and_back(g, p):
+  """Position c of each sub-ring of g devices holds half-chunks 2c, 2c + 1 of
+  its segment; after the swap it holds c and 2g - 1 - c, and back again."""
+  firsts, seconds = _schedule.regroup_permutations(g, p)
+  for perm in (firsts, seconds):
+    assert sorted(d for _, d in perm) == list(range(p))  # a permutation
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
+  br = _plan.Branch(index=0, segment_length=0, rate=1, q_heads=(0, 1), kv_heads=(0,),
+                    group=1, offsets=(0,), piece=4, ring_size=g, schedule="zigzag",
+                    regroup=True)
+  plan = _plan.Plan(rd.DilatedConfig((4,), (1,)), 4 * p, 1, 1, p, (br,))
+  static = _ring.Static(plan, 1.0, 0.0, "sp")
+  halves = np.arange(2 * p)[None, :, None].repeat(2, 2)  # [1, 2P, 2]: half-chunk ids
+  x = jnp.asarray(halves.repeat(2, 1))  # [1, 4P, 2]: two tokens per half-chunk
+
+  def swap(x, back):
+    return jax.shard_map(lambda x: _ring._regroup(static, br, x, back), mesh=mesh,
+                         in_specs=PS(None, "sp"), out_specs=PS(None, "sp"))(x)
+
+  there = np.asarray(swap(x, False))[0, ::2, 0].reshape(p // g, g, 2)
+  for c in range(g):
+    group = np.arange(p // g)[:, None] * 2 * g
+    np.testing.assert_array_equal(there[:, c], group + [c, 2 * g - 1 - c])
+  np.testing.assert_array_equal(swap(swap(x, False), True), x)
 
 
 # ---------------------------------------------------------------------------
@@ -216,7 +247,7 @@ BALANCE_CASES = [
 
 @pytest.mark.parametrize("p", [2, 4, 8])
 @pytest.mark.parametrize("name,config,n", BALANCE_CASES, ids=[c[0] for c in BALANCE_CASES])
-def test_zigzag_balances_causal_work(name, config, n, p):
+def test_causal_work_is_balanced_in_both_layouts(name, config, n, p):
   per_step, total, plan, work = _balance(config, n, p, "zigzag")
   assert any(br.ring_size > 1 for br in plan.branches)  # a real ring
   assert per_step <= 1.1 and total <= 1.1, (per_step, total)
@@ -225,9 +256,11 @@ def test_zigzag_balances_causal_work(name, config, n, p):
   for br, w, cw in zip(plan.branches, work, contiguous_work):
     want = n // br.segment_length * (br.segment_length // br.rate) ** 2 / 2
     assert w.sum() == cw.sum() == want
-  if name == "dense":  # contiguous: the last device works at every step
-    contiguous = _balance(config, n, p, "contiguous")
-    assert contiguous[0] == p and contiguous[1] == 2 - 1 / p
+  # Contiguous chunks are swapped into the zigzag order: balanced too.
+  assert _balance(config, n, p, "contiguous")[:2] == (per_step, total)
+  if name == "dense":  # chunks that can't be halved: the last device works at every step
+    odd = rd.DilatedConfig((n,), (n // p,), causal=True)  # one kept token per device
+    assert _balance(odd, n, p, "contiguous")[:2] == (p, 2 - 1 / p)
 
 
 def test_non_causal_rings_are_balanced_in_both_layouts():
