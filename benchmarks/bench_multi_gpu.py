@@ -112,6 +112,9 @@ WEAK = (("dense", 65536), ("longnet_ring", M))  # tokens per GPU
 DENSE_1M = 1 * M
 LONGEST_START, LONGEST_MAX = 8 * M, 64 * M
 CHECK_VMA = True  # shard_map's varying-axes check (--no-check-vma)
+# The run every record is stamped with (the driver's, inherited by its
+# subprocesses): check_targets.py divides only records of one run.
+RUN = os.environ.setdefault("RINGDILATED_BENCH_RUN", time.strftime("%Y-%m-%dT%H:%M:%S"))
 GROUPS = ("correctness", "strong", "weak", "layouts", "overlap", "longest8m", "dense1m",
           "longest")
 DEFAULT_GROUPS = GROUPS[:-1]
@@ -405,7 +408,8 @@ def _peaks(devices):
 def _base_record(case: Case) -> dict:
   cfg = config(case.workload, case.n)
   dev = jax.devices()[0]
-  return dict(suite="multi_gpu", kind=case.kind, name=case.name, workload=case.workload,
+  return dict(suite="multi_gpu", kind=case.kind, name=case.name, run=RUN,
+              workload=case.workload,
               seq_len=case.n, devices=case.p, layout=case.layout, backend=case.backend,
               causal=True, dtype="bfloat16", batch=B, heads=H, head_dim=D,
               segment_lengths=list(cfg["segment_lengths"]),
@@ -565,15 +569,17 @@ def load(path: str) -> list:
 
 
 def merge(path: str, rec: dict, keep_measured: bool = False) -> None:
-  """Replaces the record of ``rec["name"]`` in ``path`` (``keep_measured``:
-  unless that one was measured)."""
+  """Appends ``rec`` to ``path``, replacing the record of its case from the
+  same run (records of earlier runs stay: ratios divide records of one run);
+  ``keep_measured``: not if a run measured that case."""
   if not path:
     return
   records = load(path)
   old = [r for r in records if r.get("name") == rec["name"]]
   if keep_measured and any("error" not in r and "skipped" not in r for r in old):
     return
-  records = [r for r in records if r.get("name") != rec["name"]] + [rec]
+  same = (rec["name"], rec.get("run"))
+  records = [r for r in records if (r.get("name"), r.get("run")) != same] + [rec]
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -611,8 +617,8 @@ def probe_devices() -> tuple[int, str]:
 
 def _stub(case: Case, **fields) -> dict:
   return dict(suite="multi_gpu", kind="timing" if case.kind == "attempt" else case.kind,
-              name=case.name, workload=case.workload, seq_len=case.n, devices=case.p,
-              layout=case.layout, backend=case.backend, **fields)
+              name=case.name, run=RUN, workload=case.workload, seq_len=case.n,
+              devices=case.p, layout=case.layout, backend=case.backend, **fields)
 
 
 # What a case's record says while it runs: left behind if its process dies.
@@ -700,9 +706,7 @@ def worker(args, names: list[str]) -> int:
   for name in names:
     case = Case.parse(name)
     if args.time_budget is not None and time.monotonic() - start > args.time_budget:
-      merge(args.out, dict(suite="multi_gpu", kind=case.kind, name=name,
-                           workload=case.workload, seq_len=case.n, devices=case.p,
-                           skipped=f"time budget of {args.time_budget:.0f} s spent"),
+      merge(args.out, _stub(case, skipped=f"time budget of {args.time_budget:.0f} s spent"),
             keep_measured=True)
       continue
     trace_dir = None
@@ -788,9 +792,7 @@ def main(argv=None) -> int:
   while i < len(cases):
     if left() is not None and left() <= 0:
       for case in cases[i:]:
-        merge(args.out, dict(suite="multi_gpu", kind=case.kind, name=case.name,
-                             workload=case.workload, seq_len=case.n, devices=case.p,
-                             skipped=f"time budget of {args.time_budget:.0f} s spent"),
+        merge(args.out, _stub(case, skipped=f"time budget of {args.time_budget:.0f} s spent"),
               keep_measured=True)
       print(f"time budget of {args.time_budget:.0f} s spent: skipped "
             + ", ".join(c.name for c in cases[i:]), flush=True)

@@ -12,9 +12,11 @@ against the multi-GPU targets. Prints one line per target with the measured
 value (``info`` lines are context, not targets) and exits non-zero if any
 target is missed or could not be evaluated (a missing or failed case).
 
-Records carry the ``run`` that timed them (``bench.py`` stamps it); a ratio
-only divides records of one run (the newest that has both), so results
-appended by a later, partial run are never compared with an older baseline.
+Records carry the ``run`` that timed them (``bench.py`` and
+``bench_multi_gpu.py`` stamp it); a ratio only divides records of one run
+(the newest that has both), so results appended by a later, partial run are
+never compared with an older baseline, nor a one-GPU time with a ring's of
+another run (the same code runs 1-2% apart between runs).
 """
 
 from __future__ import annotations
@@ -218,23 +220,50 @@ def _best(timing, workload, n, p, **match):
   return min(found, key=lambda r: r["fwd_bwd_ms"], default=None)
 
 
+def _runs(timing):
+  """The timing records by run (``run`` field; records without one are one
+  run), newest first: the file is appended in time order."""
+  runs = {}
+  for r in timing:
+    runs.setdefault(r.get("run", ""), []).append(r)
+  return list(runs.values())[::-1]
+
+
+def one_run_pair(timing, workload, n1, n, p, layout=None, **match):
+  """(best record at ``(n1, 1 GPU)``, best at ``(n, P GPUs)`` in ``layout``
+  if given) from the newest run that timed both, or None: the same code
+  runs 1-2% apart between runs, so dividing records of two runs would
+  measure the runs, not the ring."""
+  many_match = match if layout is None else dict(match, layout=layout)
+  for run in _runs(timing):
+    one, many = _best(run, workload, n1, 1, **match), _best(run, workload, n, p, **many_match)
+    if one is not None and many is not None:
+      return one, many
+  return None
+
+
 def strong_efficiency(timing, workload, n, p, **match):
-  """``t1 / (P tP)``: best time on one GPU over ``P`` times the best on ``P``."""
-  one, many = _best(timing, workload, n, 1, **match), _best(timing, workload, n, p, **match)
-  if one is None or many is None:
-    return None
-  return one["fwd_bwd_ms"] / (p * many["fwd_bwd_ms"])
+  """``t1 / (P tP)``: best time on one GPU over ``P`` times the best on ``P``,
+  in one run."""
+  pair = one_run_pair(timing, workload, n, n, p, **match)
+  return None if pair is None else pair[0]["fwd_bwd_ms"] / (p * pair[1]["fwd_bwd_ms"])
 
 
 def weak_efficiency(timing, workload, n_per_gpu, p, **match):
   """Per-GPU throughput on ``P`` GPUs (``N = P n``) over that on one GPU
-  (``N = n``), in the attention FLOPs each pattern needs: ``t1 / tP`` when
-  the work is linear in ``N``, fair to dense attention (quadratic) too."""
-  one = _best(timing, workload, n_per_gpu, 1, **match)
-  many = _best(timing, workload, n_per_gpu * p, p, **match)
-  if one is None or many is None:
+  (``N = n``), in one run, in the attention FLOPs each pattern needs:
+  ``t1 / tP`` when the work is linear in ``N``, fair to dense attention
+  (quadratic) too."""
+  pair = one_run_pair(timing, workload, n_per_gpu, n_per_gpu * p, p, **match)
+  if pair is None:
     return None
+  one, many = pair
   return (many["flops"] / many["fwd_bwd_ms"]) / (p * one["flops"] / one["fwd_bwd_ms"])
+
+
+def _run_of(timing, workload, n1, n, p) -> str:
+  pair = one_run_pair(timing, workload, n1, n, p)
+  return f" (run {pair[0].get('run') or 'unstamped'})" if pair else ""
 
 
 STRONG = (("dense", 131072, "dense causal 128K"),
@@ -260,19 +289,18 @@ def multi_targets(records, p=2):
            max(r["max_rel_err"] for r in others), None)
   for workload, n, label in STRONG:
     v = strong_efficiency(timing, workload, n, p)
-    yield (f"strong scaling P={p} {label}, best layout and backend: t1 / (P tP) >= 0.97",
+    yield (f"strong scaling P={p} {label}, best layout and backend"
+           f"{_run_of(timing, workload, n, n, p)}: t1 / (P tP) >= 0.97",
            v, v is not None and v >= 0.97)
-    for backend in ("auto", "pallas"):
+    for backend in ("auto", "pallas", "mosaic", "cudnn"):
       for layout in ("contiguous", "zigzag"):
-        one = _best(timing, workload, n, 1, backend=backend)
-        many = _best(timing, workload, n, p, backend=backend, layout=layout)
-        v = None if one is None or many is None else (
-            one["fwd_bwd_ms"] / (p * many["fwd_bwd_ms"]))
-        yield f"strong scaling P={p} {label}, {backend} {layout}", v, None
+        v = strong_efficiency(timing, workload, n, p, backend=backend, layout=layout)
+        if v is not None or backend in ("auto", "pallas"):
+          yield f"strong scaling P={p} {label}, {backend} {layout}", v, None
   for workload, n, label in WEAK:
     v = weak_efficiency(timing, workload, n, p)
-    yield f"weak scaling P={p} {label}, best layout and backend >= 0.97", v, \
-        v is not None and v >= 0.97
+    yield (f"weak scaling P={p} {label}, best layout and backend"
+           f"{_run_of(timing, workload, n, n * p, p)} >= 0.97"), v, v is not None and v >= 0.97
   ran = [r for r in records if r.get("workload") == "longnet_ring" and r.get("devices") == p
          and r.get("seq_len", 0) >= 8 * M and "fwd_bwd_ms" in r]
   best = min(ran, key=lambda r: r["fwd_bwd_ms"], default=None)
@@ -289,9 +317,10 @@ def multi_targets(records, p=2):
   for r in records:
     if r.get("kind") == "timing" and r.get("devices") == p and "fwd_bwd_ms" in r:
       peak = r.get("peak_bytes_per_device")
-      yield (f"{r['name']}: fwd+bwd ms (peak per GPU {peak / 2**30:.2f} GiB, ppermute "
+      name = f"{r['name']} [run {r.get('run') or 'unstamped'}]"
+      yield (f"{name}: fwd+bwd ms (peak per GPU {peak / 2**30:.2f} GiB, ppermute "
              f"{r.get('ppermute_bytes_per_step', 0) / 2**20:.1f} MiB per step)"
-             if peak else f"{r['name']}: fwd+bwd ms"), r["fwd_bwd_ms"], None
+             if peak else f"{name}: fwd+bwd ms"), r["fwd_bwd_ms"], None
   for r in records:
     if r.get("kind") == "longest" and r.get("devices") == p and "longest_ok" in r:
       yield (f"longest LongNet-ring fwd+bwd on {p} GPUs, {r['backend']} {r['layout']} "

@@ -62,9 +62,10 @@ def _lines(ax, series: dict) -> None:
 def plot_multi(records, out: str) -> None:
   """Time vs P (strong: N fixed; weak: N / P fixed), time vs N on the most
   devices, and the scaling efficiencies (check_targets.py's definitions)."""
-  timing = [r for r in records if r.get("kind") == "timing" and "fwd_bwd_ms" in r]
-  if not timing:
+  runs = [r for r in records if r.get("kind") == "timing" and "fwd_bwd_ms" in r]
+  if not runs:
     raise SystemExit("no timing records to plot")
+  timing = list({r["name"]: r for r in runs}.values())  # each case's newest record
   pmax = max(r["devices"] for r in timing)
   fig, axes = plt.subplots(2, 3, figsize=(16, 9))
   for col, (workload, n, title) in enumerate(check_targets.STRONG):
@@ -102,10 +103,10 @@ def plot_multi(records, out: str) -> None:
   for p in sorted({r["devices"] for r in timing} - {1}):
     for workload, n, title in check_targets.STRONG:
       bars.append((f"strong {title}, P={p}",
-                   check_targets.strong_efficiency(timing, workload, n, p)))
+                   check_targets.strong_efficiency(runs, workload, n, p)))
     for workload, n1, title in check_targets.WEAK:
       bars.append((f"weak {workload}, P={p}",
-                   check_targets.weak_efficiency(timing, workload, n1, p)))
+                   check_targets.weak_efficiency(runs, workload, n1, p)))
   bars = [(label, v) for label, v in bars if v is not None]
   if bars:
     ax.barh([label for label, _ in bars], [v for _, v in bars])

@@ -138,3 +138,18 @@ def test_ring_profile_splits_each_gpu_into_busy_compute_and_idle():
   assert gpu0["groups_ms"] == {"ringdilated_mgpu_fwd_r1_t2048_mosaic_gpu_kernel": 0.6,
                                "nccl": 1.0, "xla input_reduce_fusion": 0.5}
   assert got["/device:GPU:1"]["groups_ms"] == {"xla input_reduce_fusion": 0.4}
+
+
+def test_multi_gpu_records_of_earlier_runs_stay(tmp_path):
+  """``bench_multi_gpu.merge``: a case's record replaces that of the same
+  run only; a skipped case is not recorded over a measured one."""
+  bmg = _module("bench_multi_gpu")
+  path = str(tmp_path / "r.json")
+  bmg.merge(path, dict(name="a", run="1", fwd_bwd_ms=1.0))
+  bmg.merge(path, dict(name="a", run="2", error="started"))
+  bmg.merge(path, dict(name="a", run="2", fwd_bwd_ms=2.0))
+  bmg.merge(path, dict(name="a", run="3", skipped="budget"), keep_measured=True)
+  assert bmg.load(path) == [dict(name="a", run="1", fwd_bwd_ms=1.0),
+                            dict(name="a", run="2", fwd_bwd_ms=2.0)]
+  rec = bmg._stub(bmg.Case.parse("timing/dense/N1024/P2/zigzag/xla"), skipped="x")  # pylint: disable=protected-access
+  assert rec["run"] == bmg.RUN and rec["kind"] == "timing"

@@ -313,3 +313,22 @@ def test_multi_gpu_8m_must_run(multi, tmp_path, capsys):
   bad = [r for r in multi if r["seq_len"] != 8 * M]
   assert _run(bad, tmp_path) == 1
   assert "FAIL  8M tokens fwd+bwd on 2 GPUs ran" in capsys.readouterr().out
+
+
+def test_multi_gpu_scaling_divides_records_of_one_run(multi, tmp_path, capsys):
+  """A later run that timed only the ring is not divided by an older one-GPU
+  time; once it times both, its own pair counts."""
+  runs = [dict(r, run="first") for r in multi]
+  t1 = next(r["fwd_bwd_ms"] for r in multi if r["workload"] == "longnet_ring"
+            and r["seq_len"] == 2 * M and r["devices"] == 1 and r["backend"] == "auto")
+  flops = _flops("longnet_ring", 2 * M)
+  runs.append(dict(_timing("longnet_ring", 2 * M, 2, "zigzag", "auto", t1 / 2 / 0.9, flops),
+                   run="second"))
+  assert _run(runs, tmp_path) == 0
+  assert "strong scaling P=2 LongNet-ring 2M, best layout and backend (run first)" in \
+      capsys.readouterr().out
+  runs.append(dict(_timing("longnet_ring", 2 * M, 1, "contiguous", "auto", t1, flops),
+                   run="second"))
+  assert _run(runs, tmp_path) == 1
+  assert ("FAIL  strong scaling P=2 LongNet-ring 2M, best layout and backend (run second): "
+          "t1 / (P tP) >= 0.97: 0.900") in capsys.readouterr().out
