@@ -91,24 +91,29 @@ def _group(name: str) -> str:
   return name if ("sdpa" in name or "cudnn" in name) else "xla (fusions, copies)"
 
 
+def timed_trace(fn, args, steps: int, timeline: bool = False) -> tuple[float, list]:
+  """``fn(*args)`` warmed up, then ms per call over ``steps`` calls, then the
+  device kernels (:func:`device_events`) of ``steps`` more under the profiler."""
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    jax.block_until_ready(fn(*args))
+  wall = (time.perf_counter() - t0) / steps * 1e3
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(steps):
+        jax.block_until_ready(fn(*args))
+    return wall, device_events(tmp, timeline)
+
+
 def profile(case: str, n: int, steps: int, mode: str) -> dict:
   device = jax.devices()[0]
   q, k, v, dout = bench._inputs(n, device, n)
   impl, make_extra = CASES[case](mode)
   extra = tuple(jax.device_put(x, device) for x in make_extra(n)) if make_extra else ()
 
-  fwd_bwd = bench.fwd_bwd(impl)
-  args = (q, k, v, dout, *extra)
-  jax.block_until_ready(fwd_bwd(*args))
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    jax.block_until_ready(fwd_bwd(*args))
-  wall = (time.perf_counter() - t0) / steps * 1e3
-  with tempfile.TemporaryDirectory() as tmp:
-    with jax.profiler.trace(tmp, create_perfetto_trace=True):
-      for _ in range(steps):
-        jax.block_until_ready(fwd_bwd(*args))
-    events = device_events(tmp)
+  wall, events = timed_trace(bench.fwd_bwd(impl), (q, k, v, dout, *extra), steps)
   per = collections.defaultdict(float)
   count = collections.Counter()
   for name, us in events:

@@ -23,15 +23,9 @@ import json
 import os
 import re
 import sys
-import tempfile
-import time
-
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-
-import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_multi_gpu as bmg  # noqa: E402
+import bench_multi_gpu as bmg  # noqa: E402  (sets XLA's memory fraction before jax)
 import profile_kernels  # noqa: E402
 
 
@@ -82,18 +76,7 @@ def profile(name: str, steps: int) -> dict:
   mesh = bmg._mesh(case.p)  # pylint: disable=protected-access
   q, k, v, dout = bmg._inputs(case, mesh, case.n)  # pylint: disable=protected-access
   fn = bmg.fwd_bwd_fn(bmg.ring_attention(case, mesh)).lower(q, k, v, dout).compile()
-  args = (q, k, v, dout)
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    jax.block_until_ready(fn(*args))
-  wall = (time.perf_counter() - t0) / steps * 1e3
-  with tempfile.TemporaryDirectory() as tmp:
-    with jax.profiler.trace(tmp, create_perfetto_trace=True):
-      for _ in range(steps):
-        jax.block_until_ready(fn(*args))
-    events = profile_kernels.device_events(tmp, timeline=True)
+  wall, events = profile_kernels.timed_trace(fn, (q, k, v, dout), steps, timeline=True)
   return dict(case=name, wall_ms=wall, steps=steps, devices=summarize(events, steps))
 
 
