@@ -21,6 +21,9 @@
 #   rings        T_RINGS=500    check_gpu.py mosaic on rings (check_vma=False), then
 #                               bench_multi_gpu.py LongNet-ring scaling, Hopper kernels
 #                               against cuDNN blocks (log: rings.log)
+#   profile      T_PROFILE=200  profile_ring.py: per GPU, where the LongNet-ring 2M (1 GPU,
+#                               a ring of 2 in both layouts) and dense 128K rings' time goes
+#                               (log: profile.log, profile_ring.json; GPU only)
 #   mosaic       T_MOSAIC=400   the Hopper kernels: mosaic_probe.py (exactness against the
 #                               Triton kernels, 14 children over 2 GPUs; dense speed alone),
 #                               check_gpu.py mosaic with and
@@ -49,6 +52,7 @@ T_BENCH=${T_BENCH:-120}
 T_LONGEST=${T_LONGEST:-300}
 T_MOSAIC=${T_MOSAIC:-400}
 T_RINGS=${T_RINGS:-500}
+T_PROFILE=${T_PROFILE:-200}
 REPRO_VARIANT_TIMEOUT=${REPRO_VARIANT_TIMEOUT:-60}
 # searched in this order (with SMOKE=1: auto; Pallas interprets on CPU, minutes a case)
 LONGEST_BACKENDS=${LONGEST_BACKENDS:-$([ "$SMOKE" = 1 ] && echo auto || echo pallas,auto)}
@@ -145,6 +149,15 @@ for step in "${STEPS[@]}"; do
         "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" --no-check-vma \
         --only strong,weak,layouts --backends mosaic,cudnn --match longnet_ring \
         --time-budget "$(inner "$((T_RINGS / 2))" 60)" $SMOKE_FLAG ;;
+    profile)
+      if [ "$SMOKE" = 1 ]; then
+        log "profile: needs a GPU (a CPU trace has no device streams); skipped"
+      else
+        L=timing/longnet_ring/N2097152
+        run profile "$T_PROFILE" profile.log "$PY" benchmarks/profile_ring.py --no-check-vma \
+          --top 16 --json "$OUT/profile_ring.json" $L/P1/contiguous/mosaic \
+          $L/P2/contiguous/mosaic $L/P2/zigzag/mosaic timing/dense/N131072/P2/zigzag/cudnn
+      fi ;;
     mosaic)
       # exactness cases in parallel over both GPUs (each is mostly compile time)
       run mosaic_probe "$((T_MOSAIC / 4))" mosaic.log env JOBS=14 PROBE_GPUS=0,1 \
