@@ -242,11 +242,21 @@ def one_run_pair(timing, workload, n1, n, p, layout=None, **match):
   return None
 
 
+def _strong(pair, p):
+  return None if pair is None else pair[0]["fwd_bwd_ms"] / (p * pair[1]["fwd_bwd_ms"])
+
+
+def _weak(pair, p):
+  if pair is None:
+    return None
+  one, many = pair
+  return (many["flops"] / many["fwd_bwd_ms"]) / (p * one["flops"] / one["fwd_bwd_ms"])
+
+
 def strong_efficiency(timing, workload, n, p, **match):
   """``t1 / (P tP)``: best time on one GPU over ``P`` times the best on ``P``,
   in one run."""
-  pair = one_run_pair(timing, workload, n, n, p, **match)
-  return None if pair is None else pair[0]["fwd_bwd_ms"] / (p * pair[1]["fwd_bwd_ms"])
+  return _strong(one_run_pair(timing, workload, n, n, p, **match), p)
 
 
 def weak_efficiency(timing, workload, n_per_gpu, p, **match):
@@ -254,15 +264,10 @@ def weak_efficiency(timing, workload, n_per_gpu, p, **match):
   (``N = n``), in one run, in the attention FLOPs each pattern needs:
   ``t1 / tP`` when the work is linear in ``N``, fair to dense attention
   (quadratic) too."""
-  pair = one_run_pair(timing, workload, n_per_gpu, n_per_gpu * p, p, **match)
-  if pair is None:
-    return None
-  one, many = pair
-  return (many["flops"] / many["fwd_bwd_ms"]) / (p * one["flops"] / one["fwd_bwd_ms"])
+  return _weak(one_run_pair(timing, workload, n_per_gpu, n_per_gpu * p, p, **match), p)
 
 
-def _run_of(timing, workload, n1, n, p) -> str:
-  pair = one_run_pair(timing, workload, n1, n, p)
+def _run_of(pair) -> str:
   return f" (run {pair[0].get('run') or 'unstamped'})" if pair else ""
 
 
@@ -288,19 +293,20 @@ def multi_targets(records, p=2):
     yield (f"ring of {p} GPUs, other backends, max relative L2 error",
            max(r["max_rel_err"] for r in others), None)
   for workload, n, label in STRONG:
-    v = strong_efficiency(timing, workload, n, p)
+    pair = one_run_pair(timing, workload, n, n, p)
+    v = _strong(pair, p)
     yield (f"strong scaling P={p} {label}, best layout and backend"
-           f"{_run_of(timing, workload, n, n, p)}: t1 / (P tP) >= 0.97",
-           v, v is not None and v >= 0.97)
+           f"{_run_of(pair)}: t1 / (P tP) >= 0.97", v, v is not None and v >= 0.97)
     for backend in ("auto", "pallas", "mosaic", "cudnn"):
       for layout in ("contiguous", "zigzag"):
         v = strong_efficiency(timing, workload, n, p, backend=backend, layout=layout)
         if v is not None or backend in ("auto", "pallas"):
           yield f"strong scaling P={p} {label}, {backend} {layout}", v, None
   for workload, n, label in WEAK:
-    v = weak_efficiency(timing, workload, n, p)
-    yield (f"weak scaling P={p} {label}, best layout and backend"
-           f"{_run_of(timing, workload, n, n * p, p)} >= 0.97"), v, v is not None and v >= 0.97
+    pair = one_run_pair(timing, workload, n, n * p, p)
+    v = _weak(pair, p)
+    yield (f"weak scaling P={p} {label}, best layout and backend{_run_of(pair)} >= 0.97",
+           v, v is not None and v >= 0.97)
   ran = [r for r in records if r.get("workload") == "longnet_ring" and r.get("devices") == p
          and r.get("seq_len", 0) >= 8 * M and "fwd_bwd_ms" in r]
   best = min(ran, key=lambda r: r["fwd_bwd_ms"], default=None)
