@@ -111,7 +111,6 @@ STRONG = (("dense", 131072), ("longnet_ring", 2 * M))
 WEAK = (("dense", 65536), ("longnet_ring", M))  # tokens per GPU
 DENSE_1M = 1 * M
 LONGEST_START, LONGEST_MAX = 8 * M, 64 * M
-CHECK_VMA = True  # shard_map's varying-axes check (--no-check-vma)
 # The run every record is stamped with (the driver's, inherited by its
 # subprocesses): check_targets.py divides only records of one run.
 RUN = os.environ.setdefault("RINGDILATED_BENCH_RUN", time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -175,15 +174,16 @@ class Case(NamedTuple):
   p: int
   layout: str
   backend: str
+  vma: bool = True  # shard_map's varying-axes check (--no-check-vma: off); not in the name
 
   @property
   def name(self) -> str:
     return f"{self.kind}/{self.workload}/N{self.n}/P{self.p}/{self.layout}/{self.backend}"
 
   @classmethod
-  def parse(cls, name: str) -> Case:
+  def parse(cls, name: str, vma: bool = True) -> Case:
     kind, workload, n, p, layout, backend = name.split("/")
-    return cls(kind, workload, int(n[1:]), int(p[1:]), layout, backend)
+    return cls(kind, workload, int(n[1:]), int(p[1:]), layout, backend, vma)
 
   @property
   def own_process(self) -> bool:
@@ -191,11 +191,11 @@ class Case(NamedTuple):
     return self.kind == "attempt"
 
 
-def plan(groups, ps, backends, layouts, timing_backends=None) -> list[Case]:
+def plan(groups, ps, backends, layouts, timing_backends=None, vma: bool = True) -> list[Case]:
   """The cases of ``groups`` in priority order: the targets of check_targets.py
   first (Pallas correctness, strong scaling in zigzag, 8M), then the rest.
   ``backends`` are checked for correctness, ``timing_backends`` (default the
-  same) timed."""
+  same) timed; ``vma``: shard_map's varying-axes check."""
   rings = [p for p in ps if p > 1]
   out = []
 
@@ -204,7 +204,7 @@ def plan(groups, ps, backends, layouts, timing_backends=None) -> list[Case]:
     if layout not in layouts and p > 1:
       return
     if valid(workload, n, p, layout) is None:
-      out.append(Case(kind, workload, n, p, layout, backend))
+      out.append(Case(kind, workload, n, p, layout, backend, vma))
 
   first = "zigzag" if "zigzag" in layouts else layouts[0]
   order = [b for b in ("pallas", "auto") if b in backends] + [
@@ -279,15 +279,15 @@ def ring_attention(case: Case, mesh):
   attn = functools.partial(rd.dilated_attention, causal=True, axis_name="sp",
                            layout=case.layout, backend=case.backend, **cfg)
   return jax.shard_map(attn, mesh=mesh, in_specs=(PS(None, "sp"),) * 3,
-                       out_specs=PS(None, "sp"), check_vma=check_vma(case.backend))
+                       out_specs=PS(None, "sp"), check_vma=check_vma(case))
 
 
-def check_vma(backend: str) -> bool:
-  """shard_map's varying-axes check: on (unless ``--no-check-vma``: the Hopper
-  kernels run only without it, see the README), except for Pallas in
-  interpret mode (off a GPU), whose grid loop it mistypes (jax 0.10;
-  tests/test_pallas.py)."""
-  return CHECK_VMA and (backend != "pallas" or jax.default_backend() == "gpu")
+def check_vma(case: Case) -> bool:
+  """shard_map's varying-axes check of the case's ring: on (unless
+  ``--no-check-vma``: the Hopper kernels run only without it, see the
+  README), except for Pallas in interpret mode (off a GPU), whose grid loop
+  it mistypes (jax 0.10; tests/test_pallas.py)."""
+  return case.vma and (case.backend != "pallas" or jax.default_backend() == "gpu")
 
 
 def local_tensor_bytes(case: Case) -> int:
@@ -414,7 +414,7 @@ def _base_record(case: Case) -> dict:
               causal=True, dtype="bfloat16", batch=B, heads=H, head_dim=D,
               segment_lengths=list(cfg["segment_lengths"]),
               dilation_rates=list(cfg["dilation_rates"]), mode=cfg["mode"],
-              check_vma=check_vma(case.backend),
+              check_vma=check_vma(case),
               device_kind=dev.device_kind, platform=dev.platform,
               visible_devices=len(jax.devices()), jax_version=jax.__version__)
 
@@ -704,7 +704,7 @@ def worker(args, names: list[str]) -> int:
   start = time.monotonic()
   traced = False
   for name in names:
-    case = Case.parse(name)
+    case = Case.parse(name, args.check_vma)
     if args.time_budget is not None and time.monotonic() - start > args.time_budget:
       merge(args.out, _stub(case, skipped=f"time budget of {args.time_budget:.0f} s spent"),
             keep_measured=True)
@@ -745,8 +745,6 @@ def main(argv=None) -> int:
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--attempt", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  global CHECK_VMA  # pylint: disable=global-statement
-  CHECK_VMA = args.check_vma
   _configure(args.smoke)
   if args.smoke:
     args.longest_max = min(args.longest_max, 2 * LONGEST_START)
@@ -754,7 +752,7 @@ def main(argv=None) -> int:
     with open(args.worker) as f:
       return worker(args, f.read().split())
   if args.attempt:
-    case = Case.parse(args.attempt)
+    case = Case.parse(args.attempt, args.check_vma)
     merge(args.out, _stub(case, error=STARTED))
     rec = run_case(case, args, isolated=True, trace_dir=None)
     merge(args.out, rec)
@@ -777,7 +775,7 @@ def main(argv=None) -> int:
   print(f"{count} x {kind}, jax {jax.__version__}, rings of {ps}, groups {sorted(groups)}, "
         f"backends {backends}, layouts {layouts}", flush=True)
   timed = ["auto"] if args.smoke and args.backends is None else backends
-  cases = plan(groups, ps, backends, layouts, timed)
+  cases = plan(groups, ps, backends, layouts, timed, args.check_vma)
   if args.match:
     cases = [c for c in cases if re.search(args.match, c.name)]
   if args.resume:

@@ -64,16 +64,12 @@ def main(argv=None) -> int:
 def ring_memory(workload: str, n: int, p: int, layout: str, backend: str, check_vma: bool):
   """(label, memory analysis, bytes of one local tensor) of a bench_multi_gpu
   ring's forward+backward, compiled, not run."""
-  case = multi.Case("timing", workload, n, p, layout, backend)
+  case = multi.Case("timing", workload, n, p, layout, backend, check_vma)
   mesh = multi._mesh(p)  # pylint: disable=protected-access
   x = jax.ShapeDtypeStruct((multi.B, case.n, multi.H, multi.D), jnp.bfloat16,
                            sharding=NamedSharding(mesh, PartitionSpec(None, "sp")))
-  saved, multi.CHECK_VMA = multi.CHECK_VMA, check_vma  # (the ring reads the script's flag)
-  try:
-    m = multi.fwd_bwd_fn(multi.ring_attention(case, mesh)).lower(x, x, x, x).compile()
-    label = f"{case.name} check_vma={multi.check_vma(case.backend)}, per device"
-  finally:
-    multi.CHECK_VMA = saved
+  m = multi.fwd_bwd_fn(multi.ring_attention(case, mesh)).lower(x, x, x, x).compile()
+  label = f"{case.name} check_vma={multi.check_vma(case)}, per device"
   return label, m.memory_analysis(), multi.local_tensor_bytes(case)
 
 

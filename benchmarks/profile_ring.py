@@ -71,8 +71,8 @@ def summarize(events: list[tuple], steps: int) -> dict:
   return out
 
 
-def profile(name: str, steps: int) -> dict:
-  case = bmg.Case.parse(name)
+def profile(name: str, steps: int, vma: bool = True) -> dict:
+  case = bmg.Case.parse(name, vma)
   mesh = bmg._mesh(case.p)  # pylint: disable=protected-access
   q, k, v, dout = bmg._inputs(case, mesh, case.n)  # pylint: disable=protected-access
   fn = bmg.fwd_bwd_fn(bmg.ring_attention(case, mesh)).lower(q, k, v, dout).compile()
@@ -101,10 +101,9 @@ def main(argv=None) -> int:
   p.add_argument("--no-check-vma", dest="check_vma", action="store_false")
   p.add_argument("--json")
   args = p.parse_args(argv)
-  bmg.CHECK_VMA = args.check_vma
   recs = []
   for name in args.cases:
-    recs.append(profile(name, args.steps))
+    recs.append(profile(name, args.steps, args.check_vma))
     report(recs[-1], args.top)
   if args.json:
     with open(args.json, "w") as f:

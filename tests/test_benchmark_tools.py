@@ -153,3 +153,14 @@ def test_multi_gpu_records_of_earlier_runs_stay(tmp_path):
                             dict(name="a", run="2", fwd_bwd_ms=2.0)]
   rec = bmg._stub(bmg.Case.parse("timing/dense/N1024/P2/zigzag/xla"), skipped="x")  # pylint: disable=protected-access
   assert rec["run"] == bmg.RUN and rec["kind"] == "timing"
+
+
+def test_multi_gpu_cases_carry_the_varying_axes_choice():
+  """``--no-check-vma`` travels in each case (planned or parsed from its
+  name in a worker), not in module state; the name stays the identity."""
+  bmg = _module("bench_multi_gpu")
+  for vma in (True, False):
+    cases = bmg.plan({"strong"}, [1, 2], ["xla"], ["zigzag"], vma=vma)
+    assert cases and all(c.vma is vma and bmg.check_vma(c) is vma for c in cases)
+    parsed = [bmg.Case.parse(c.name, vma) for c in cases]
+    assert parsed == cases and "vma" not in cases[0].name
