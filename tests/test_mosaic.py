@@ -352,3 +352,16 @@ def test_glue_matches_the_oracle(bound, mode, segments, causal, masks, ring, dro
   assert set(bound) == in_place | blocks
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("per_segment,segments", [(1, 1), (4, 1), (3, 5), (16, 2)])
+def test_heavy_first_orders_every_pair_once(per_segment, segments):
+  """Causal query-tile pairs: a permutation of the grid that keeps the
+  segments in order and runs each one's pairs last (most key tiles) first."""
+  n = per_segment * segments
+  got = np.array([int(mosaic._heavy_first(jnp.int32(i), per_segment, True)) for i in range(n)])
+  assert sorted(got) == list(range(n))
+  np.testing.assert_array_equal(got // per_segment, np.arange(n) // per_segment)
+  np.testing.assert_array_equal(got % per_segment, per_segment - 1 - np.arange(n) % per_segment)
+  plain = [int(mosaic._heavy_first(jnp.int32(i), per_segment, False)) for i in range(n)]
+  assert plain == list(range(n))

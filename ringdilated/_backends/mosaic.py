@@ -305,6 +305,16 @@ def _per_program(impure, loops, carry):
                   functools.partial(loops, masked=False), carry)
 
 
+def _heavy_first(i, per_segment: int, causal: bool):
+  """The query-tile pair that program ``i`` of the grid runs: under a causal
+  mask each segment's pairs run last-first (most key tiles first), so the
+  light ones fill the last wave; segments keep their order, so the programs
+  of one segment still run together and share its keys in L2."""
+  if not causal:
+    return i
+  return i + (per_segment - 1) - 2 * lax.rem(i, jnp.int32(per_segment))
+
+
 def _query_program(ins, c: _Launch) -> tuple:
   """Where a program of the query-tile grid (forward, dq) stands: batch,
   warpgroup, query head, kv head, offset, first view row of its pair of
@@ -316,7 +326,7 @@ def _query_program(ins, c: _Launch) -> tuple:
   hq = geo.heads[0] + lax.axis_index("heads")
   kv = lax.div(hq, jnp.int32(geo.group))
   off = c.off(kv)
-  pair = lax.axis_index("q_seq")
+  pair = _heavy_first(lax.axis_index("q_seq"), t // (_COMPUTE * bq), geo.causal)
   m_pair = pair * (_COMPUTE * bq)  # first row, view units
   seg = lax.div(m_pair, jnp.int32(t)) * t  # first row of the segment
   t_pair = m_pair - seg  # position of the pair within the segment
