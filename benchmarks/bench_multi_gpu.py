@@ -36,6 +36,10 @@ both layouts (zigzag data permuted with ``rd.to_layout``):
                P GPUs, per backend: doubling from 8M, then bisecting coarsely,
                each attempt in a subprocess (an out-of-memory or a crash is
                an exit code, not a dead driver).
+  local        (only when asked) LongNet-ring 2M without its last branch, so
+               every branch is local (contiguous, no communication), on 1 GPU
+               and on P: how far from 1 the ring's efficiency is before it
+               has a ring.
 
 LongNet-ring: ``segment_lengths=(2048, 16384, 131072, 1048576, N)``,
 ``dilation_rates=(1, 4, 16, 64, N / 16384)``, mode mix; the branches shorter
@@ -115,8 +119,8 @@ LONGEST_START, LONGEST_MAX = 8 * M, 64 * M
 # subprocesses): check_targets.py divides only records of one run.
 RUN = os.environ.setdefault("RINGDILATED_BENCH_RUN", time.strftime("%Y-%m-%dT%H:%M:%S"))
 GROUPS = ("correctness", "strong", "weak", "layouts", "overlap", "longest8m", "dense1m",
-          "longest")
-DEFAULT_GROUPS = GROUPS[:-1]
+          "longest", "local")
+DEFAULT_GROUPS = GROUPS[:-2]
 SMOKE_GROUPS = ("correctness", "strong", "weak", "layouts", "overlap", "longest8m",
                 "longest")
 
@@ -140,10 +144,10 @@ def config(workload: str, n: int) -> dict:
   """The attention settings of ``workload`` at global length ``n``."""
   if workload == "dense":
     return dict(segment_lengths=(n,), dilation_rates=(1,), mode="mix")
-  if workload == "longnet_ring":
+  if workload in ("longnet_ring", "longnet_local"):
     base = [(w // SCALE, r) for w, r in RING_BASE if w // SCALE < n]
-    last = (n, max(1, n // (RING_LAST_KEPT // SCALE)))
-    ws, rs = zip(*(base + [last]))
+    last = [(n, max(1, n // (RING_LAST_KEPT // SCALE)))] * (workload == "longnet_ring")
+    ws, rs = zip(*(base + last))
     return dict(segment_lengths=tuple(ws), dilation_rates=tuple(rs), mode="mix")
   raise ValueError(f"workload={workload!r}")
 
@@ -252,6 +256,10 @@ def plan(groups, ps, backends, layouts, timing_backends=None, vma: bool = True) 
       for backend in timing_backends:
         for p in rings:
           add("overlap", workload, _n(n), p, first, backend)
+  if "local" in groups:  # LongNet-ring without its spanning branch: no ring at all
+    for backend in timing_backends:
+      for p in ps:
+        add("timing", "longnet_local", _n(STRONG[1][1]), p, "contiguous", backend)
   if "dense1m" in groups:
     for backend in timing_backends:
       for p in ps[::-1]:
@@ -723,7 +731,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="benchmarks/results/h200x2.json")
   parser.add_argument("--only", default=None,
-                      help=f"comma list of groups of {GROUPS} (default: all but longest)")
+                      help=f"comma list of groups of {GROUPS} (default: all but longest, local)")
   parser.add_argument("--devices", default="1,all",
                       help="comma list of ring sizes; 'all' = every visible device")
   parser.add_argument("--backends", default=None, help="comma list (default auto,pallas)")

@@ -302,6 +302,9 @@ def multi_targets(records, p=2):
         v = strong_efficiency(timing, workload, n, p, backend=backend, layout=layout)
         if v is not None or backend in ("auto", "pallas"):
           yield f"strong scaling P={p} {label}, {backend} {layout}", v, None
+  v = strong_efficiency(timing, "longnet_local", 2 * M, p, layout="contiguous")
+  if v is not None:  # where the ring's shortfall comes from: no ring at all
+    yield f"strong scaling P={p} LongNet-ring 2M without its spanning branch (no ring)", v, None
   for workload, n, label in WEAK:
     pair = one_run_pair(timing, workload, n, n * p, p)
     v = _weak(pair, p)

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import ringdilated as rd
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -164,3 +166,19 @@ def test_multi_gpu_cases_carry_the_varying_axes_choice():
     assert cases and all(c.vma is vma and bmg.check_vma(c) is vma for c in cases)
     parsed = [bmg.Case.parse(c.name, vma) for c in cases]
     assert parsed == cases and "vma" not in cases[0].name
+
+
+def test_multi_gpu_local_cases_are_the_ring_config_without_its_ring():
+  """``--only local``: LongNet-ring without its last (spanning) branch, on
+  one GPU and on P in the contiguous layout, where no branch spans devices."""
+  bmg = _module("bench_multi_gpu")
+  n = bmg.STRONG[1][1]
+  ring, local = bmg.config("longnet_ring", n), bmg.config("longnet_local", n)
+  assert local["segment_lengths"] == ring["segment_lengths"][:-1]
+  assert local["dilation_rates"] == ring["dilation_rates"][:-1]
+  cases = bmg.plan({"local"}, [1, 2], ["mosaic"], ["zigzag", "contiguous"])
+  assert [c.name for c in cases] == [f"timing/longnet_local/N{n}/P{p}/contiguous/mosaic"
+                                     for p in (1, 2)]
+  assert "local" not in bmg.DEFAULT_GROUPS
+  cfg = rd.DilatedConfig(local["segment_lengths"], local["dilation_rates"], "mix", True)
+  assert rd.ring_balance(cfg, n, 2) == (1.0, 1.0)
