@@ -683,6 +683,19 @@ def run_isolated(case: Case, args, timeout: float | None) -> dict:
   return rec
 
 
+def merge_record(records: list, rec: dict) -> list:
+  """``records`` with ``rec`` appended, replacing its case's record of the
+  same run and its unmeasured (skipped, failed) ones: records of earlier
+  runs stay, since check_targets.py divides only records of one run."""
+  key = (rec["name"], rec["seq_len"])
+
+  def replaced(r):
+    return (r["name"], r["seq_len"]) == key and (r.get("run") == rec.get("run")
+                                                  or "fwd_bwd_ms" not in r)
+
+  return [r for r in records if not replaced(r)] + [rec]
+
+
 def _save(path: str | None, records: list) -> None:
   if path:  # after every case, so a run cut short keeps what it measured
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -738,7 +751,7 @@ def main(argv=None) -> int:
       rec = run_isolated(case, args, None if left is None else left + 600)
     else:
       rec = measure(case, args.iters, fwd=args.fwd, isolated=args.child)
-    records = [r for r in records if (r["name"], r["seq_len"]) != key] + [rec]
+    records = merge_record(records, rec)
     _save(args.out, records)
   if skipped:
     _save(args.out, records)

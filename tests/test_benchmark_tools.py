@@ -182,3 +182,20 @@ def test_multi_gpu_local_cases_are_the_ring_config_without_its_ring():
   assert "local" not in bmg.DEFAULT_GROUPS
   cfg = rd.DilatedConfig(local["segment_lengths"], local["dilation_rates"], "mix", True)
   assert rd.ring_balance(cfg, n, 2) == (1.0, 1.0)
+
+
+def test_bench_records_of_earlier_runs_stay():
+  """``bench.merge_record``: a case timed again replaces its record of the
+  same run and its unmeasured ones, never another run's measurement (the
+  one-run ratios of check_targets.py need both sides of older runs)."""
+  bench = _module("bench")
+  old = dict(name="a", seq_len=8, run="1", fwd_bwd_ms=1.0)
+  other = dict(name="b", seq_len=8, run="1", fwd_bwd_ms=3.0)
+  skipped = dict(name="a", seq_len=8, skipped="budget")
+  records = bench.merge_record([old, other, skipped], dict(name="a", seq_len=8, run="2",
+                                                           fwd_bwd_ms=2.0))
+  assert records == [old, other, dict(name="a", seq_len=8, run="2", fwd_bwd_ms=2.0)]
+  again = bench.merge_record(records, dict(name="a", seq_len=8, run="2", fwd_bwd_ms=2.5))
+  assert again == [old, other, dict(name="a", seq_len=8, run="2", fwd_bwd_ms=2.5)]
+  longer = bench.merge_record(again, dict(name="a", seq_len=16, run="2", fwd_bwd_ms=9.0))
+  assert len(longer) == 4
