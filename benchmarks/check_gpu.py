@@ -41,6 +41,7 @@ if "--smoke" in sys.argv and "xla_force_host_platform_device_count" not in os.en
                              " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
@@ -55,8 +56,49 @@ import ringdilated as rd  # noqa: E402
 from ringdilated import backends as rd_backends  # noqa: E402
 
 TOL = 2e-2  # relative L2 error, bf16 inputs against float32 math
-SCALE = 1   # --smoke divides lengths by 16
-B, H, HKV, D = 1, 8, 4, 64  # multi-GPU section (grouped-query attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Sizes and options of a check (``--smoke``: :data:`SMOKE`, for CPU).
+
+  Attributes:
+    scale: lengths are divided by it.
+    b, h, hkv, d: batch, query heads, kv heads, head dim of the multi-GPU
+      section (grouped-query attention).
+    check_vma: rings under ``jax.shard_map(check_vma=True)`` where the
+      backend allows it (``--no-check-vma``: never).
+  """
+
+  scale: int = 1
+  b: int = 1
+  h: int = 8
+  hkv: int = 4
+  d: int = 64
+  check_vma: bool = True
+
+  @property
+  def n(self) -> int:
+    """Sequence length of the multi-GPU section."""
+    return 16384 // self.scale
+
+  def config(self, name: str) -> dict:
+    """``two_branch``: a local and a spanning branch; ``three_branch``."""
+    s = self.scale
+    if name == "two_branch":
+      return dict(segment_lengths=(2048 // s, self.n), dilation_rates=(1, 2))
+    return dict(segment_lengths=(2048 // s, 8192 // s, self.n), dilation_rates=(1, 2, 4))
+
+  def vma(self, backend: str) -> bool:
+    """Off for Pallas in interpret mode (off a GPU), whose grid loop the
+    varying-axes check mistypes (jax 0.10; see tests/test_pallas.py), and
+    with --no-check-vma (under check_vma=True the mosaic backend hands ring
+    calls to the Triton kernels)."""
+    return self.check_vma and (backend not in ("pallas", "mosaic")
+                               or jax.default_backend() == "gpu")
+
+
+SMOKE = Settings(scale=16, h=4, hkv=2, d=32)
 
 
 def _rel(a, b):
@@ -65,29 +107,18 @@ def _rel(a, b):
   return err if np.isfinite(err) else float("inf")
 
 
-CHECK_VMA = True  # --no-check-vma: rings under check_vma=False (Mosaic kernels on rings)
-
-
-def _check_vma(backend: str) -> bool:
-  """Off for Pallas in interpret mode (off a GPU), whose grid loop the
-  varying-axes check mistypes (jax 0.10; see tests/test_pallas.py), and
-  with --no-check-vma (under check_vma=True the mosaic backend hands ring
-  calls to the Triton kernels)."""
-  return CHECK_VMA and (backend not in ("pallas", "mosaic") or jax.default_backend() == "gpu")
-
-
 # ----------------------------------------------------------------------------
 # One GPU (the original check).
 # ----------------------------------------------------------------------------
 
 
-def _run(q, k, v, cot, backend, ring, **kw):
+def _run(st: Settings, q, k, v, cot, backend, ring, **kw):
   fn = functools.partial(rd.dilated_attention, backend=backend, **kw)
   if ring:
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("sp",))
     fn = jax.shard_map(functools.partial(fn, axis_name="sp"), mesh=mesh,
                        in_specs=(P(None, "sp"),) * 3, out_specs=P(None, "sp"),
-                       check_vma=_check_vma(backend))
+                       check_vma=st.vma(backend))
 
   @jax.jit
   def go(q, k, v, cot):
@@ -96,8 +127,8 @@ def _run(q, k, v, cot, backend, ring, **kw):
   return go(q, k, v, cot)
 
 
-def single_cases(names):
-  s = SCALE
+def single_cases(st: Settings, names):
+  s = st.scale
   configs = [
       dict(segment_lengths=(4096 // s,), dilation_rates=(1,)),
       dict(segment_lengths=tuple(w // s for w in (512, 1024, 2048, 4096)),
@@ -114,31 +145,21 @@ def single_cases(names):
           yield backend, kw, causal, ring
 
 
-def run_single(backend, kw, causal, ring, rng):
-  b, n, h, hkv, d = 2, 4096 // SCALE, 8, 4, 128 // min(SCALE, 4)
+def run_single(st: Settings, backend, kw, causal, ring, rng):
+  b, n, h, hkv, d = 2, 4096 // st.scale, 8, 4, 128 // min(st.scale, 4)
   q = jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.bfloat16)
   k = jnp.asarray(rng.standard_normal((b, n, hkv, d)), jnp.bfloat16)
   v = jnp.asarray(rng.standard_normal((b, n, hkv, d)), jnp.bfloat16)
   cot = jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32)
-  got = _run(q, k, v, cot, backend, ring, causal=causal, **kw)
+  got = _run(st, q, k, v, cot, backend, ring, causal=causal, **kw)
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  want = _run(*f32, cot, "xla", False, causal=causal, **kw)
+  want = _run(st, *f32, cot, "xla", False, causal=causal, **kw)
   return [_rel(g, w) for g, w in zip(got, want)]
 
 
 # ----------------------------------------------------------------------------
 # Rings over all visible devices.
 # ----------------------------------------------------------------------------
-
-
-def two_branch():
-  n = 16384 // SCALE
-  return dict(segment_lengths=(2048 // SCALE, n), dilation_rates=(1, 2))
-
-
-def three_branch():
-  n = 16384 // SCALE
-  return dict(segment_lengths=(2048 // SCALE, 8192 // SCALE, n), dilation_rates=(1, 2, 4))
 
 
 def multi_cases(names, layouts):
@@ -195,24 +216,22 @@ def _tokens_of(masks):
   return [m for m in masks if m != "dropout"]
 
 
-def _mask_data(n, rng):
+def _mask_data(b, n, rng):
   """segment_ids [B, N]: documents of random lengths crossing the devices'
   boundaries; key_padding_mask [B, N]: the last 10% and 5% at random padded."""
   cuts = np.sort(rng.choice(np.arange(1, n), size=6, replace=False))
   seg = np.searchsorted(cuts, np.arange(n), side="right").astype(np.int32)
   pad = (np.arange(n) < n - n // 10) & (rng.random(n) > 0.05)
-  return {"segment_ids": np.broadcast_to(seg, (B, n)).copy(),
-          "key_padding_mask": np.broadcast_to(pad, (B, n)).copy()}
+  return {"segment_ids": np.broadcast_to(seg, (b, n)).copy(),
+          "key_padding_mask": np.broadcast_to(pad, (b, n)).copy()}
 
 
-_REFERENCE = {}
-
-
-def _reference(cfg_name, mode, causal, masks, data, tokens):
-  """One device, float32, backend="xla": (out, dq, dk, dv) as numpy."""
+def _reference(st: Settings, cache: dict, cfg_name, mode, causal, masks, data, tokens):
+  """One device, float32, backend="xla": (out, dq, dk, dv) as numpy, kept
+  in ``cache`` (one per data set) for the cases that share it."""
   key = (cfg_name, mode, causal, masks)
-  if key not in _REFERENCE:
-    cfg = two_branch() if cfg_name == "two_branch" else three_branch()
+  if key not in cache:
+    cfg = st.config(cfg_name)
     dev = jax.devices()[0]
     q, k, v, cot = (jax.device_put(x.astype(np.float32), dev) for x in data)
     extra = {m: jax.device_put(tokens[m], dev) for m in _tokens_of(masks)}
@@ -223,11 +242,11 @@ def _reference(cfg_name, mode, causal, masks, data, tokens):
                              **cfg, **extra, **_dropout_kw(masks))
       out, pull = jax.vjp(fn, q, k, v)
       return (out,) + pull(cot)
-    _REFERENCE[key] = [np.asarray(x, np.float64) for x in run(q, k, v, cot, extra)]
-  return _REFERENCE[key]
+    cache[key] = [np.asarray(x, np.float64) for x in run(q, k, v, cot, extra)]
+  return cache[key]
 
 
-def ring_out_and_grads(backend, layout, mode, cfg, causal, masks, data, tokens, p,
+def ring_out_and_grads(st: Settings, backend, layout, mode, cfg, causal, masks, data, tokens, p,
                        lay_out=True):
   """The bf16 ring over ``p`` devices: (out, dq, dk, dv) in natural order.
   ``lay_out=False`` feeds the data unpermuted (the negative control)."""
@@ -248,20 +267,20 @@ def ring_out_and_grads(backend, layout, mode, cfg, causal, masks, data, tokens, 
 
   spec = P(None, "sp")
   ring = jax.jit(jax.shard_map(go, mesh=mesh, in_specs=(spec,) * 4 + ({m: spec for m in extra},),
-                               out_specs=spec, check_vma=_check_vma(backend)))
+                               out_specs=spec, check_vma=st.vma(backend)))
   return [rd.from_layout(np.asarray(x.astype(jnp.float32), np.float64), layout, p)
           for x in ring(q, k, v, cot, extra)]
 
 
-def _negative_control(data, tokens, p) -> bool:
+def _negative_control(st: Settings, cache: dict, data, tokens, p) -> bool:
   """Contiguous data fed to a zigzag ring (XLA blocks) must miss the
   tolerance: the comparison can fail. Whether it did."""
   label = f"negative control: contiguous data on a zigzag ring of {p} (must exceed {TOL})"
   print(f"{label} ...", flush=True)
   try:
-    want = _reference("two_branch", "mix", True, (), data, tokens)
-    got = ring_out_and_grads("xla", "zigzag", "mix", two_branch(), True, (), data, tokens, p,
-                             lay_out=False)
+    want = _reference(st, cache, "two_branch", "mix", True, (), data, tokens)
+    got = ring_out_and_grads(st, "xla", "zigzag", "mix", st.config("two_branch"), True, (),
+                             data, tokens, p, lay_out=False)
     err = max(_rel(g, w) for g, w in zip(got, want))
   except Exception as e:  # pylint: disable=broad-except
     print(f"{label} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -271,7 +290,6 @@ def _negative_control(data, tokens, p) -> bool:
 
 
 def main(argv=None) -> int:
-  global SCALE, H, HKV, D  # pylint: disable=global-statement
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("backends", nargs="*", help="default: pallas cudnn xla mosaic "
                       "(multi), cudnn pallas mosaic (single)")
@@ -286,10 +304,8 @@ def main(argv=None) -> int:
   parser.add_argument("--no-check-vma", action="store_true",
                       help="rings under jax.shard_map(check_vma=False)")
   args = parser.parse_args(argv)
-  global CHECK_VMA  # pylint: disable=global-statement
-  CHECK_VMA = not args.no_check_vma
-  if args.smoke:
-    SCALE, H, HKV, D = 16, 4, 2, 32
+  st = dataclasses.replace(SMOKE if args.smoke else Settings(),
+                           check_vma=not args.no_check_vma)
   start = time.monotonic()
   sections = args.sections.split(",")
   layouts = args.layouts.split(",")
@@ -329,10 +345,10 @@ def main(argv=None) -> int:
     if p < 2:
       print("multi: skipped, fewer than 2 devices visible", flush=True)
     else:
-      n = 16384 // SCALE
-      data = [rng.standard_normal((B, n, h, D)).astype(jnp.bfloat16)
-              for h in (H, HKV, HKV, H)]
-      tokens = _mask_data(n, rng)
+      n, cache = st.n, {}
+      data = [rng.standard_normal((st.b, n, h, st.d)).astype(jnp.bfloat16)
+              for h in (st.h, st.hkv, st.hkv, st.h)]
+      tokens = _mask_data(st.b, n, rng)
       names = args.backends or ["pallas", "cudnn", "xla", "mosaic"]
       for backend, layout, mode, cfg_name, causal, masks in multi_cases(names, layouts):
         label = (f"ring P={p} {backend or '-':6s} {layout:10s} {mode:9s} {cfg_name:12s} "
@@ -343,10 +359,10 @@ def main(argv=None) -> int:
           left_out += 1
           continue
         if backend is None:
-          if not _negative_control(data, tokens, p):
+          if not _negative_control(st, cache, data, tokens, p):
             failed.append("negative control")
           continue
-        cfg = two_branch() if cfg_name == "two_branch" else three_branch()
+        cfg = st.config(cfg_name)
         try:
           rd.ring_balance(rd.DilatedConfig(cfg["segment_lengths"], cfg["dilation_rates"],
                                            mode, causal, layout=layout), n, p)
@@ -356,14 +372,15 @@ def main(argv=None) -> int:
 
         def errors(backend=backend, layout=layout, mode=mode, cfg=cfg, cfg_name=cfg_name,
                    causal=causal, masks=masks):
-          want = _reference(cfg_name, mode, causal, masks, data, tokens)
-          got = ring_out_and_grads(backend, layout, mode, cfg, causal, masks, data, tokens, p)
+          want = _reference(st, cache, cfg_name, mode, causal, masks, data, tokens)
+          got = ring_out_and_grads(st, backend, layout, mode, cfg, causal, masks, data, tokens,
+                                   p)
           return [_rel(g, w) for g, w in zip(got, want)]
         worst = max(worst, check(label, errors))
 
   if "single" in sections:
     names = args.backends or ["cudnn", "pallas", "mosaic"]
-    for backend, kw, causal, ring in single_cases(names):
+    for backend, kw, causal, ring in single_cases(st, names):
       label = (f"1 GPU  {backend:6s} {kw.get('mode', 'mix'):9s} w={kw['segment_lengths']} "
                f"causal={causal!s:5} ring={ring!s:5}" + " dropout" * ("dropout_rate" in kw))
       if args.match and not re.search(args.match, label):
@@ -371,7 +388,7 @@ def main(argv=None) -> int:
       if over_budget():
         left_out += 1
         continue
-      worst = max(worst, check(label, functools.partial(run_single, backend, kw, causal,
+      worst = max(worst, check(label, functools.partial(run_single, st, backend, kw, causal,
                                                         ring, rng)))
 
   print(f"worst relative error {worst:.2e} (tolerance {TOL}); {len(failed)} failed"

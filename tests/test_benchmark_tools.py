@@ -14,6 +14,7 @@ they differ only in source locations.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -34,6 +35,7 @@ def _module(name: str = "profile_kernels"):
   try:
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up)
     spec.loader.exec_module(module)
     return module
   finally:
@@ -199,3 +201,18 @@ def test_bench_records_of_earlier_runs_stay():
   assert again == [old, other, dict(name="a", seq_len=8, run="2", fwd_bwd_ms=2.5)]
   longer = bench.merge_record(again, dict(name="a", seq_len=16, run="2", fwd_bwd_ms=9.0))
   assert len(longer) == 4
+
+
+def test_check_gpu_settings_are_explicit():
+  """``check_gpu.Settings``: sizes and the varying-axes choice travel as one
+  frozen value (no module state switched by the CLI)."""
+  cg = _module("check_gpu")
+  st = cg.SMOKE
+  assert st.n == 16384 // st.scale
+  assert st.config("two_branch") == dict(segment_lengths=(2048 // st.scale, st.n),
+                                         dilation_rates=(1, 2))
+  assert st.config("three_branch")["segment_lengths"][-1] == st.n
+  assert cg.Settings().vma("xla") and not cg.Settings(check_vma=False).vma("xla")
+  assert not cg.Settings().vma("pallas")  # interpret mode off a GPU
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    st.scale = 1
