@@ -44,13 +44,15 @@ class Results:
   run), so that a ratio compares two records timed side by side.
 
   ``rec[(name, n)]`` is the newest record of that case; :meth:`same_run`
-  finds the newest run holding every case asked for.
+  finds the newest run holding every case asked for. Records timed under
+  ``XLA_FLAGS`` (``xla_flags``) are left out: the targets read XLA's
+  defaults.
   """
 
   def __init__(self, records):
     runs = {}
     for r in records:
-      if "error" not in r and "fwd_bwd_ms" in r:
+      if "error" not in r and "fwd_bwd_ms" in r and not r.get("xla_flags"):
         runs.setdefault(r.get("run", ""), {})[(r["name"], r["seq_len"])] = r
     self.runs = list(runs.values())[::-1]  # newest first (the file is appended)
 
@@ -278,8 +280,13 @@ WEAK = (("dense", 65536, "dense causal, 64K tokens per GPU"),
 
 
 def multi_targets(records, p=2):
-  """Yields (description, value, passed) for the multi-GPU targets at ``p``."""
-  timing = [r for r in records if r.get("kind") == "timing" and "fwd_bwd_ms" in r]
+  """Yields (description, value, passed) for the multi-GPU targets at ``p``.
+
+  The targets read timings made with XLA's default settings; a run under
+  ``XLA_FLAGS`` (its records' ``xla_flags``) is printed as context."""
+  measured = [r for r in records if r.get("kind") == "timing" and "fwd_bwd_ms" in r]
+  timing = [r for r in measured if not r.get("xla_flags")]
+  flagged = [r for r in measured if r.get("xla_flags")]
   checks = [r for r in records if r.get("kind") == "correctness" and r.get("devices") == p]
   pallas = [r for r in checks if r.get("backend") == "pallas"]
   failed = [r for r in pallas if "max_rel_err" not in r]
@@ -302,6 +309,12 @@ def multi_targets(records, p=2):
         v = strong_efficiency(timing, workload, n, p, backend=backend, layout=layout)
         if v is not None or backend in ("auto", "pallas"):
           yield f"strong scaling P={p} {label}, {backend} {layout}", v, None
+  for workload, n, label in STRONG:
+    for flags in dict.fromkeys(r["xla_flags"] for r in flagged):
+      pair = one_run_pair([r for r in flagged if r["xla_flags"] == flags], workload, n, n, p)
+      if pair is not None:
+        yield (f"strong scaling P={p} {label}, best layout and backend{_run_of(pair)} "
+               f"with XLA_FLAGS={flags!r}"), _strong(pair, p), None
   v = strong_efficiency(timing, "longnet_local", 2 * M, p, layout="contiguous")
   if v is not None:  # where the ring's shortfall comes from: no ring at all
     yield f"strong scaling P={p} LongNet-ring 2M without its spanning branch (no ring)", v, None

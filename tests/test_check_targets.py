@@ -207,6 +207,16 @@ def test_ratios_compare_records_of_one_run(records, tmp_path, capsys):
   assert ">= 1.3x: 1.500" in capsys.readouterr().out
 
 
+def test_one_gpu_targets_leave_out_runs_under_xla_flags(records, tmp_path, capsys):
+  """A run under XLA_FLAGS never counts for a target, however fast."""
+  flagged = [dict(_rec(name, M, ms), run="flagged", xla_flags="--xla_some_flag=true")
+             for name, ms in (("ours_longnet_partition", 1.0),
+                              ("slice_cudnn_longnet_partition", 30.0))]
+  assert _run(copy.deepcopy(records) + flagged, tmp_path) == 0
+  assert "Hopper kernels: LongNet partition 1M throughput vs slice+cuDNN >= 1.3x: 1.316" in \
+      capsys.readouterr().out
+
+
 def test_runtime_peak_comes_from_the_newest_record_that_has_one(records, tmp_path, capsys):
   """Runs without --isolate record no runtime peak: the target reads the
   newest isolated one, and fails when it is over 1.15x (or there is none)."""
@@ -332,3 +342,19 @@ def test_multi_gpu_scaling_divides_records_of_one_run(multi, tmp_path, capsys):
   assert _run(runs, tmp_path) == 1
   assert ("FAIL  strong scaling P=2 LongNet-ring 2M, best layout and backend (run second): "
           "t1 / (P tP) >= 0.97: 0.900") in capsys.readouterr().out
+
+
+def test_multi_gpu_targets_read_default_settings_only(multi, tmp_path, capsys):
+  """A newer run under XLA_FLAGS (recorded in ``xla_flags``) is context: the
+  targets keep dividing the newest run made with XLA's defaults."""
+  runs = [dict(r, run="default") for r in multi]
+  flags = "--xla_gpu_enable_latency_hiding_scheduler=true"
+  flops = _flops("longnet_ring", 2 * M)
+  for p, ms in ((1, 100.0), (2, 100.0 / 2 / 0.5)):  # efficiency 0.5 under the flag
+    runs.append(dict(_timing("longnet_ring", 2 * M, p, "contiguous" if p == 1 else "zigzag",
+                             "auto", ms, flops), run="flagged", xla_flags=flags))
+  assert _run(runs, tmp_path) == 0
+  out = capsys.readouterr().out
+  assert "PASS  strong scaling P=2 LongNet-ring 2M, best layout and backend (run default)" in out
+  assert (f"info  strong scaling P=2 LongNet-ring 2M, best layout and backend (run flagged) "
+          f"with XLA_FLAGS={flags!r}: 0.500") in out
