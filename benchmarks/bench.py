@@ -463,7 +463,7 @@ def measure(case: Case, iters=10, *, fwd=True, isolated=False) -> dict:
   device = jax.devices()[0]
   rec = dict(name=name, config=case.config, seq_len=n, dtype="bfloat16", batch=B, heads=H,
              head_dim=D, device=device.device_kind, jax_version=jax.__version__, run=RUN,
-             xla_flags=os.environ.get("XLA_FLAGS", ""))
+             xla_flags=os.environ.get("XLA_FLAGS", "").strip())
   before = runtime_peak(device)
   try:
     q, k, v, dout = _inputs(n, device, n)

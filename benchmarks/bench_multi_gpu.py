@@ -422,7 +422,8 @@ def _base_record(case: Case) -> dict:
               causal=True, dtype="bfloat16", batch=B, heads=H, head_dim=D,
               segment_lengths=list(cfg["segment_lengths"]),
               dilation_rates=list(cfg["dilation_rates"]), mode=cfg["mode"],
-              check_vma=check_vma(case), xla_flags=os.environ.get("XLA_FLAGS", ""),
+              check_vma=check_vma(case),
+              xla_flags=os.environ.get("XLA_FLAGS", "").strip(),
               device_kind=dev.device_kind, platform=dev.platform,
               visible_devices=len(jax.devices()), jax_version=jax.__version__)
 

@@ -24,6 +24,12 @@
 #   profile      T_PROFILE=200  profile_ring.py: per GPU, where the LongNet-ring 2M (1 GPU,
 #                               a ring of 2 in both layouts) and dense 128K rings' time goes
 #                               (log: profile.log, profile_ring.json; GPU only)
+#   scheduler    T_SCHED=440    bench_multi_gpu.py: the scaling cases (LongNet-ring on the Hopper
+#                               kernels, dense on cuDNN) in two runs, XLA's defaults, then
+#                               XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true (off in
+#                               stock jaxlib): does XLA hide the rings' communication better?
+#                               check_targets.py judges the first, prints the second (log:
+#                               scheduler.log)
 #   mosaic       T_MOSAIC=400   the Hopper kernels: mosaic_probe.py (exactness against the
 #                               Triton kernels, 14 children over 2 GPUs; dense speed alone),
 #                               check_gpu.py mosaic with and
@@ -53,6 +59,7 @@ T_LONGEST=${T_LONGEST:-300}
 T_MOSAIC=${T_MOSAIC:-400}
 T_RINGS=${T_RINGS:-500}
 T_PROFILE=${T_PROFILE:-200}
+T_SCHED=${T_SCHED:-440}
 REPRO_VARIANT_TIMEOUT=${REPRO_VARIANT_TIMEOUT:-60}
 # searched in this order (with SMOKE=1: auto; Pallas interprets on CPU, minutes a case)
 LONGEST_BACKENDS=${LONGEST_BACKENDS:-$([ "$SMOKE" = 1 ] && echo auto || echo pallas,auto)}
@@ -158,6 +165,17 @@ for step in "${STEPS[@]}"; do
           --top 16 --json "$OUT/profile_ring.json" $L/P1/contiguous/mosaic \
           $L/P2/contiguous/mosaic $L/P2/zigzag/mosaic timing/dense/N131072/P2/zigzag/cudnn
       fi ;;
+    scheduler)
+      M="longnet_ring/N(1048576/P1|2097152/P[12])/.*/mosaic"
+      M="$M|dense/N(65536/P1/.*|131072/P2/zigzag)/cudnn"
+      for flags in "" --xla_gpu_enable_latency_hiding_scheduler=true; do
+        run "scheduler${flags:+ $flags}" "$((T_SCHED / 2))" scheduler.log \
+          env XLA_FLAGS="${XLA_FLAGS:-} $flags" \
+          RINGDILATED_BENCH_RUN="$(date -u +%FT%TZ) scheduler ${flags:-defaults}" \
+          "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" --no-check-vma \
+          --only strong,weak,layouts --backends mosaic,cudnn --match "$M" \
+          --time-budget "$(inner "$((T_SCHED / 2))" 50)" $SMOKE_FLAG
+      done ;;
     mosaic)
       # exactness cases in parallel over both GPUs (each is mostly compile time)
       run mosaic_probe "$((T_MOSAIC / 4))" mosaic.log env JOBS=14 PROBE_GPUS=0,1 \
@@ -171,7 +189,8 @@ for step in "${STEPS[@]}"; do
         --seqs 1048576,32768 --iters 5 --time-budget "$(inner "$((T_MOSAIC / 4))" 60)" \
         $SMOKE_FLAG ;;
     *)
-      log "--- unknown step $step (known: repro check_gpu bench_multi bench longest mosaic)" ;;
+      log "--- unknown step $step (known: repro check_gpu bench_multi bench longest rings" \
+          "profile scheduler mosaic)" ;;
   esac
 done
 
