@@ -39,20 +39,26 @@ SLICE = {"mix": ("slice_cudnn_longnet_mix",),
 LONG_TERM = 1.3  # partition vs the slice baseline: the Hopper kernels' target (issue 17)
 
 
+def xla_defaults(record) -> bool:
+  """Whether ``record`` was timed with XLA's default settings (its
+  ``xla_flags`` empty or absent): the targets, and the plots, read only
+  those; a run under ``XLA_FLAGS`` is context."""
+  return not record.get("xla_flags")
+
+
 class Results:
   """Measured records by run (``run`` field; records without one are one
   run), so that a ratio compares two records timed side by side.
 
   ``rec[(name, n)]`` is the newest record of that case; :meth:`same_run`
   finds the newest run holding every case asked for. Records timed under
-  ``XLA_FLAGS`` (``xla_flags``) are left out: the targets read XLA's
-  defaults.
+  ``XLA_FLAGS`` are left out (:func:`xla_defaults`).
   """
 
   def __init__(self, records):
     runs = {}
     for r in records:
-      if "error" not in r and "fwd_bwd_ms" in r and not r.get("xla_flags"):
+      if "error" not in r and "fwd_bwd_ms" in r and xla_defaults(r):
         runs.setdefault(r.get("run", ""), {})[(r["name"], r["seq_len"])] = r
     self.runs = list(runs.values())[::-1]  # newest first (the file is appended)
 
@@ -283,10 +289,10 @@ def multi_targets(records, p=2):
   """Yields (description, value, passed) for the multi-GPU targets at ``p``.
 
   The targets read timings made with XLA's default settings; a run under
-  ``XLA_FLAGS`` (its records' ``xla_flags``) is printed as context."""
+  ``XLA_FLAGS`` is printed as context (:func:`xla_defaults`)."""
   measured = [r for r in records if r.get("kind") == "timing" and "fwd_bwd_ms" in r]
-  timing = [r for r in measured if not r.get("xla_flags")]
-  flagged = [r for r in measured if r.get("xla_flags")]
+  timing = [r for r in measured if xla_defaults(r)]
+  flagged = [r for r in measured if not xla_defaults(r)]
   checks = [r for r in records if r.get("kind") == "correctness" and r.get("devices") == p]
   pallas = [r for r in checks if r.get("backend") == "pallas"]
   failed = [r for r in pallas if "max_rel_err" not in r]
@@ -309,7 +315,6 @@ def multi_targets(records, p=2):
         v = strong_efficiency(timing, workload, n, p, backend=backend, layout=layout)
         if v is not None or backend in ("auto", "pallas"):
           yield f"strong scaling P={p} {label}, {backend} {layout}", v, None
-  for workload, n, label in STRONG:
     for flags in dict.fromkeys(r["xla_flags"] for r in flagged):
       pair = one_run_pair([r for r in flagged if r["xla_flags"] == flags], workload, n, n, p)
       if pair is not None:

@@ -62,7 +62,8 @@ def _lines(ax, series: dict) -> None:
 def plot_multi(records, out: str) -> None:
   """Time vs P (strong: N fixed; weak: N / P fixed), time vs N on the most
   devices, and the scaling efficiencies (check_targets.py's definitions)."""
-  runs = [r for r in records if r.get("kind") == "timing" and "fwd_bwd_ms" in r]
+  runs = [r for r in records if r.get("kind") == "timing" and "fwd_bwd_ms" in r
+          and check_targets.xla_defaults(r)]
   if not runs:
     raise SystemExit("no timing records to plot")
   timing = list({r["name"]: r for r in runs}.values())  # each case's newest record
@@ -135,7 +136,8 @@ def main(argv) -> int:
     plot_multi(records, out)
     print(out)
     return 0
-  records = [r for r in records if "error" not in r and "fwd_bwd_ms" in r]
+  records = [r for r in records
+             if "error" not in r and "fwd_bwd_ms" in r and check_targets.xla_defaults(r)]
   newest = {(r["name"], r["seq_len"]): r for r in records}  # later runs win
   series = collections.defaultdict(list)
   for (name, n), r in newest.items():
