@@ -130,14 +130,18 @@ def main():
           f"{_mib(m.temp_size_in_bytes + m.argument_size_in_bytes):>13s}")
   print(f"  (dense attention: one [H, N, N] float32 score tensor is {_mib(h * n * n * 4).strip()})")
 
-  # Bytes one device sends, from the configuration: a branch whose segment
-  # spans g devices rotates its compacted K/V chunk [B, L/r, K_b, D] g - 1
-  # times forward; backward rotates it again plus the float32 dK/dV
+  # Bytes the ring's ppermutes carry, from the configuration: a branch whose
+  # segment spans g devices rotates its compacted K/V chunk [B, L/r, K_b, D]
+  # g - 1 times forward; backward rotates it again plus the float32 dK/dV
   # accumulators, which travel g hops back to their owner. A causal ring
-  # with chunks in device order first swaps half of each compacted chunk
-  # (q [B, L/2r, H_b, D] and K/V) into the zigzag order, so that every
-  # device does the same work, and the float32 results back; with g = 2 the
-  # first halves stay, else both halves move (most of them).
+  # with chunks in device order shares the work evenly: with g = 2 the later
+  # device sends half its queries [B, L/2r, H_b, D] (backward: with dout, out,
+  # lse) to the earlier one, which attends them to its own chunk while the
+  # later device attends its other half to the earlier chunk; then the
+  # float32 out and lse (backward: dq) come back, and the float32 dK/dV of the
+  # later device's block go to the chunk's owner. With g > 2 half of each
+  # compacted chunk (q and K/V) is swapped into the zigzag order first, and
+  # the float32 results back.
   item = dtype.itemsize
   print("\nring communication per device (from the configuration)")
   print(f"  {'w':>6s}{'r':>4s}{'g':>4s}  {'chunk [B,L/r,K,D]':18s}{'forward':>13s}{'fwd+bwd':>13s}")
@@ -152,11 +156,14 @@ def main():
     if args.causal and g > 1 and (local // r) % 2 == 0:
       half = b * (local // r) // 2
       hq = _q_heads(args.mode, i, len(args.segment_lengths), h)
-      swap = half * ((hq + 2 * slots) * d * item + hq * (d + 1) * 4)  # q, k, v; out, lse
-      swap_bwd = half * ((3 * hq + 2 * slots) * d * item + hq * 4     # q, dout, out, k, v, lse
-                         + (hq + 2 * slots) * d * 4)                  # dq, dk, dv
-      moved = 1 if g == 2 else 2
-      fwd, both = fwd + moved * swap, both + moved * (swap + swap_bwd)
+      if g == 2:  # queries down, K/V up, out and lse (dq) up, dK/dV down
+        fwd = half * (hq * d * item + hq * (d + 1) * 4) + 2 * chunk * item
+        both = fwd + half * (3 * hq * d * item + hq * 4 + hq * d * 4) + 2 * chunk * (item + 4)
+      else:
+        swap = half * ((hq + 2 * slots) * d * item + hq * (d + 1) * 4)  # q, k, v; out, lse
+        swap_bwd = half * ((3 * hq + 2 * slots) * d * item + hq * 4     # q, dout, out, k, v, lse
+                           + (hq + 2 * slots) * d * 4)                  # dq, dk, dv
+        fwd, both = fwd + 2 * swap, both + 2 * (swap + swap_bwd)
     fwd_total, both_total = fwd_total + fwd, both_total + both
     shape = f"[{b},{local // r},{slots},{d}]" if chunk else "local"
     print(f"  {w:6d}{r:4d}{g:4d}  {shape:18s}{_mib(fwd):>13s}{_mib(both):>13s}")

@@ -43,11 +43,13 @@ class Branch:
   * ``"zigzag"`` (zigzag layout, segment of the whole sequence): device ``c``
     holds half-chunks ``c`` and ``2g - 1 - c`` of the segment.
 
-  ``regroup``: the chunks lie contiguously (contiguous layout, causal), and
-  the ring first swaps halves of the compacted chunks between the devices of
-  the segment into the ``"zigzag"`` order, and the results back at the end:
-  two exchanges of a half-chunk for causal work balanced over the devices
-  (else the last device of the segment works at every step, the first once).
+  ``regroup``: the chunks lie contiguously (contiguous layout, causal) and
+  the causal work is balanced over the devices (else the last device of the
+  segment works at every step, the first once): for ``g = 2`` by sending
+  half of the later chunk's queries to the earlier device (``_ring._pair``);
+  for ``g > 2`` the ring first swaps halves of the compacted chunks between
+  the devices of the segment into the ``"zigzag"`` order, and the results
+  back at the end.
   """
 
   index: int

@@ -14,9 +14,15 @@ owner. Nothing is saved per ring step, so memory does not grow with the
 ring size. With ``axis_name=None`` the same code runs on one device (every
 ``g`` is 1).
 
+A causal segment over two devices whose chunks lie in device order is
+balanced by :func:`_pair` (half the later chunk's queries visit the earlier
+device), over more devices by swapping halves into the zigzag order
+(:func:`_regroup`).
+
 A backend with the ``in_place`` capability reads local branches (``g = 1``)
-without compaction: it merges into ``(out, lse)`` and adds into
-``(dq, dk, dv)`` of the whole arrays (:func:`_split` decides which branches).
+and a ring's own (diagonal) blocks without compaction: it merges into
+``(out, lse)`` and adds into ``(dq, dk, dv)`` of the whole arrays
+(:func:`_split` decides which).
 
 Shape legend: B batch, L local sequence length, H query heads, K kv heads,
 D head dim; per branch X = B * pieces, T kept tokens per piece, K_b kv slots,
@@ -42,7 +48,8 @@ from ._compact import (add_kv, add_q, compact_kv, compact_q, compact_token, dist
 from ._layout import global_positions
 from ._merge import merge, row_delta
 from ._plan import Branch, Plan
-from ._schedule import regroup_permutations, ring_permutation, visible_pairs
+from ._schedule import (pair_permutations, regroup_permutations, ring_permutation,
+                        visible_pairs)
 
 Array = jax.Array
 
@@ -151,9 +158,7 @@ def _regroup(static: Static, br: Branch, tree: Any, back: bool = False) -> Any:
     return ([jnp.where(odd, y, x) for x, y in zip(a, b)],
             [jnp.where(odd, x, y) for x, y in zip(a, b)])
 
-  def send(xs, perm):  # (g = 2: the first halves stay)
-    if all(i == j for i, j in perm):
-      return xs
+  def send(xs, perm):
     return jax.lax.ppermute(xs, static.axis_name, [(j, i) for i, j in perm] if back else perm)
 
   if back:
@@ -193,43 +198,66 @@ def _f32(arrays: tuple[Array, ...]) -> tuple[Array, ...]:
   return tuple(x.astype(_F32) for x in arrays)
 
 
+class Fold(NamedTuple):
+  """How block results gather, in the forward (``(out, lse)``) and the
+  backward (``(dq, dk, dv)``) alike: a result splits into a query part, which
+  stays with the queries, and a key part, which belongs to the K/V chunk."""
+
+  split: Callable[[tuple], tuple[Any, Any]]   # result -> (query part, key part)
+  to_queries: Callable[[Any, Any, Half], Any]  # (local, query part, q_half) -> local
+  to_keys: Callable[[Any, Any, Half], Any]     # (acc, key part, kv_half) -> acc
+  empty: Callable[[Queries, Chunk], tuple]     # the result of a block of no keys
+
+
+def _own(block: Callable[[Queries, Chunk, bool], tuple], fold: Fold, queries: Queries,
+         travel: Chunk, causal: bool, in_place: bool) -> tuple:
+  """``(local, acc)`` of the own (diagonal) block in float32; empty if the
+  backend reads it in place."""
+  own = fold.empty(queries, travel) if in_place else block(queries, travel, causal)
+  return fold.split(_f32(own))
+
+
 def _ring(static: Static, br: Branch, block: Callable[[Queries, Chunk, bool], tuple],
-          queries: Queries, travel: Chunk, first: Callable, add: Callable) -> tuple:
+          fold: Fold, queries: Queries, travel: Chunk, own_in_place: bool) -> tuple:
   """Runs the blocks of one branch: the own chunk, then the sub-ring.
 
   Args:
     static, br: the call and the branch.
     block: ``(queries, chunk, diagonal) -> result``, the block of ``queries``
       against ``chunk``.
+    fold: how results gather into ``(local, acc)``.
     queries: the query side (it stays on the device).
     travel: the local K/V chunk (with its token vectors).
-    first: ``result -> (local, acc)`` from the own (diagonal) block; ``acc``
-      travels with the K/V chunk it belongs to and ends on its owner.
-    add: ``(local, acc, result, q_half, kv_half) -> (local, acc)``, adding a
-      block of local query half ``q_half`` and key half ``kv_half``.
+    own_in_place: the own (diagonal) block is read in place by the backend
+      (see :func:`_split`), so the ring starts from :attr:`Fold.empty`.
 
   Returns:
-    ``(local, acc)``; on a ring, results are float32 whatever the backend
-    returns, so the error does not grow with the number of steps.
+    ``(local, acc)``: the query part of the local queries and the key part
+    of the local chunk (``acc`` travels with the chunk it belongs to and ends
+    on its owner); on a ring, float32 whatever the backend returns, so the
+    error does not grow with the number of steps.
   """
   causal = static.plan.config.causal
   if br.ring_size == 1:
-    return first(block(queries, travel, causal))
+    return fold.split(block(queries, travel, causal))
+  if br.regroup and br.ring_size == 2:
+    return _pair(static, br, block, fold, queries, travel, own_in_place)
   if br.regroup:
     queries, travel = _regroup(static, br, (queries, travel))
   g = br.ring_size
   c = jax.lax.axis_index(static.axis_name) % g
   rotate = functools.partial(jax.lax.ppermute, axis_name=static.axis_name,
                              perm=ring_permutation(g, static.plan.num_shards))
-  local, acc = first(_f32(block(queries, travel, causal)))
+  local, acc = _own(block, fold, queries, travel, causal, own_in_place)
 
   def step(s, kv: Chunk, local, acc):
     # step s: this device holds the chunk of group position (c - s) mod g.
     src = (c - s) % g
     for qi, ki, when in visible_pairs(br, causal, c, src):
       def visit(local, acc, qi=qi, ki=ki):
-        res = _f32(block(_at(queries, qi, br.half), _at(kv, ki, br.half), False))
-        return add(local, acc, res, qi, ki)
+        q_part, k_part = fold.split(_f32(block(_at(queries, qi, br.half), _at(kv, ki, br.half),
+                                               False)))
+        return fold.to_queries(local, q_part, qi), fold.to_keys(acc, k_part, ki)
       if when is True:
         local, acc = visit(local, acc)
       else:
@@ -248,9 +276,48 @@ def _ring(static: Static, br: Branch, block: Callable[[Queries, Chunk, bool], tu
   return _regroup(static, br, (local, acc), back=True) if br.regroup else (local, acc)
 
 
+def _pair(static: Static, br: Branch, block: Callable[[Queries, Chunk, bool], tuple],
+          fold: Fold, queries: Queries, travel: Chunk, own_in_place: bool) -> tuple:
+  """A causal segment over two devices with contiguous chunks, balanced
+  without swapping halves.
+
+  Device 1 (the later chunk) sees all of device 0's keys: a block of twice
+  the diagonal's work. Device 1 sends the first half of its query side to
+  device 0, which attends it to its own chunk, while device 1 attends its
+  second half to device 0's chunk, which travels the other way; then each
+  part of a result goes home: the query part of device 0's block to device
+  1, the key part of device 1's block to device 0. Each device does the
+  zigzag ring's work (a diagonal block, one half-by-whole block), and the
+  own chunks never move, so the diagonal blocks can be read in place.
+  """
+  axis = static.axis_name
+  later = jax.lax.axis_index(axis) % 2 == 1
+  up, down = pair_permutations(static.plan.num_shards)  # 0 -> 1, 1 -> 0
+
+  def pick(if_later, if_earlier):
+    return jax.tree.map(lambda x, y: jnp.where(later, x, y), if_later, if_earlier)
+
+  local, acc = _own(block, fold, queries, travel, True, own_in_place)
+  visitors = jax.lax.ppermute(_at(queries, 0, br.half), axis, down)
+  chunk = jax.lax.ppermute(travel, axis, up)
+  queries, kv = pick(_at(queries, 1, br.half), visitors), pick(chunk, travel)
+  # Two square blocks, one per half of the chunk (what the kernels take).
+  q_part, k_part = None, fold.split(fold.empty(queries, kv))[1]
+  for ki in (0, 1):
+    q_half, k_half = fold.split(_f32(block(queries, _at(kv, ki, br.half), False)))
+    q_part = q_half if q_part is None else fold.to_queries(q_part, q_half, None)
+    k_part = fold.to_keys(k_part, k_half, ki)
+  q_home = jax.lax.ppermute(q_part, axis, up)
+  k_home = jax.lax.ppermute(k_part, axis, down) if k_part else k_part
+  local = pick(fold.to_queries(fold.to_queries(local, q_home, 0), q_part, 1), local)
+  acc = pick(acc, fold.to_keys(fold.to_keys(acc, k_part, None), k_home, None))
+  return local, acc
+
+
 def _branch_forward(static: Static, br: Branch, rng: Array | None, queries: Queries,
-                    travel: Chunk) -> tuple[Array, Array]:
-  """Forward of one branch: (out, lse) for the local compacted queries."""
+                    travel: Chunk, own_in_place: bool = False) -> tuple[Array, Array]:
+  """Forward of one branch: (out, lse) for the local compacted queries
+  (without the own block's keys if ``own_in_place``)."""
   blocks = _blocks(static, br)
 
   def block(queries: Queries, kv: Chunk, diagonal: bool):
@@ -258,17 +325,22 @@ def _branch_forward(static: Static, br: Branch, rng: Array | None, queries: Quer
     return blocks.forward(queries.q, kv.k, kv.v, vis, scale=static.scale,
                           dropout=_dropout(static, rng, br, queries.pos, kv.pos))
 
-  def add(out_lse, _, res, qi, ki):
-    return _with(out_lse, qi, br.half, lambda cur: merge(*cur, *res)), ()
-
-  return _ring(static, br, block, queries, travel,
-               first=lambda res: (res, ()), add=add)[0]
+  fold = Fold(
+      split=lambda res: (res, ()),
+      to_queries=lambda out_lse, res, qi: _with(out_lse, qi, br.half,
+                                                lambda cur: merge(*cur, *res)),
+      to_keys=lambda acc, part, ki: acc,
+      empty=lambda queries, _: (jnp.zeros_like(queries.q, _F32),
+                                jnp.full_like(queries.q[..., 0], -jnp.inf, _F32)))
+  return _ring(static, br, block, fold, queries, travel, own_in_place)[0]
 
 
 def _branch_backward(static: Static, br: Branch, rng: Array | None, queries: Queries,
-                     travel: Chunk) -> tuple[Array, Array, Array]:
-  """Backward of one branch: (dq, dk, dv) of the compacted local tensors;
-  ``queries`` carries ``dout, out, lse``."""
+                     travel: Chunk, own_in_place: bool = False
+                     ) -> tuple[Array, Array, Array]:
+  """Backward of one branch: (dq, dk, dv) of the compacted local tensors
+  (without the own block's if ``own_in_place``); ``queries`` carries
+  ``dout, out, lse``."""
   blocks = _blocks(static, br)
 
   def block(queries: Queries, kv: Chunk, diagonal: bool):
@@ -277,13 +349,15 @@ def _branch_backward(static: Static, br: Branch, rng: Array | None, queries: Que
                            queries.lse, scale=static.scale,
                            dropout=_dropout(static, rng, br, queries.pos, kv.pos))
 
-  def add(dq, dkv, res, qi, ki):
-    # dK/dV accumulators travel with their K/V chunk; dQ stays.
-    return (_with(dq, qi, br.half, lambda cur: cur + res[0]),
-            _with(dkv, ki, br.half, lambda cur: (cur[0] + res[1], cur[1] + res[2])))
-
-  dq, (dk, dv) = _ring(static, br, block, queries, travel,
-                       first=lambda res: (res[0], res[1:]), add=add)
+  # dQ stays with the queries; dK/dV accumulators travel with their K/V chunk.
+  fold = Fold(
+      split=lambda res: (res[0], res[1:]),
+      to_queries=lambda dq, part, qi: _with(dq, qi, br.half, lambda cur: cur + part),
+      to_keys=lambda dkv, part, ki: _with(dkv, ki, br.half,
+                                          lambda cur: (cur[0] + part[0], cur[1] + part[1])),
+      empty=lambda queries, kv: (jnp.zeros_like(queries.q, _F32),
+                                 jnp.zeros_like(kv.k, _F32), jnp.zeros_like(kv.v, _F32)))
+  dq, (dk, dv) = _ring(static, br, block, fold, queries, travel, own_in_place)
   return dq, dk, dv
 
 
@@ -319,14 +393,17 @@ def _needs_own_output(static: Static, br: Branch) -> bool:
 
 
 def _strided(static: Static, br: Branch) -> StridedBranch | None:
-  """``br`` as the backend reads it in place, or None for the generic path.
+  """``br``'s local blocks as the backend reads them in place, or None for
+  the generic path.
 
-  In place: a local branch (no ring) whose kv slots are whole GQA groups with
-  the offsets of ``"mix"`` (kv head mod r) or one offset (``"partition"``),
-  under a backend with that capability and a tile for its segments.
+  In place: a branch whose kv slots are whole GQA groups with the offsets of
+  ``"mix"`` (kv head mod r) or one offset (``"partition"``), under a backend
+  with that capability and a tile for its pieces. For a local branch that is
+  all of it; for a ring, the own (diagonal) block of each piece, unless the
+  ring swaps halves of its chunks first (causal, contiguous, ``g > 2``).
   """
   backend = static.backend
-  if not backend.capabilities.in_place or br.ring_size != 1:
+  if not backend.capabilities.in_place or (br.regroup and br.ring_size > 2):
     return None
   if _needs_own_output(static, br) or backend.block_problem(br.kept) is not None:
     return None
@@ -374,16 +451,19 @@ def _in_place_beside_ring(static: Static) -> bool:
   return False
 
 
-def _split(static: Static) -> tuple[list[Branch], list[tuple[Branch, StridedBranch]]]:
-  """(branches for the generic path, [(branch, view)] read in place)."""
+def _split(static: Static) -> tuple[list[tuple[Branch, bool]],
+                                    list[tuple[Branch, StridedBranch]]]:
+  """([(branch, own block read in place)] for the generic path (compaction
+  and rings), [(branch, view)] read in place). A ring whose own blocks are
+  read in place is in both."""
   generic, strided = [], []
   in_place = static.backend.capabilities.in_place and _in_place_beside_ring(static)
   for br in static.plan.branches:
     view = _strided(static, br) if in_place else None
-    if view is None:
-      generic.append(br)
-    else:
+    if view is not None:
       strided.append((br, view))
+    if view is None or br.ring_size > 1:
+      generic.append((br, view is not None))
   return generic, strided
 
 
@@ -411,7 +491,7 @@ def _forward(static: Static, q: Array, k: Array, v: Array, tokens: Tokens,
   if strided:
     return _forward_in_place(static, q, k, v, tokens, rng, generic, strided)
   merged = {}  # query-head range -> (out, lse): one range in "mix" mode
-  for br in generic:
+  for br, _ in generic:  # (nothing is read in place here)
     ob, lb = _branch_forward(static, br, rng, *_compact(br, q, k, v, tokens))
     ob, lb = expand_q(br, ob, 0.0, b), expand_q(br, lb, -jnp.inf, b)
     if br.q_heads in merged:
@@ -436,8 +516,8 @@ def _forward_in_place(static: Static, q: Array, k: Array, v: Array, tokens: Toke
   for br, view in strided:
     vis, drop = _in_place_masks(static, br, tokens, rng)
     out, lse = static.backend.branch_forward(view, q, k, v, vis, drop, out, lse)
-  for br in generic:
-    ob, lb = _branch_forward(static, br, rng, *_compact(br, q, k, v, tokens))
+  for br, own_in_place in generic:
+    ob, lb = _branch_forward(static, br, rng, *_compact(br, q, k, v, tokens), own_in_place)
     ob, lb = merge(compact_q(br, out).astype(_F32), compact_q(br, lse), ob, lb)
     out, lse = update_q(br, out, ob), update_q(br, lse, lb)
   return out, lse
@@ -495,7 +575,7 @@ def _attention_bwd(static: Static, res: tuple, dout: Array) -> tuple:
   # else float32 until the end.
   acc_dtype = q.dtype if strided else _F32
   grads = [g.astype(acc_dtype) for g in grads]
-  for br in generic:
+  for br, own_in_place in generic:
     queries, chunk = _compact(br, q, k, v, tokens)
     if _needs_own_output(static, br):
       own_out = _branch_forward(static, br, rng, queries, chunk)[0]
@@ -503,7 +583,7 @@ def _attention_bwd(static: Static, res: tuple, dout: Array) -> tuple:
       own_out = compact_q(br, out)
     queries = queries._replace(dout=compact_q(br, dout), out=own_out,
                                lse=compact_q(br, lse))
-    dqc, dkc, dvc = _branch_backward(static, br, rng, queries, chunk)
+    dqc, dkc, dvc = _branch_backward(static, br, rng, queries, chunk, own_in_place)
     if strided and distinct_kv(br):
       # In the input dtype, at the kept positions only: no full-size float32.
       grads = [add_q(br, grads[0], dqc), add_kv(br, grads[1], dkc),

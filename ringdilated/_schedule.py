@@ -11,7 +11,9 @@ chunks in device order the last device of a ring would work at every step
 while the first idles (``max / mean`` work per step up to ``g``). So each
 device holds two half-chunks, ``c`` and ``2g - 1 - c``: placed there by the
 zigzag layout (``rd.to_layout``), or in the contiguous layout swapped there
-(and the results back) by :func:`regroup_permutations`. Then
+(and the results back) by :func:`regroup_permutations` (a segment over two
+devices instead sends half of the later chunk's queries to the earlier
+device, :func:`pair_permutations`: the same work per device). Then
 :func:`visible_pairs` picks per step the half-blocks that are visible:
 exactly the same work on every device at every step, chosen by index
 arithmetic (no data-dependent branches). Chunks whose kept length is odd
@@ -34,6 +36,15 @@ def ring_permutation(ring_size: int, num_shards: int) -> list[tuple[int, int]]:
   its sub-ring of ``ring_size`` consecutive devices (cyclic in the group)."""
   g = ring_size
   return [(d, d - d % g + (d % g + 1) % g) for d in range(num_shards)]
+
+
+def pair_permutations(num_shards: int
+                      ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+  """``ppermute`` pairs within each sub-ring of two consecutive devices:
+  (group position 0 to 1, 1 to 0); a device that receives nothing in one of
+  them gets zeros there."""
+  return ([(d, d + 1) for d in range(0, num_shards, 2)],
+          [(d + 1, d) for d in range(0, num_shards, 2)])
 
 
 def regroup_permutations(ring_size: int, num_shards: int

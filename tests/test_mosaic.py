@@ -342,12 +342,12 @@ def test_glue_matches_the_oracle(bound, mode, segments, causal, masks, ring, dro
     kw.update(dropout_rate=0.2, dropout_rng=jax.random.key(5))
   want = _out_and_grads("xla", q, k, v, cot, False, **dict(kw))
   got = _out_and_grads(_Bound(), q, k, v, cot, ring, **dict(kw))
-  # local branches in place (with their masks and dropout; the first, rate 1,
-  # writes fresh buffers where it keeps every head: mix mode); unmasked ring
-  # blocks as fresh outputs (masked or dropped ones take the Triton kernels)
-  local = sum(w <= (n // 2 if ring else n) for w in segments[0])
+  # local branches and the rings' own blocks in place (with their masks and
+  # dropout; the first, rate 1, writes fresh buffers where it keeps every
+  # head: mix mode); unmasked blocks between devices as fresh outputs
+  # (masked or dropped ones take the Triton kernels)
   in_place = {kernel + "_fresh" * (i == 0 and mode == "mix") + "_drop" * drop
-              for kernel in ("fwd", "bwd") for i in range(local)}
+              for kernel in ("fwd", "bwd") for i in range(len(segments[0]))}
   blocks = {"fwd_fresh", "bwd_fresh"} if ring and not (masks or drop) else set()
   assert set(bound) == in_place | blocks
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):

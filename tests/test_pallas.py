@@ -191,9 +191,13 @@ def test_kernels_touch_only_kept_positions(offset):
     assert np.max(np.abs(g[m] - g0[m])) > 1e-3
 
 
-def test_ring_uses_kernels_as_blocks():
-  """A zigzag ring of 2 with branches spanning both devices (generic path,
-  Pallas blocks) and local ones (fused path) equals one device."""
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_ring_uses_kernels_as_blocks(layout):
+  """A ring of 2 with branches spanning both devices and local ones equals
+  one device. Local branches and the spanning branches' own blocks are read
+  in place (kernels that add into their inputs); the blocks between devices
+  are kernels on compacted chunks. Contiguous: the 256 branch's causal pair
+  (half the later chunk's queries visit the earlier device)."""
   q, k, v, cot, _, _ = inputs(1, 256, 4, 2, 16, masks=False)
   kw = dict(segment_lengths=(32, 128, 256), dilation_rates=(1, 2, 4), causal=True)
   want = out_and_grads(lambda q, k, v, *_: rd.dilated_attention(
@@ -201,16 +205,20 @@ def test_ring_uses_kernels_as_blocks():
 
   def attend(q, k, v, cot):
     return out_and_grads(lambda q, k, v, *_: rd.dilated_attention(
-        q, k, v, backend="pallas", axis_name="sp", layout="zigzag", **kw),
+        q, k, v, backend="pallas", axis_name="sp", layout=layout, **kw),
                          q, k, v, cot, None, None, compile=False)
   # Pallas' interpreter mistypes its grid loop under shard_map's varying-axes
   # check (jax 0.10); the Triton build runs with the check (check_gpu.py).
   spec = P(None, "sp")
-  ring = jax.jit(jax.shard_map(attend, mesh=mesh(2), in_specs=spec, out_specs=spec,
-                               check_vma=False))
-  got = ring(*(rd.to_layout(x, "zigzag", 2) for x in (q, k, v, cot)))
-  got = [rd.from_layout(x, "zigzag", 2) for x in got]
+  ring = jax.shard_map(attend, mesh=mesh(2), in_specs=spec, out_specs=spec, check_vma=False)
+  args = [rd.to_layout(x, layout, 2) for x in (q, k, v, cot)]
+  got = [rd.from_layout(x, layout, 2) for x in jax.jit(ring)(*args)]
   assert max(_errs(got, want)) < TOL
+  calls = _pallas_calls(ring, *args, in_place=True)
+  for kernel in ("fwd", "dq", "dkv"):
+    assert calls[(kernel, 4, True)] == 1, calls  # the own blocks, in place
+    # rate 1, fresh: the first branch (w = 32), and blocks between devices
+    assert calls[(kernel, 1, False)] >= 2, calls
 
 
 def test_bf16_close_to_float32():

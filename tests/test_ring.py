@@ -224,10 +224,12 @@ def _sub_rings(p, g):
 
 
 def test_hlo_has_only_collective_permutes_of_compacted_chunks():
-  """fwd+bwd: K/V (+ masks, dK/dV) rotate as [B, L/r, K, .] chunks in
-  sub-rings; the causal rings first swap half-chunks [B, L/2r, K, .] (the
-  query side [B, L/2r, K, G, .] too) into the zigzag order, and the results
-  back, within the same sub-rings."""
+  """fwd+bwd: K/V (+ masks, dK/dV) rotate as [B, L/r, K, .] chunks in the
+  sub-ring of 4; its causal ring first swaps half-chunks [B, L/2r, K, .]
+  (the query side [B, L/2r, K, G, .] too) into the zigzag order, and the
+  results back. In the pairs (sub-rings of 2) the chunk [B, L/r, K, .] goes
+  up (0 -> 1) and its dK/dV come down; half the query side [B, L/2r, K, G, .]
+  goes down and its results come up."""
   p, hkv = 4, 2
   local = N // p
   # w < L (local), w = 2 L (rate 2, sub-rings of 2), w = N (rate 4, ring of 4).
@@ -244,25 +246,28 @@ def test_hlo_has_only_collective_permutes_of_compacted_chunks():
     assert op not in hlo
   permutes = _collective_permutes(hlo)
   assert len(permutes) == len(re.findall(r"\scollective-permute(?:-start)?\(", hlo)) > 0
-  rotations = {(local // 2, _sub_rings(p, 2)), (local // 4, _sub_rings(p, 4))}
+  rotation = (local // 4, _sub_rings(p, 4))
   swaps = set()
-  for r, g in ((2, 2), (4, 4)):
-    for perm in _schedule.regroup_permutations(g, p):
-      if any(i != j for i, j in perm):  # (g = 2: the first halves stay)
-        swaps |= {(local // (2 * r), frozenset(perm)),
-                  (local // (2 * r), frozenset((j, i) for i, j in perm))}
+  for perm in _schedule.regroup_permutations(4, p):
+    swaps |= {(local // 8, frozenset(perm)), (local // 8, frozenset((j, i) for i, j in perm))}
+  up, down = map(frozenset, _schedule.pair_permutations(p))
+  chunks, halves = {(local // 2, up), (local // 2, down)}, {(local // 4, up), (local // 4, down)}
   g_q = H // hkv
   for dtype, shape, pairs in permutes:
     assert dtype in ("f32", "pred", "s32")
     assert shape[0] == B and shape[2] == hkv and shape[3:] in ((), (D,), (g_q,), (g_q, D))
-    assert (shape[1], pairs) in rotations | swaps, (shape, pairs)
+    assert (shape[1], pairs) in {rotation} | swaps | chunks | halves, (shape, pairs)
   seen = {(dtype, shape[1], len(shape), pairs) for dtype, shape, pairs in permutes}
-  # K, V (f32 4-d), key padding (pred) and segment ids (s32) for both branches.
-  for t, pairs in rotations:
+  # K, V (f32 4-d), key padding (pred) and segment ids (s32) of both rings.
+  for t, pairs in (rotation, (local // 2, up)):
     assert {("f32", t, 4, pairs), ("pred", t, 3, pairs), ("s32", t, 3, pairs)} <= seen
-  # and queries (f32 5-d) swapped for both
+  # dK/dV come home in the pairs; queries (f32 5-d) swapped in the ring of 4,
+  # half of them sent down in the pairs, their outputs and dQ up.
+  assert ("f32", local // 2, 4, down) in seen
   assert {(t, pairs) for t, pairs in swaps} == {
       (t, pairs) for dtype, t, n, pairs in seen if n == 5 and (t, pairs) in swaps}
+  assert {("f32", local // 4, 5, up), ("f32", local // 4, 5, down),
+          ("s32", local // 4, 3, down)} <= seen
 
 
 def _count_ppermutes(kw, p=4):
