@@ -62,7 +62,7 @@ class Branch:
   piece: int                        # local tokens per piece: min(w, L)
   ring_size: int                    # g: devices per segment
   schedule: str = "contiguous"      # "contiguous", "mirror" or "zigzag"
-  regroup: bool = False             # contiguous chunks swapped into "zigzag"
+  regroup: bool = False             # contiguous causal chunks balanced (above)
 
   @property
   def num_kv(self) -> int:
@@ -72,6 +72,12 @@ class Branch:
   def kept(self) -> int:
     """Kept tokens per piece: the block length ``T``."""
     return self.piece // self.rate
+
+  @property
+  def swaps_halves(self) -> bool:
+    """Whether the ring swaps halves of its chunks into the ``"zigzag"``
+    order before its first step (``regroup`` over more than two devices)."""
+    return self.regroup and self.ring_size > 2
 
   @property
   def half(self) -> int:

@@ -240,9 +240,9 @@ def _ring(static: Static, br: Branch, block: Callable[[Queries, Chunk, bool], tu
   causal = static.plan.config.causal
   if br.ring_size == 1:
     return fold.split(block(queries, travel, causal))
-  if br.regroup and br.ring_size == 2:
+  if br.regroup and not br.swaps_halves:
     return _pair(static, br, block, fold, queries, travel, own_in_place)
-  if br.regroup:
+  if br.swaps_halves:
     queries, travel = _regroup(static, br, (queries, travel))
   g = br.ring_size
   c = jax.lax.axis_index(static.axis_name) % g
@@ -273,7 +273,7 @@ def _ring(static: Static, br: Branch, block: Callable[[Queries, Chunk, bool], tu
   kv, acc = rotate((travel, acc)) if acc else (rotate(travel), acc)
   (kv, local, acc), _ = jax.lax.scan(body, (kv, local, acc), jnp.arange(1, g - 1))
   local, acc = step(g - 1, kv, local, acc)
-  return _regroup(static, br, (local, acc), back=True) if br.regroup else (local, acc)
+  return _regroup(static, br, (local, acc), back=True) if br.swaps_halves else (local, acc)
 
 
 def _pair(static: Static, br: Branch, block: Callable[[Queries, Chunk, bool], tuple],
@@ -403,7 +403,7 @@ def _strided(static: Static, br: Branch) -> StridedBranch | None:
   ring swaps halves of its chunks first (causal, contiguous, ``g > 2``).
   """
   backend = static.backend
-  if not backend.capabilities.in_place or (br.regroup and br.ring_size > 2):
+  if not backend.capabilities.in_place or br.swaps_halves:
     return None
   if _needs_own_output(static, br) or backend.block_problem(br.kept) is not None:
     return None

@@ -89,5 +89,6 @@ def test_ring_demo_and_its_zigzag_ring(monkeypatch, capsys):
   assert len(ring) == 4 and max(ring) < 1e-5, text
   assert len(zigzag) == 1 and zigzag[0] < 1e-5, text
   assert re.search(r"zigzag\s+worst step 1\.00, whole pass 1\.00", text), text
-  # contiguous chunks are swapped into the zigzag order per branch: balanced too
+  # contiguous chunks are balanced per branch (pairs of devices share the
+  # later chunk's queries, larger rings swap halves into the zigzag order)
   assert re.search(r"contiguous\s+worst step 1\.00, whole pass 1\.00", text), text

@@ -189,7 +189,8 @@ def _primitives(jaxpr):
                                                 ("contiguous", (2, 32), True)])
 def test_causal_rings_have_no_data_dependent_skips(layout, rates, conds):
   """Causal rings compute a block on every device at every step: zigzag
-  rings, and contiguous ones after swapping halves into the zigzag order.
+  rings, and contiguous ones (pairs of devices sharing the later chunk's
+  queries, larger rings after swapping halves into the zigzag order).
   Only chunks of an odd kept length (here 128 / 4 / 32 = 1), which can't be
   halved, skip later chunks with ``cond`` (idle devices)."""
   kw = dict(segment_lengths=(64, 128), dilation_rates=rates, causal=True)
@@ -256,7 +257,7 @@ def test_causal_work_is_balanced_in_both_layouts(name, config, n, p):
   for br, w, cw in zip(plan.branches, work, contiguous_work):
     want = n // br.segment_length * (br.segment_length // br.rate) ** 2 / 2
     assert w.sum() == cw.sum() == want
-  # Contiguous chunks are swapped into the zigzag order: balanced too.
+  # Contiguous chunks are balanced too (the pair's work is the zigzag ring's).
   assert _balance(config, n, p, "contiguous")[:2] == (per_step, total)
   if name == "dense":  # chunks that can't be halved: the last device works at every step
     odd = rd.DilatedConfig((n,), (n // p,), causal=True)  # one kept token per device
