@@ -46,6 +46,15 @@ def xla_defaults(record) -> bool:
   return not record.get("xla_flags")
 
 
+def _runs(records):
+  """``records`` by run (``run`` field; records without one are one run),
+  newest first: the file is appended in time order."""
+  runs = {}
+  for r in records:
+    runs.setdefault(r.get("run", ""), []).append(r)
+  return list(runs.values())[::-1]
+
+
 class Results:
   """Measured records by run (``run`` field; records without one are one
   run), so that a ratio compares two records timed side by side.
@@ -56,11 +65,9 @@ class Results:
   """
 
   def __init__(self, records):
-    runs = {}
-    for r in records:
-      if "error" not in r and "fwd_bwd_ms" in r and xla_defaults(r):
-        runs.setdefault(r.get("run", ""), {})[(r["name"], r["seq_len"])] = r
-    self.runs = list(runs.values())[::-1]  # newest first (the file is appended)
+    measured = [r for r in records if "error" not in r and "fwd_bwd_ms" in r
+                and xla_defaults(r)]
+    self.runs = [{(r["name"], r["seq_len"]): r for r in run} for run in _runs(measured)]
 
   def get(self, key, default=None, field=None):
     """The newest record of ``key`` (that has ``field``, if given)."""
@@ -226,15 +233,6 @@ def _best(timing, workload, n, p, **match):
   found = [r for r in timing if (r["workload"], r["seq_len"], r["devices"]) == (workload, n, p)
            and all(r.get(k) == v for k, v in match.items())]
   return min(found, key=lambda r: r["fwd_bwd_ms"], default=None)
-
-
-def _runs(timing):
-  """The timing records by run (``run`` field; records without one are one
-  run), newest first: the file is appended in time order."""
-  runs = {}
-  for r in timing:
-    runs.setdefault(r.get("run", ""), []).append(r)
-  return list(runs.values())[::-1]
 
 
 def one_run_pair(timing, workload, n1, n, p, layout=None, **match):
