@@ -71,13 +71,47 @@ def summarize(events: list[tuple], steps: int) -> dict:
   return out
 
 
-def profile(name: str, steps: int, vma: bool = True) -> dict:
+def uncovered_us(start: float, dur: float, cover: list[tuple[float, float]]) -> float:
+  """Length of ``[start, start + dur)`` outside the union of ``cover``."""
+  inside = [(max(s, start), min(s + d, start + dur) - max(s, start)) for s, d in cover
+            if s < start + dur and s + d > start]
+  return dur - busy_us(inside)
+
+
+def timeline(events: list[tuple]) -> dict:
+  """Per device, every kernel in time order as ``[start ms, ms, stream,
+  group]`` (times from the device's first kernel), and each NCCL kernel's
+  time with no other kernel running (``alone_ms``) beside the kernels that
+  end before and start after it: where a ring waits for its transfers."""
+  out = {}
+  for device in sorted({e[0] for e in events}):
+    mine = sorted((e for e in events if e[0] == device), key=lambda e: e[3])
+    t0 = mine[0][3]
+    compute = [(ts, dur) for _, _, name, ts, dur in mine if group(name) != "nccl"]
+    rows, waits = [], []
+    for _, stream, name, ts, dur in mine:
+      rows.append([round((ts - t0) / 1e3, 3), round(dur / 1e3, 3), stream, group(name)[:60]])
+      if group(name) == "nccl":
+        before = [n for _, _, n, s, d in mine if group(n) != "nccl" and s + d <= ts]
+        after = [n for _, _, n, s, _ in mine if group(n) != "nccl" and s >= ts]
+        waits.append(dict(start_ms=rows[-1][0], ms=rows[-1][1],
+                          alone_ms=round(uncovered_us(ts, dur, compute) / 1e3, 3),
+                          before=group(before[-1])[:60] if before else None,
+                          after=group(after[0])[:60] if after else None))
+    out[device] = dict(kernels=rows, nccl=waits)
+  return out
+
+
+def profile(name: str, steps: int, vma: bool = True, with_timeline: bool = False) -> dict:
   case = bmg.Case.parse(name, vma)
   mesh = bmg._mesh(case.p)  # pylint: disable=protected-access
   q, k, v, dout = bmg._inputs(case, mesh, case.n)  # pylint: disable=protected-access
   fn = bmg.fwd_bwd_fn(bmg.ring_attention(case, mesh)).lower(q, k, v, dout).compile()
   wall, events = profile_kernels.timed_trace(fn, (q, k, v, dout), steps, timeline=True)
-  return dict(case=name, wall_ms=wall, steps=steps, devices=summarize(events, steps))
+  rec = dict(case=name, wall_ms=wall, steps=steps, devices=summarize(events, steps))
+  if with_timeline:
+    rec["timeline"] = timeline(events)
+  return rec
 
 
 def report(rec: dict, top: int) -> None:
@@ -100,11 +134,20 @@ def main(argv=None) -> int:
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--no-check-vma", dest="check_vma", action="store_false")
   p.add_argument("--json")
+  p.add_argument("--timeline", action="store_true",
+                 help="with --json: every kernel in time order and the NCCL kernels' time "
+                      "alone (use --steps 1)")
   args = p.parse_args(argv)
   recs = []
   for name in args.cases:
-    recs.append(profile(name, args.steps, args.check_vma))
+    recs.append(profile(name, args.steps, args.check_vma, args.timeline))
     report(recs[-1], args.top)
+    for device, t in recs[-1].get("timeline", {}).items():
+      alone = sorted(t["nccl"], key=lambda w: -w["alone_ms"])[:8]
+      print(f"  {device}: NCCL alone {sum(w['alone_ms'] for w in t['nccl']):.2f} ms; longest:")
+      for w in alone:
+        print(f"    at {w['start_ms']:9.3f} ms  {w['ms']:7.3f} ms, alone {w['alone_ms']:7.3f} ms"
+              f"  after {w['before']}  before {w['after']}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(recs, f, indent=1)

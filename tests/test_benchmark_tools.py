@@ -143,6 +143,12 @@ def test_ring_profile_splits_each_gpu_into_busy_compute_and_idle():
                                "nccl": 1.0, "xla input_reduce_fusion": 0.5}
   assert got["/device:GPU:1"]["groups_ms"] == {"xla input_reduce_fusion": 0.4}
 
+  # The NCCL kernel runs 100-1100 us; the fused kernel covers 100-600 of it.
+  line = pr.timeline(events)["/device:GPU:0"]
+  assert [row[0] for row in line["kernels"]] == [0.0, 0.1, 1.5]
+  (wait,) = line["nccl"]
+  assert wait["alone_ms"] == 0.5 and wait["ms"] == 1.0
+  assert wait["before"] is None and wait["after"] == "xla input_reduce_fusion"
 
 def test_multi_gpu_records_of_earlier_runs_stay(tmp_path):
   """``bench_multi_gpu.merge``: a case's record replaces that of the same
