@@ -80,9 +80,11 @@ if "--smoke" in sys.argv and "xla_force_host_platform_device_count" not in os.en
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
 import contextlib  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -365,6 +367,53 @@ def census_totals(census) -> tuple[int, int]:
   return sum(b * c for b, _, c, _ in census), sum(steps.values())
 
 
+_HLO_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                    "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def _shape_bytes(shape: str) -> int:
+  """Bytes of the arrays of an HLO shape (a tuple's summed)."""
+  return sum(_HLO_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+             for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape))
+
+
+def compiled_permute_bytes(hlo: str) -> int:
+  """Bytes one device sends per call by the collective-permutes of a
+  compiled program (``compiled.as_text()``): each synchronous permute's and
+  each asynchronous one's result, times the known trip counts of the loops
+  around it (a conditional counts its largest branch).
+
+  It can be less than the traced ppermutes (:func:`ppermute_census`): XLA
+  merges equal permutes (the forward's K/V reused by the backward) and
+  narrows a float32 hop to bf16 where that is exact."""
+  own, calls, name = collections.Counter(), collections.defaultdict(list), None
+  for line in hlo.splitlines():
+    head = re.match(r"(?:ENTRY )?%(\S+) \(.*\{$", line)
+    if head:
+      name = head.group(1)
+      continue
+    sent = re.match(r"\s+(?:ROOT )?%\S+ = (.*?) (collective-permute|collective-permute-done)\(",
+                    line)
+    if sent:
+      own[name] += _shape_bytes(sent.group(1))
+    trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    for key, callee in re.findall(r"\b(body|calls|to_apply)=%([\w.\-]+)", line):
+      calls[name].append(([callee], int(trips.group(1)) if key == "body" and trips else 1))
+    branches = re.findall(r"(?:true_computation|false_computation)=%([\w.\-]+)", line)
+    listed = re.search(r"branch_computations=\{([^}]*)\}", line)
+    branches += re.findall(r"%([\w.\-]+)", listed.group(1)) if listed else []
+    if branches:
+      calls[name].append((branches, 1))
+
+  @functools.lru_cache(maxsize=None)
+  def total(comp: str) -> int:
+    return own[comp] + sum(times * max(total(c) for c in callees)
+                           for callees, times in calls[comp])
+
+  entry = re.search(r"^ENTRY %(\S+) ", hlo, re.M)
+  return total(entry.group(1))
+
+
 def comm_only_fn(census, mesh):
   """The ppermutes of ``census`` alone: per distinct (bytes, perm), a scan of
   ``count`` ppermutes of a buffer of that size. (buffers) -> buffers."""
@@ -441,6 +490,7 @@ def measure_timing(case: Case, iters: int, isolated: bool, trace_dir: str | None
   compiled = traced.lower().compile()
   rec["peak_bytes_per_device"] = bench._peak_bytes(compiled)  # pylint: disable=protected-access
   rec["qkv_out_grad_bytes_per_device"] = 7 * local_tensor_bytes(case)
+  rec["compiled_ppermute_bytes"] = compiled_permute_bytes(compiled.as_text())
   rec["fwd_bwd_ms"] = bench._median_ms(compiled, (q, k, v, dout), iters)  # pylint: disable=protected-access
   if trace_dir:
     with jax.profiler.trace(trace_dir):
@@ -465,7 +515,8 @@ def measure_timing(case: Case, iters: int, isolated: bool, trace_dir: str | None
   print(f"{case.name:48s} fwd+bwd {rec['fwd_bwd_ms']:10.2f} ms  "
         f"{rec['tflops_per_gpu']:6.1f} TFLOP/s/GPU  peak/GPU "
         f"{rec['peak_bytes_per_device'] / 2**30:7.2f} GiB  ppermute "
-        f"{sent / 2**20:9.1f} MiB in {steps} steps", flush=True)
+        f"{sent / 2**20:9.1f} MiB in {steps} steps (compiled: "
+        f"{rec['compiled_ppermute_bytes'] / 2**20:.1f} MiB)", flush=True)
   return rec
 
 

@@ -23,7 +23,9 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as PS
 
 import ringdilated as rd
 
@@ -149,6 +151,26 @@ def test_ring_profile_splits_each_gpu_into_busy_compute_and_idle():
   (wait,) = line["nccl"]
   assert wait["alone_ms"] == 0.5 and wait["ms"] == 1.0
   assert wait["before"] is None and wait["after"] == "xla input_reduce_fusion"
+
+
+def test_compiled_permute_bytes_count_loops_and_what_xla_merges():
+  """``bench_multi_gpu.compiled_permute_bytes`` reads the compiled program: a
+  permute in a scan of 3 counts 3 times, and two equal permutes, which XLA
+  merges into one, count once (the traced census counts both)."""
+  bmg = _module("bench_multi_gpu")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+  perm = [(0, 1), (1, 0)]
+
+  def f(a):
+    c, _ = jax.lax.scan(lambda c, _: (jax.lax.ppermute(c, "x", perm) * 2, None), a, None,
+                        length=3)
+    return c + jax.lax.ppermute(a, "x", perm) * jax.lax.ppermute(a, "x", perm)
+
+  fn = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=PS("x"), out_specs=PS("x")))
+  x = jnp.ones(16, jnp.float32)  # 8 floats, 32 bytes, per device
+  assert bmg.census_totals(bmg.ppermute_census(jax.make_jaxpr(fn)(x).jaxpr))[0] == 5 * 32
+  assert bmg.compiled_permute_bytes(fn.lower(x).compile().as_text()) == 4 * 32
+
 
 def test_multi_gpu_records_of_earlier_runs_stay(tmp_path):
   """``bench_multi_gpu.merge``: a case's record replaces that of the same
