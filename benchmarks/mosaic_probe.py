@@ -61,7 +61,11 @@ def _masks(kind, length, seed=1):
   return valid, seg
 
 
-SPEED = {"dense32k": 128, "dense32k_d64": 64}  # dense causal 32K, H=16: name -> head dim
+# causal, H=16: name -> (length, kept tokens per segment, head dim); dense cases
+# are timed against cuDNN and the Triton kernels, "seg2048" (LongNet's segments
+# of 2048 kept tokens, one branch of rate 1) alone, for tuning
+SPEED = {"dense32k": (32768, 32768, 128), "dense32k_d64": (32768, 32768, 64),
+         "seg2048": (262144, 2048, 128)}
 
 
 def _inputs(length, h, k, d, seed=0):
@@ -131,10 +135,11 @@ def _time(fn, *args, iters=10):
 
 def speed(name: str, tiles: mosaic.MosaicTiles | None = None,
           references: bool = True) -> dict:
-  length, h, d = 32768, 16, SPEED[name]
+  (length, kept, d), h = SPEED[name], 16
+  references = references and kept == length
   tiles = tiles or mosaic.TUNED[d]
   x = _inputs(length, h, h, d)
-  geo = StridedBranch(kept=length, rate=1, heads=(0, h), group=1, offset=None, causal=True,
+  geo = StridedBranch(kept=kept, rate=1, heads=(0, h), group=1, offset=None, causal=True,
                       scale=d ** -0.5)
   vis = Visibility(None, None, None, True)
   tri = pallas.Pallas()
@@ -151,8 +156,11 @@ def speed(name: str, tiles: mosaic.MosaicTiles | None = None,
   args = (x["q"], x["k"], x["v"])
   rec["mosaic_fwd"] = _time(fm, *args)
   rec["mosaic_bwd"] = _time(bm, *args, x["do"])
+  flops = 4 * length * kept * d * h / 2
   if not references:
     rec["mosaic_fwdbwd"] = rec["mosaic_fwd"] + rec["mosaic_bwd"]
+    rec["tflops_fwd"] = {"mosaic": flops / rec["mosaic_fwd"] / 1e9}
+    rec["tflops_fwdbwd"] = {"mosaic": 3.5 * flops / rec["mosaic_fwdbwd"] / 1e9}
     return rec
   rec["triton_fwd"] = _time(ft, *args)
   rec["triton_bwd"] = _time(bt, *args, x["do"])
@@ -161,7 +169,6 @@ def speed(name: str, tiles: mosaic.MosaicTiles | None = None,
   rec["cudnn_fwd"] = _time(jax.jit(cud), *args)
   loss = lambda q, k, v: jnp.sum(cud(q, k, v).astype(jnp.float32) * x["do"])  # noqa: E731
   rec["cudnn_fwdbwd"] = _time(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), *args)
-  flops = 4 * length * length * d * h / 2
   for kind in ("mosaic", "triton"):
     rec[f"{kind}_fwdbwd"] = rec[f"{kind}_fwd"] + rec[f"{kind}_bwd"]
   rec["tflops_fwd"] = {k: flops / rec[f"{k}_fwd"] / 1e9 for k in ("mosaic", "triton", "cudnn")}
