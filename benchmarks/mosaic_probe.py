@@ -156,24 +156,21 @@ def speed(name: str, tiles: mosaic.MosaicTiles | None = None,
   args = (x["q"], x["k"], x["v"])
   rec["mosaic_fwd"] = _time(fm, *args)
   rec["mosaic_bwd"] = _time(bm, *args, x["do"])
+  rec["mosaic_fwdbwd"] = rec["mosaic_fwd"] + rec["mosaic_bwd"]
+  kinds = ("mosaic",)
+  if references:
+    rec["triton_fwd"] = _time(ft, *args)
+    rec["triton_bwd"] = _time(bt, *args, x["do"])
+    rec["triton_fwdbwd"] = rec["triton_fwd"] + rec["triton_bwd"]
+    cud = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, implementation="cudnn")
+    rec["cudnn_fwd"] = _time(jax.jit(cud), *args)
+    loss = lambda q, k, v: jnp.sum(cud(q, k, v).astype(jnp.float32) * x["do"])  # noqa: E731
+    rec["cudnn_fwdbwd"] = _time(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), *args)
+    kinds = ("mosaic", "triton", "cudnn")
   flops = 4 * length * kept * d * h / 2
-  if not references:
-    rec["mosaic_fwdbwd"] = rec["mosaic_fwd"] + rec["mosaic_bwd"]
-    rec["tflops_fwd"] = {"mosaic": flops / rec["mosaic_fwd"] / 1e9}
-    rec["tflops_fwdbwd"] = {"mosaic": 3.5 * flops / rec["mosaic_fwdbwd"] / 1e9}
-    return rec
-  rec["triton_fwd"] = _time(ft, *args)
-  rec["triton_bwd"] = _time(bt, *args, x["do"])
-  cud = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-      q, k, v, is_causal=True, implementation="cudnn")
-  rec["cudnn_fwd"] = _time(jax.jit(cud), *args)
-  loss = lambda q, k, v: jnp.sum(cud(q, k, v).astype(jnp.float32) * x["do"])  # noqa: E731
-  rec["cudnn_fwdbwd"] = _time(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), *args)
-  for kind in ("mosaic", "triton"):
-    rec[f"{kind}_fwdbwd"] = rec[f"{kind}_fwd"] + rec[f"{kind}_bwd"]
-  rec["tflops_fwd"] = {k: flops / rec[f"{k}_fwd"] / 1e9 for k in ("mosaic", "triton", "cudnn")}
-  rec["tflops_fwdbwd"] = {k: 3.5 * flops / rec[f"{k}_fwdbwd"] / 1e9
-                          for k in ("mosaic", "triton", "cudnn")}
+  rec["tflops_fwd"] = {k: flops / rec[f"{k}_fwd"] / 1e9 for k in kinds}
+  rec["tflops_fwdbwd"] = {k: 3.5 * flops / rec[f"{k}_fwdbwd"] / 1e9 for k in kinds}
   return rec
 
 
