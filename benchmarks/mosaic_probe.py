@@ -27,7 +27,9 @@ from ringdilated._backends import mosaic, pallas
 from ringdilated._backends.base import Dropout, StridedBranch, Visibility
 
 EXACT = {  # name: (L, H, K, D, kept, rate, heads, offset, causal[, options]); options:
-    # masks docs/pad/both, "drop" (dropout 0.1), "fresh" (own outputs, as ring blocks)
+    # masks docs/pad/both, "drop" (dropout 0.1), "fresh" (own outputs, as ring blocks),
+    # "alone" (a partition branch that writes every row of its heads over random
+    # accumulators: 0 / -inf at the other offsets, other heads unchanged)
     "dense_causal": (4096, 4, 4, 128, 4096, 1, (0, 4), None, True),
     "dense_full": (2048, 4, 4, 128, 2048, 1, (0, 4), None, False),
     "mix_r2_gqa": (4096, 4, 2, 128, 1024, 2, (0, 4), None, True),
@@ -42,6 +44,10 @@ EXACT = {  # name: (L, H, K, D, kept, rate, heads, offset, causal[, options]); o
     "drop_both_part_r4": (8192, 8, 8, 64, 512, 4, (4, 8), 1, True, "both+drop"),
     "fresh_dense_causal": (4096, 4, 2, 128, 2048, 1, (0, 4), None, True, "fresh"),
     "fresh_dense_full": (2048, 8, 4, 64, 1024, 1, (0, 8), None, False, "fresh"),
+    "alone_part_r4": (8192, 8, 8, 64, 512, 4, (4, 8), 1, True, "alone"),
+    "alone_both_r2": (8192, 8, 4, 128, 1024, 2, (4, 8), 1, True, "both+alone"),
+    "alone_drop_r8": (16384, 4, 4, 128, 512, 8, (2, 4), 5, False, "drop+alone"),
+    "alone_mix_r2": (4096, 4, 2, 128, 1024, 2, (0, 4), None, True, "alone"),  # one branch
 }
 
 
@@ -88,7 +94,7 @@ def exact(name: str, tiles: mosaic.MosaicTiles | None = None) -> dict:
   tiles = tiles or mosaic.TUNED[d]
   opts = opts[0].split("+") if opts else []
   geo = StridedBranch(kept=kept, rate=rate, heads=heads, group=h // kh, offset=offset,
-                      causal=causal, scale=d ** -0.5)
+                      causal=causal, scale=d ** -0.5, alone="alone" in opts)
   x = _inputs(length, h, kh, d)
   valid, seg = _masks(next((o for o in opts if o in ("docs", "pad", "both")), None), length)
   vis = Visibility(valid, seg, seg, causal)
@@ -101,17 +107,17 @@ def exact(name: str, tiles: mosaic.MosaicTiles | None = None) -> dict:
   acc = (lambda x: (None, None)) if fresh else (lambda x: (x["out"], x["lse"]))  # noqa: E731
   got = jax.jit(lambda x: mosaic.forward(geo, tiles, x["q"], x["k"], x["v"], *acc(x), vis,
                                          drop))(x)
-  want = jax.jit(lambda x: pallas.forward(geo, tri, x["q"], x["k"], x["v"], vis, drop,
-                                          *acc(x)))(x)
+  want = jax.jit(lambda x: tri.branch_forward(geo, x["q"], x["k"], x["v"], vis, drop,
+                                             *acc(x)))(x)
   finite = lambda a: np.where(np.isfinite(a), a, 0.0)  # noqa: E731
   rec = dict(out=_rel(got[0], want[0]), lse=_rel(finite(got[1]), finite(want[1])),
              lse_inf_equal=bool(np.array_equal(np.isinf(got[1]), np.isinf(want[1]))),
              nan=bool(any(np.isnan(np.asarray(a, np.float32)).any() for a in got)))
   grads = None if fresh else (x["dq"], x["dk"], x["dv"])
   got = jax.jit(lambda x: mosaic.backward(geo, tiles, x["q"], x["k"], x["v"], x["do"], want[1],
-                                          x["delta"], grads, vis, drop))(x)
-  ref = jax.jit(lambda x: pallas.backward(geo, tri, x["q"], x["k"], x["v"], vis, drop, x["do"],
-                                          want[1], x["delta"], grads))(x)
+                                          x["out"], grads, vis, drop))(x)
+  ref = jax.jit(lambda x: tri.branch_backward(geo, x["q"], x["k"], x["v"], vis, drop,
+                                             x["do"], want[1], x["out"], grads))(x)
   rec.update({n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dv"), got, ref)})
   if fresh:
     return rec
@@ -149,8 +155,7 @@ def speed(name: str, tiles: mosaic.MosaicTiles | None = None,
   fm = jax.jit(lambda q, k, v: mosaic.forward(geo, tiles, q, k, v, zeros, ninf))
   ft = jax.jit(lambda q, k, v: pallas.forward(geo, tri, q, k, v, vis, None, zeros, ninf))
   out, lse = fm(x["q"], x["k"], x["v"])
-  bm = jax.jit(lambda q, k, v, do: mosaic.backward(geo, tiles, q, k, v, do, lse,
-                                                   x["delta"], grads))
+  bm = jax.jit(lambda q, k, v, do: mosaic.backward(geo, tiles, q, k, v, do, lse, out, grads))
   bt = jax.jit(lambda q, k, v, do: pallas.backward(geo, tri, q, k, v, vis, None, do, lse,
                                                    x["delta"], grads))
   args = (x["q"], x["k"], x["v"])

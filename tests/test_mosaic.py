@@ -46,17 +46,18 @@ from ringdilated._backends.base import Dropout, Request, StridedBranch, Visibili
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rate,causal,masks,drop,fresh,d", [
-    (1, True, "", False, False, 128), (4, False, "", False, True, 128),
-    (1, False, "both", False, False, 128), (4, True, "seg", True, False, 128),
-    (2, True, "valid", False, False, 128), (1, True, "", True, True, 128),
-    (2, False, "both", True, False, 128), (4, True, "both", True, False, 64),
-    (1, False, "", False, True, 64)])
-def test_kernels_lower_to_mosaic_gpu(rate, causal, masks, drop, fresh, d):
+@pytest.mark.parametrize("rate,causal,masks,drop,fresh,d,alone", [
+    (1, True, "", False, False, 128, False), (4, False, "", False, True, 128, False),
+    (1, False, "both", False, False, 128, False), (4, True, "seg", True, False, 128, False),
+    (2, True, "valid", False, False, 128, False), (1, True, "", True, True, 128, False),
+    (2, False, "both", True, False, 128, False), (4, True, "both", True, False, 64, False),
+    (1, False, "", False, True, 64, False), (4, True, "", False, False, 128, True),
+    (2, True, "both", True, True, 64, True)])
+def test_kernels_lower_to_mosaic_gpu(rate, causal, masks, drop, fresh, d, alone):
   b, length, h, kh = 1, 4096, 4, 2
   tiles = mosaic.Mosaic().mosaic_tiles(d)  # the head dim's tuned tiles
   geo = StridedBranch(kept=2048 // rate, rate=rate, heads=(0, h), group=h // kh,
-                      offset=None, causal=causal, scale=d ** -0.5)
+                      offset=None, causal=causal, scale=d ** -0.5, alone=alone)
 
   def vis(seg, valid):
     return Visibility(valid if masks in ("valid", "both") else None,
@@ -70,21 +71,23 @@ def test_kernels_lower_to_mosaic_gpu(rate, causal, masks, drop, fresh, d):
     accs = (None, None) if fresh else (o, l)
     return mosaic.forward(geo, tiles, q, k, v, *accs, vis(seg, valid), dropout(seg))
 
-  def bwd(q, k, v, do, l, dl, dq, dk, dv, seg, valid):
-    return mosaic.backward(geo, tiles, q, k, v, do, l, dl,
+  def bwd(q, k, v, do, l, o, dq, dk, dv, seg, valid):
+    return mosaic.backward(geo, tiles, q, k, v, do, l, o,
                            None if fresh else (dq, dk, dv), vis(seg, valid), dropout(seg))
 
   sd = jax.ShapeDtypeStruct
   qs, kvs = sd((b, length, h, d), jnp.bfloat16), sd((b, length, kh, d), jnp.bfloat16)
   rows, tok = sd((b, length, h), jnp.float32), sd((b, length), jnp.int32)
-  # (function, arguments, operands of each kernel: inputs and accumulators)
+  # (function, arguments, operands of each kernel: inputs and accumulators;
+  # dq's are dq and the delta it writes for dk, dv)
   for fn, args, operands in ((fwd, (qs, kvs, kvs, qs, rows, tok, tok), ((3, 2),)),
-                             (bwd, (qs, kvs, kvs, qs, rows, rows, qs, kvs, kvs, tok, tok),
-                              ((6, 1), (6, 2)))):
+                             (bwd, (qs, kvs, kvs, qs, rows, qs, qs, kvs, kvs, tok, tok),
+                              ((6, 2), (6, 2)))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", text)
     # token vectors add ids, validity and the tile ranges; dropout the row
-    # hashes and key positions; fresh outputs are not operands
+    # hashes and key positions; fresh outputs are not operands (and only
+    # kernels with fresh outputs carry their names into the text)
     assert [len(c.split(",")) for c in calls] == [
         n + 3 * bool(masks) + 2 * drop + (0 if fresh else accs) for n, accs in operands]
     fresh_kernels = set(re.findall(r"ringdilated_mgpu_\w+?_f_mosaic_gpu", text))
@@ -288,12 +291,12 @@ def _bound(monkeypatch):
   def forward(geo, tiles, q, k, v, out=None, lse=None, vis=None, dropout=None):
     calls.append("fwd" + "_fresh" * (out is None) + "_drop" * (dropout is not None))
     vis = vis if vis is not None else Visibility(None, None, None, geo.causal)
-    return pallas.forward(geo, triton, q, k, v, vis, dropout, out, lse)
+    return triton.branch_forward(geo, q, k, v, vis, dropout, out, lse)  # (alone: as it)
 
-  def backward(geo, tiles, q, k, v, dout, lse, delta, grads=None, vis=None, dropout=None):
+  def backward(geo, tiles, q, k, v, dout, lse, out, grads=None, vis=None, dropout=None):
     calls.append("bwd" + "_fresh" * (grads is None) + "_drop" * (dropout is not None))
     vis = vis if vis is not None else Visibility(None, None, None, geo.causal)
-    return pallas.backward(geo, triton, q, k, v, vis, dropout, dout, lse, delta, grads)
+    return triton.branch_backward(geo, q, k, v, vis, dropout, dout, lse, out, grads)
 
   monkeypatch.setattr(mosaic, "forward", forward)
   monkeypatch.setattr(mosaic, "backward", backward)
@@ -343,10 +346,13 @@ def test_glue_matches_the_oracle(bound, mode, segments, causal, masks, ring, dro
   want = _out_and_grads("xla", q, k, v, cot, False, **dict(kw))
   got = _out_and_grads(_Bound(), q, k, v, cot, ring, **dict(kw))
   # local branches and the rings' own blocks in place (with their masks and
-  # dropout; the first, rate 1, writes fresh buffers where it keeps every
-  # head: mix mode); unmasked blocks between devices as fresh outputs
-  # (masked or dropped ones take the Triton kernels)
-  in_place = {kernel + "_fresh" * (i == 0 and mode == "mix") + "_drop" * drop
+  # dropout; the first writes new buffers where the branches write every
+  # element: in mix mode it keeps every head (rate 1), in partition mode
+  # without a ring every branch is alone on its heads); unmasked blocks
+  # between devices as fresh outputs (masked or dropped ones take the
+  # Triton kernels)
+  first_new = mode == "mix" or not ring
+  in_place = {kernel + "_fresh" * (i == 0 and first_new) + "_drop" * drop
               for kernel in ("fwd", "bwd") for i in range(len(segments[0]))}
   blocks = {"fwd_fresh", "bwd_fresh"} if ring and not (masks or drop) else set()
   assert set(bound) == in_place | blocks

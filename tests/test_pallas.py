@@ -180,9 +180,8 @@ def test_kernels_touch_only_kept_positions(offset):
   assert np.all(np.asarray(lse)[0][kept] >= np.asarray(lse0)[0][kept])  # a merge adds mass
 
   grads0 = tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k, v))
-  delta = jnp.sum(dout * out, axis=-1)
   grads = jax.jit(functools.partial(run.branch_backward, geo))(
-      q, k, v, no_masks, None, dout, lse, delta, grads0)
+      q, k, v, no_masks, None, dout, lse, out, grads0)
   kv_kept = np.zeros((n, hkv), bool)
   kv_kept[off::r, 1] = True
   for g, g0, m in zip(grads, grads0, (kept, kv_kept, kv_kept)):
@@ -338,3 +337,24 @@ def test_in_place_beside_a_ring_waits_for_gspmd(caplog):
     assert _ring._in_place_beside_ring(static(ring, triton))
   finally:
     jax.config.update("jax_use_shardy_partitioner", shardy)
+
+
+@pytest.mark.parametrize("mode,segments,shards,alone,new", [
+    ("partition", ((32, 64), (1, 2)), 1, [True, True], True),  # a head group each
+    ("mix", ((32, 64), (1, 2)), 1, [False, False], True),  # shared heads; rate 1 first
+    ("mix", ((64, 128), (2, 4)), 1, [False, False], False),
+    ("mix", ((64,), (2,)), 1, [True], True),  # one branch
+    ("partition", ((32, 256), (1, 2)), 2, [True, False], False),  # a ring branch
+])
+def test_alone_branches_write_their_heads(mode, segments, shards, alone, new):
+  """A branch read in place that shares no head with another (and is no
+  ring) writes every row of its heads; where all do, or the first keeps
+  every position of every head, the outputs start as the first branch's
+  new ones instead of zeros."""
+  from ringdilated import _plan, _ring  # pylint: disable=g-import-not-at-top
+  plan = _plan.make_plan(rd.DilatedConfig(*segments, mode=mode), 256, 4, 2, shards)
+  static = _ring.Static(plan, 0.25, 0.0, "sp" if shards > 1 else None,
+                        _pallas.Pallas(interpret=True))
+  generic, strided = _ring._split(static)
+  assert [view.alone for _, view in strided] == alone
+  assert _ring._starts_new(strided, generic, jnp.zeros((1, 256 // shards, 4, 8))) == new

@@ -126,6 +126,11 @@ class StridedBranch:
       r`` (``"mix"`` mode).
     causal: causal within each segment.
     scale: logit scale.
+    alone: no other branch reads its query or kv heads (``"partition"``
+      mode, or one branch): the branch then *writes* every row of its heads
+      in ``(out, lse)`` and ``(dq, dk, dv)`` (its result at the positions it
+      keeps, 0 and ``-inf`` at the others) instead of merging or adding, so
+      nothing needs zeroing first.
   """
 
   kept: int
@@ -135,6 +140,7 @@ class StridedBranch:
   offset: int | None
   causal: bool
   scale: float
+  alone: bool = False
 
   def off(self, kv_head):
     return kv_head % self.rate if self.offset is None else self.offset
@@ -277,19 +283,21 @@ class Backend:
       dropout: with ``q_pos`` and ``k_pos`` shape [B, L] and ``heads`` the
         branch's global query heads, or None.
       out: shape [B, L, H, D], running output (0 where nothing merged yet),
-        or None (with ``lse``) for fresh ones: only for a branch keeping
-        every position of every head.
+        or None (with ``lse``) for new ones: for a branch keeping every
+        position of every head, or an ``alone`` one (the heads of other
+        branches are then undefined until those write them).
       lse: shape [B, L, H] float32, running log-sum-exp (``-inf`` likewise).
 
     Returns:
-      The updated ``(out, lse)``; positions and heads the branch does not
-      keep are unchanged.
+      The updated ``(out, lse)``; heads the branch does not read are
+      unchanged, and so are its positions it does not keep unless it is
+      ``alone`` (then they hold 0 and ``-inf``).
     """
     raise NotImplementedError
 
   def branch_backward(self, branch: StridedBranch, q: Array, k: Array, v: Array,
                       vis: Visibility, dropout: Dropout | None, dout: Array,
-                      lse: Array, delta: Array,
+                      lse: Array, out: Array,
                       grads: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
     """Adds a local branch's gradients into ``grads = (dq, dk, dv)`` in place.
 
@@ -298,8 +306,10 @@ class Backend:
       q, dout: shape [B, L, H, D].
       k, v: shape [B, L, K, D].
       lse: shape [B, L, H] float32, the global log-sum-exp.
-      delta: shape [B, L, H] float32, ``rowsum(dout * out)`` of the global out.
-      grads: accumulators shaped like ``q, k, v``, or None for fresh ones
-        (as ``out`` in :meth:`branch_forward`).
+      out: shape [B, L, H, D], the global output (``delta = rowsum(dout *
+        out)`` is the backend's to form: a kernel can do it in passing).
+      grads: accumulators shaped like ``q, k, v``, or None for new ones
+        (as ``out`` in :meth:`branch_forward`); an ``alone`` branch writes
+        its heads' rows (0 at the positions it does not keep).
     """
     raise NotImplementedError

@@ -711,10 +711,10 @@ class Pallas(Backend):
 
   def backward(self, q, k, v, vis, dout, out, lse, *, scale, dropout=None):
     x, t, kh, g, d = q.shape
-    heads = lambda a: a.reshape(x, t, kh * g, *a.shape[4:]).astype(q.dtype)  # noqa: E731
-    delta = row_delta(dout, out).reshape(x, t, kh * g)
+    heads = lambda a: a.reshape(x, t, kh * g, *a.shape[4:])  # noqa: E731
     dq, dk, dv = self._block_backward(block_geometry(q, vis, scale), heads(q), k, v, vis,
-                                      dropout, heads(dout), lse.reshape(x, t, kh * g), delta)
+                                      dropout, heads(dout).astype(q.dtype),
+                                      lse.reshape(x, t, kh * g), heads(out))
     return dq.reshape(q.shape), dk, dv
 
   def _block_forward(self, geo, q, k, v, vis, dropout):
@@ -722,12 +722,23 @@ class Pallas(Backend):
     own fresh ``(out, lse)``."""
     return forward(geo, self, q, k, v, vis, dropout)
 
-  def _block_backward(self, geo, q, k, v, vis, dropout, dout, lse, delta):
-    """The gradients of :meth:`_block_forward`'s block, fresh."""
-    return backward(geo, self, q, k, v, vis, dropout, dout, lse, delta, None)
+  def _block_backward(self, geo, q, k, v, vis, dropout, dout, lse, out):
+    """The gradients of :meth:`_block_forward`'s block, fresh (``out``: the
+    global output of its rows)."""
+    return backward(geo, self, q, k, v, vis, dropout, dout, lse, row_delta(dout, out), None)
 
   def branch_forward(self, branch, q, k, v, vis, dropout, out, lse):
+    if branch.alone:  # these kernels merge: its heads start from (0, -inf)
+      h = slice(*branch.heads)
+      out, lse = ((jnp.zeros_like(q), jnp.full_like(q[..., 0], -jnp.inf, _F32)) if out is None
+                  else (out.at[:, :, h].set(0), lse.at[:, :, h].set(-jnp.inf)))
     return forward(branch, self, q, k, v, vis, dropout, out, lse)
 
-  def branch_backward(self, branch, q, k, v, vis, dropout, dout, lse, delta, grads):
-    return backward(branch, self, q, k, v, vis, dropout, dout, lse, delta, grads)
+  def branch_backward(self, branch, q, k, v, vis, dropout, dout, lse, out, grads):
+    if branch.alone:  # these kernels add: its heads start from 0
+      h0, h1 = branch.heads
+      heads = (slice(h0, h1),) + (slice(h0 // branch.group, h1 // branch.group),) * 2
+      grads = (tuple(map(jnp.zeros_like, (q, k, v))) if grads is None
+               else tuple(g.at[:, :, h].set(0) for g, h in zip(grads, heads)))
+    return backward(branch, self, q, k, v, vis, dropout, dout, lse, row_delta(dout, out),
+                    grads)
