@@ -11,6 +11,7 @@ use the kernels as blocks, and the fallbacks.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import logging
 import re
@@ -188,6 +189,53 @@ def test_kernels_touch_only_kept_positions(offset):
     g, g0 = np.asarray(g)[0], np.asarray(g0)[0]
     np.testing.assert_array_equal(g[~m], g0[~m])
     assert np.max(np.abs(g[m] - g0[m])) > 1e-3
+
+
+@pytest.mark.parametrize("offset", [None, 1])
+def test_alone_branch_writes_every_row_of_its_heads(offset):
+  """An ``alone`` branch's contract (the Hopper kernels are checked against
+  this on the GPU by benchmarks/mosaic_probe.py's ``alone`` cases): over any
+  accumulators, its heads hold its own result at the positions it keeps
+  and (0, -inf) / 0 at the others; other heads are bitwise unchanged."""
+  b, n, h, hkv, d, r = 1, 128, 4, 2, 16, 2
+  rng = np.random.default_rng(2)
+  q, k, v, dout = (jnp.asarray(rng.standard_normal((b, n, x, d)), jnp.float32)
+                   for x in (h, hkv, hkv, h))
+  geo = _backends.StridedBranch(kept=32, rate=r, heads=(2, 4), group=2, offset=offset,
+                                causal=True, scale=0.25)
+  alone = dataclasses.replace(geo, alone=True)
+  run = _pallas.Pallas(interpret=True)
+  no_masks = _backends.Visibility(None, None, None, True)
+  out0 = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  lse0 = jnp.asarray(rng.standard_normal(q.shape[:3]), jnp.float32)
+  out, lse = jax.jit(functools.partial(run.branch_forward, alone))(
+      q, k, v, no_masks, None, out0, lse0)
+  own, own_lse = jax.jit(functools.partial(run.branch_forward, geo))(
+      q, k, v, no_masks, None, jnp.zeros_like(q), jnp.full(q.shape[:3], -jnp.inf))
+  off = 1 % r if offset is None else offset
+  kept = np.zeros((n, h), bool)
+  kept[off::r, 2:4] = True
+  mine = np.zeros((n, h), bool)
+  mine[:, 2:4] = True
+  out, lse, own, own_lse, out0, lse0 = (np.asarray(x)[0] for x in
+                                        (out, lse, own, own_lse, out0, lse0))
+  np.testing.assert_array_equal(out[~mine], out0[~mine])
+  np.testing.assert_array_equal(lse[~mine], lse0[~mine])
+  np.testing.assert_array_equal(out[kept], own[kept])
+  np.testing.assert_array_equal(lse[kept], own_lse[kept])
+  assert np.all(out[mine & ~kept] == 0) and np.all(lse[mine & ~kept] == -np.inf)
+
+  grads0 = tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k, v))
+  grads = jax.jit(functools.partial(run.branch_backward, alone))(
+      q, k, v, no_masks, None, dout, lse[None], out[None], grads0)
+  own = jax.jit(functools.partial(run.branch_backward, geo))(
+      q, k, v, no_masks, None, dout, lse[None], out[None], tuple(map(jnp.zeros_like, grads0)))
+  kv_mine = np.zeros((n, hkv), bool)
+  kv_mine[:, 1] = True
+  for g, g0, w, m in zip(grads, grads0, own, (mine, kv_mine, kv_mine)):
+    g, g0, w = (np.asarray(x)[0] for x in (g, g0, w))
+    np.testing.assert_array_equal(g[~m], g0[~m])
+    np.testing.assert_array_equal(g[m], w[m])  # (0 at the positions it does not keep)
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
