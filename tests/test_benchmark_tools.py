@@ -10,6 +10,9 @@ kernels line up with their unmasked twins.
 they differ only in source locations.
 
 ``benchmarks/memory_report.py --ring``: per-device sizes of a ring.
+
+``benchmarks/profile_mosaic.py``: a program's time splits into a fixed part
+and a part per step, from the on-device profiler's ranges.
 """
 
 from __future__ import annotations
@@ -244,3 +247,30 @@ def test_check_gpu_settings_are_explicit():
   assert not cg.Settings().vma("pallas")  # interpret mode off a GPU
   with pytest.raises(dataclasses.FrozenInstanceError):
     st.scale = 1
+
+
+def test_kernel_profile_splits_programs_into_fixed_cost_and_steps():
+  """Programs of 1-4 steps of 2.0k cycles, 3.0k before the first step and
+  1.5k after the last (the memory warpgroup's trace carries no steps):
+  program = 4.5k + 2.0k x steps."""
+  summarize = _module("profile_mosaic").summarize
+  events, tid = [], 0
+  for program, n in enumerate((1, 2, 3, 4, 4, 1)):
+    t0 = 100.0 * program
+    for wg in range(2):
+      tid += 1
+      rng = [("fwd_begin", t0, t0 + 0.1)]
+      rng += [("fwd_step", t0 + 3.0 + 2.0 * i, t0 + 5.0 + 2.0 * i) for i in range(n)]
+      rng += [("fwd_end", t0 + 3.0 + 2.0 * n, t0 + 4.5 + 2.0 * n)]
+      for name, b, e in rng:
+        events += [dict(name=name, ph="B", ts=b, pid=1 + program % 2, tid=tid),
+                   dict(name=name, ph="E", ts=e, pid=1 + program % 2, tid=tid)]
+    tid += 1
+    events += [dict(name="memory_begin", ph=ph, ts=t0 + dt, pid=1 + program % 2, tid=tid)
+               for ph, dt in (("B", 0.0), ("E", 0.2))]
+  rec = summarize(events)
+  assert rec["kernel"] == "fwd" and rec["warpgroups"] == 12 and rec["sms"] == 2
+  assert rec["fixed_kcycles"] == pytest.approx(4.5) and rec["per_step_kcycles"] == pytest.approx(2.0)
+  assert rec["begin_kcycles"] == pytest.approx(3.0) and rec["end_kcycles"] == pytest.approx(1.5)
+  assert rec["step_kcycles"] == pytest.approx(2.0)
+  assert summarize(events[-2:])["kernel"] is None  # no steps: nothing to fit

@@ -39,6 +39,11 @@ hash travel likewise, and a weight costs one multiply
 write fresh outputs. Masked or dropped ring blocks and shapes these kernels
 don't take go to the Triton kernels (:class:`Mosaic`).
 
+Each warpgroup's phases are named scopes (``fwd_begin``, ``fwd_step``,
+``fwd_end``, likewise ``dq_*`` and ``dkv_*``, and ``memory_begin``): ranges
+of Mosaic GPU's on-device profiler where ``benchmarks/profile_mosaic.py``
+turns it on, nothing otherwise.
+
 Shape legend: B batch, L local length, H query heads, K kv heads, G = H / K,
 D head dim, r rate, M = L / r, T kept tokens per segment, bq / bk query /
 key tile, S pipeline slots.
@@ -433,7 +438,8 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
 
   @pl.when(wg < _COMPUTE)
   def _compute():
-    plgpu.set_max_registers(232, action="increase")
+    with jax.named_scope("fwd_begin"):
+      plgpu.set_max_registers(232, action="increase")
     q_s, o_s, l_s = scr["q"].at[wg], scr["o"].at[wg], scr["l"].at[wg]
     t0, m0 = t_pair + wg * bq, m_pair + wg * bq
     rows = (b, pl.ds(m0, bq), off, hq)
@@ -513,37 +519,39 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
       _schedule(sched)
       _schedule(sched)
 
+    step = _scoped("fwd_step", step)
     carry = (_zeros((bq, c.d), wgmma),
              plgpu.layout_cast(jnp.full((bq,), -jnp.inf, _F32), wgmma.reduce(1)),
              plgpu.layout_cast(jnp.full((bq,), 0.0, _F32), wgmma.reduce(1)))
     carry = _per_program(impure, functools.partial(_query_loops, step, lo, full, steps, geo.causal),
                          carry)
-    if geo.causal or c.masks:
-      lax.fori_loop(steps, n_kv, drain, None)
-    acc, m_i, l_i = carry
-    pl.when(wg == 0)(functools.partial(_schedule, sched))
+    with jax.named_scope("fwd_end"):
+      if geo.causal or c.masks:
+        lax.fori_loop(steps, n_kv, drain, None)
+      acc, m_i, l_i = carry
+      pl.when(wg == 0)(functools.partial(_schedule, sched))
 
-    # Without masks every query sees a key, so l_i > 0; with them a row
-    # that saw none gets out 0, lse -inf (it keeps a running (out, lse)).
-    seen = l_i > 0
-    l_safe = jnp.where(seen, l_i, 1.0) if c.masks else l_i
-    lse_b = (m_i + jnp.log2(l_safe)) / _LOG2E
-    out_b = acc / lax.broadcast_in_dim(l_safe * (1.0 - c.rate), acc.shape, [0])
-    if c.masks:
-      lse_b = jnp.where(seen, lse_b, -jnp.inf)
-    if not c.fresh:
-      plgpu.barrier_wait(scr["o_bar"].at[wg])
-      plgpu.barrier_wait(scr["l_bar"].at[wg])
-      out_b, lse_b = merge(plgpu.load(o_s, (), layout=wgmma).astype(_F32), _vector(l_s, 0),
-                           out_b, lse_b, seen if c.masks else True)
-    if c.clears:  # the TMA has read the tiles of _clear
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    o_s[...] = out_b.astype(c.dtype)
-    l_s[...] = lse_b
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_s, o_ref.at[rows])
-    plgpu.copy_smem_to_gmem(l_s, l_ref.at[stats])
-    plgpu.wait_smem_to_gmem(0)
+      # Without masks every query sees a key, so l_i > 0; with them a row
+      # that saw none gets out 0, lse -inf (it keeps a running (out, lse)).
+      seen = l_i > 0
+      l_safe = jnp.where(seen, l_i, 1.0) if c.masks else l_i
+      lse_b = (m_i + jnp.log2(l_safe)) / _LOG2E
+      out_b = acc / lax.broadcast_in_dim(l_safe * (1.0 - c.rate), acc.shape, [0])
+      if c.masks:
+        lse_b = jnp.where(seen, lse_b, -jnp.inf)
+      if not c.fresh:
+        plgpu.barrier_wait(scr["o_bar"].at[wg])
+        plgpu.barrier_wait(scr["l_bar"].at[wg])
+        out_b, lse_b = merge(plgpu.load(o_s, (), layout=wgmma).astype(_F32), _vector(l_s, 0),
+                             out_b, lse_b, seen if c.masks else True)
+      if c.clears:  # the TMA has read the tiles of _clear
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      o_s[...] = out_b.astype(c.dtype)
+      l_s[...] = lse_b
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_s, o_ref.at[rows])
+      plgpu.copy_smem_to_gmem(l_s, l_ref.at[stats])
+      plgpu.wait_smem_to_gmem(0)
 
   pl.when(wg == _COMPUTE)(functools.partial(
       _stream, ins, scr, c, lo, n_kv, impure, lambda j: (seg + j * bk, kv), ("k", "v"),
@@ -558,7 +566,8 @@ def _stream(ins, scr, c: _Launch, lo, hi, impure, source, names, dones, rows: in
   slot ``(j - lo) mod stages``, once the compute warpgroups released it
   (``dones``)."""
   pl, plgpu = _modules()
-  plgpu.set_max_registers(40, action="decrease")
+  with jax.named_scope("memory_begin"):
+    plgpu.set_max_registers(40, action="decrease")
 
   @pl.loop(lo, hi)
   def _(j):
@@ -601,6 +610,22 @@ def _own_rows(ins, scr, c: _Launch, wg, b, off, m0, stats, impure) -> None:
     plgpu.copy_gmem_to_smem(ins["rh"].at[stats], scr["rh"].at[wg], scr["rh_bar"].at[wg])
 
 
+def _compiler_params():
+  """Of every launch (benchmarks/profile_mosaic.py wraps it to add Mosaic
+  GPU's on-device profiler, whose ranges are the kernels' named scopes)."""
+  _, plgpu = _modules()
+  return plgpu.CompilerParams(approx_math=True)
+
+
+def _scoped(name: str, fn: Callable) -> Callable:
+  """``fn`` traced under the named scope ``name``: a range of the on-device
+  profiler when it is on (see :func:`_compiler_params`), nothing otherwise."""
+  def run(*args, **kwargs):
+    with jax.named_scope(name):
+      return fn(*args, **kwargs)
+  return run
+
+
 def _launch(body, grid, names, scratch: dict, inputs: dict, accs: tuple, name: str):
   """Runs ``body(ins, accs, scratch)`` (dicts and a tuple of refs) over
   ``grid`` with two compute warpgroups and a memory one. ``accs`` are arrays
@@ -617,7 +642,7 @@ def _launch(body, grid, names, scratch: dict, inputs: dict, accs: tuple, name: s
 
   mesh = plgpu.Mesh(grid=grid, grid_names=names, num_threads=_COMPUTE + 1, thread_name="wg")
   kernel = pl.kernel(entry, out_type=tuple(accs) if fresh else (), mesh=mesh, name=name,
-                     compiler_params=plgpu.CompilerParams(approx_math=True))
+                     compiler_params=_compiler_params())
   if fresh:
     return kernel(*inputs.values())
   return pl.run_state(lambda refs: kernel(*inputs.values(), *refs))(tuple(accs))
@@ -792,7 +817,8 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
 
   @pl.when(wg < _COMPUTE)
   def _compute():
-    plgpu.set_max_registers(232, action="increase")
+    with jax.named_scope("dq_begin"):
+      plgpu.set_max_registers(232, action="increase")
     q_s, do_s, o_s, l_s, d_s = (scr[x].at[wg] for x in ("q", "do", "o", "l", "d"))
     t0, m0 = t_pair + wg * bq, m_pair + wg * bq
     rows = (b, pl.ds(m0, bq), off, hq)
@@ -845,14 +871,16 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
       plgpu.barrier_arrive(scr["k_done"].at[slot])
       plgpu.barrier_arrive(scr["v_done"].at[slot])
 
+    step = _scoped("dq_step", step)
     dq = _per_program(impure, functools.partial(_query_loops, step, lo, full, steps, geo.causal),
                       _zeros((bq, c.d), plgpu.Layout.WGMMA))
-    if geo.causal or c.masks:
-      lax.fori_loop(steps, n_kv, drain, None)
-    q_s[...] = (dq * geo.scale).astype(c.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_s, dq_ref.at[rows], reduction_op=c.reduction)
-    plgpu.wait_smem_to_gmem(0)
+    with jax.named_scope("dq_end"):
+      if geo.causal or c.masks:
+        lax.fori_loop(steps, n_kv, drain, None)
+      q_s[...] = (dq * geo.scale).astype(c.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_s, dq_ref.at[rows], reduction_op=c.reduction)
+      plgpu.wait_smem_to_gmem(0)
 
   pl.when(wg == _COMPUTE)(functools.partial(
       _stream, ins, scr, c, lo, n_kv, impure, lambda j: (seg + j * bk, kv), ("k", "v"),
@@ -888,7 +916,8 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
 
   @pl.when(wg < _COMPUTE)
   def _compute():
-    plgpu.set_max_registers(232, action="increase")
+    with jax.named_scope("dkv_begin"):
+      plgpu.set_max_registers(232, action="increase")
     k_s, v_s = scr["k"].at[wg], scr["v"].at[wg]
     s0, m0 = t_pair + wg * bk, m_pair + wg * bk
     rows = (b, pl.ds(m0, bk), off, kv)
@@ -959,6 +988,8 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
       plgpu.barrier_arrive(scr["q_done"].at[slot])
       return dk, dv
 
+    step = _scoped("dkv_step", step)
+
     def head(h, carry, masked: bool):
       base = h * n_q - q_lo  # step of query tile i is base + i
       run_ = lambda lo, hi, mode, carry: lax.fori_loop(  # noqa: E731
@@ -974,16 +1005,18 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
     zeros = _zeros((bk, c.d), plgpu.Layout.WGMMA)
     dk, dv = _per_program(impure, lambda carry, masked: lax.fori_loop(
         0, g, functools.partial(head, masked=masked), carry), (zeros, zeros))
-    k_s[...] = (dk * geo.scale).astype(c.dtype)
-    v_s[...] = dv.astype(c.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_s, dk_ref.at[rows], reduction_op=c.reduction)
-    plgpu.copy_smem_to_gmem(v_s, dv_ref.at[rows], reduction_op=c.reduction)
-    plgpu.wait_smem_to_gmem(0)
+    with jax.named_scope("dkv_end"):
+      k_s[...] = (dk * geo.scale).astype(c.dtype)
+      v_s[...] = dv.astype(c.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_s, dk_ref.at[rows], reduction_op=c.reduction)
+      plgpu.copy_smem_to_gmem(v_s, dv_ref.at[rows], reduction_op=c.reduction)
+      plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _COMPUTE)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    with jax.named_scope("memory_begin"):
+      plgpu.set_max_registers(40, action="decrease")
 
     @pl.loop(0, g * n_q)
     def _(n):
