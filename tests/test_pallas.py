@@ -155,21 +155,28 @@ def test_a_first_branch_keeping_everything_writes_fresh_buffers(rates):
   assert calls == want
 
 
+def _branch_case(seed: int, offset):
+  """(rng, q, k, v, dout, branch of rate 2 on heads 2, 3 (kv head 1), Triton
+  kernels interpreted, no masks) on 128 tokens, 4 heads, 2 kv heads."""
+  b, n, h, hkv, d = 1, 128, 4, 2, 16
+  rng = np.random.default_rng(seed)
+  q, k, v, dout = (jnp.asarray(rng.standard_normal((b, n, x, d)), jnp.float32)
+                   for x in (h, hkv, hkv, h))
+  geo = _backends.StridedBranch(kept=32, rate=2, heads=(2, 4), group=2, offset=offset,
+                                causal=True, scale=0.25)
+  return (rng, q, k, v, dout, geo, _pallas.Pallas(interpret=True),
+          _backends.Visibility(None, None, None, True))
+
+
 @pytest.mark.parametrize("offset", [None, 1])
 def test_kernels_touch_only_kept_positions(offset):
   """The forward merges into (out, lse) and the backward adds into the
   gradients at the branch's positions and heads only; the rest is bitwise
   unchanged (the fused path chains branches through these buffers)."""
-  b, n, h, hkv, d, r = 1, 128, 4, 2, 16, 2
-  rng = np.random.default_rng(1)
-  q, k, v, dout = (jnp.asarray(rng.standard_normal((b, n, x, d)), jnp.float32)
-                   for x in (h, hkv, hkv, h))
-  geo = _backends.StridedBranch(kept=32, rate=r, heads=(2, 4), group=2, offset=offset,
-                                causal=True, scale=0.25)
-  run = _pallas.Pallas(interpret=True)
+  rng, q, k, v, dout, geo, run, no_masks = _branch_case(1, offset)
+  (_, n, h, _), hkv, r = q.shape, k.shape[2], geo.rate
   out0 = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   lse0 = jnp.asarray(rng.standard_normal(q.shape[:3]), jnp.float32)
-  no_masks = _backends.Visibility(None, None, None, True)
   out, lse = jax.jit(functools.partial(run.branch_forward, geo))(
       q, k, v, no_masks, None, out0, lse0)
   # kept: heads 2, 3 (kv head 1) at positions with p % 2 == offset(1)
@@ -197,15 +204,9 @@ def test_alone_branch_writes_every_row_of_its_heads(offset):
   this on the GPU by benchmarks/mosaic_probe.py's ``alone`` cases): over any
   accumulators, its heads hold its own result at the positions it keeps
   and (0, -inf) / 0 at the others; other heads are bitwise unchanged."""
-  b, n, h, hkv, d, r = 1, 128, 4, 2, 16, 2
-  rng = np.random.default_rng(2)
-  q, k, v, dout = (jnp.asarray(rng.standard_normal((b, n, x, d)), jnp.float32)
-                   for x in (h, hkv, hkv, h))
-  geo = _backends.StridedBranch(kept=32, rate=r, heads=(2, 4), group=2, offset=offset,
-                                causal=True, scale=0.25)
+  rng, q, k, v, dout, geo, run, no_masks = _branch_case(2, offset)
+  (_, n, h, _), hkv, r = q.shape, k.shape[2], geo.rate
   alone = dataclasses.replace(geo, alone=True)
-  run = _pallas.Pallas(interpret=True)
-  no_masks = _backends.Visibility(None, None, None, True)
   out0 = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   lse0 = jnp.asarray(rng.standard_normal(q.shape[:3]), jnp.float32)
   out, lse = jax.jit(functools.partial(run.branch_forward, alone))(
