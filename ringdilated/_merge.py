@@ -53,6 +53,14 @@ def merge(out: Array, lse: Array, out_b: Array, lse_b: Array,
   return out + lax.broadcast_in_dim(weight, out.shape, rows) * (out_b - out), new
 
 
+def unmerged(q: Array, dtype=None) -> tuple[Array, Array]:
+  """The running ``(out, lse)`` of rows no block has merged into yet: 0 (in
+  ``dtype``, default ``q``'s) and ``-inf`` float32, shaped like ``q`` [..., D]
+  and its rows. ``*_like``, so inside ``shard_map`` they vary over the mesh
+  axes as ``q`` does."""
+  return (jnp.zeros_like(q, dtype), jnp.full_like(q[..., 0], -jnp.inf, jnp.float32))
+
+
 def row_delta(dout: Array, out: Array) -> Array:
   """``rowsum(dout * out)`` in float32 over the last axis: the ``delta`` of
   the flash-attention backward, from the *global* output."""

@@ -46,7 +46,7 @@ from ._backends import Backend, StridedBranch
 from ._compact import (add_kv, add_q, compact_kv, compact_q, compact_token, distinct_kv,
                        expand_q, update_q)
 from ._layout import global_positions
-from ._merge import merge
+from ._merge import merge, unmerged
 from ._plan import Branch, Plan
 from ._schedule import (pair_permutations, regroup_permutations, ring_permutation,
                         visible_pairs)
@@ -330,8 +330,7 @@ def _branch_forward(static: Static, br: Branch, rng: Array | None, queries: Quer
       to_queries=lambda out_lse, res, qi: _with(out_lse, qi, br.half,
                                                 lambda cur: merge(*cur, *res)),
       to_keys=lambda acc, part, ki: acc,
-      empty=lambda queries, _: (jnp.zeros_like(queries.q, _F32),
-                                jnp.full_like(queries.q[..., 0], -jnp.inf, _F32)))
+      empty=lambda queries, _: unmerged(queries.q, _F32))
   return _ring(static, br, block, fold, queries, travel, own_in_place)[0]
 
 
@@ -519,8 +518,7 @@ def _forward_in_place(static: Static, q: Array, k: Array, v: Array, tokens: Toke
   ring branch of rate 512 at 8M tokens touches 1/512 of them)."""
   out = lse = None  # new from the first branch, if the branches write everything
   if not _starts_new(strided, generic, q):
-    out = jnp.zeros_like(q)  # zeros_like: varies over the mesh axes as q does
-    lse = jnp.full_like(q[..., 0], -jnp.inf, _F32)
+    out, lse = unmerged(q)
   for br, view in strided:
     vis, drop = _in_place_masks(static, br, tokens, rng)
     out, lse = static.backend.branch_forward(view, q, k, v, vis, drop, out, lse)

@@ -44,7 +44,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from .._merge import merge, row_delta
+from .._merge import merge, row_delta, unmerged
 from . import tile_masks as tm
 from .base import Backend, Capabilities, Dropout, Request, StridedBranch, Visibility
 
@@ -730,7 +730,7 @@ class Pallas(Backend):
   def branch_forward(self, branch, q, k, v, vis, dropout, out, lse):
     if branch.alone:  # these kernels merge: its heads start from (0, -inf)
       h = slice(*branch.heads)
-      out, lse = ((jnp.zeros_like(q), jnp.full_like(q[..., 0], -jnp.inf, _F32)) if out is None
+      out, lse = (unmerged(q) if out is None
                   else (out.at[:, :, h].set(0), lse.at[:, :, h].set(-jnp.inf)))
     return forward(branch, self, q, k, v, vis, dropout, out, lse)
 
