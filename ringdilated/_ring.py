@@ -414,7 +414,7 @@ def _strided(static: Static, br: Branch) -> StridedBranch | None:
     offset = None
   else:
     return None
-  alone = br.ring_size == 1 and not any(
+  alone = backend.capabilities.whole_heads and br.ring_size == 1 and not any(
       set(range(*b.q_heads)) & set(range(*br.q_heads)) or set(b.kv_heads) & set(br.kv_heads)
       for b in static.plan.branches if b is not br)
   return StridedBranch(kept=br.kept, rate=br.rate, heads=br.q_heads, group=br.group,

@@ -388,22 +388,26 @@ def test_in_place_beside_a_ring_waits_for_gspmd(caplog):
     jax.config.update("jax_use_shardy_partitioner", shardy)
 
 
-@pytest.mark.parametrize("mode,segments,shards,alone,new", [
-    ("partition", ((32, 64), (1, 2)), 1, [True, True], True),  # a head group each
-    ("mix", ((32, 64), (1, 2)), 1, [False, False], True),  # shared heads; rate 1 first
-    ("mix", ((64, 128), (2, 4)), 1, [False, False], False),
-    ("mix", ((64,), (2,)), 1, [True], True),  # one branch
-    ("partition", ((32, 256), (1, 2)), 2, [True, False], False),  # a ring branch
+@pytest.mark.parametrize("mode,segments,shards,alone,new,backend", [
+    ("partition", ((32, 64), (1, 2)), 1, [True, True], True, "mosaic"),  # a head group each
+    ("mix", ((32, 64), (1, 2)), 1, [False, False], True, "mosaic"),  # shared; rate 1 first
+    ("mix", ((64, 128), (2, 4)), 1, [False, False], False, "mosaic"),
+    ("mix", ((64,), (2,)), 1, [True], True, "mosaic"),  # one branch
+    ("partition", ((32, 256), (1, 2)), 2, [True, False], False, "mosaic"),  # a ring branch
+    # kernels that merge would write the heads twice (clear, then merge)
+    ("partition", ((32, 64), (1, 2)), 1, [False, False], False, "pallas"),
+    ("mix", ((32, 64), (1, 2)), 1, [False, False], True, "pallas"),
 ])
-def test_alone_branches_write_their_heads(mode, segments, shards, alone, new):
-  """A branch read in place that shares no head with another (and is no
-  ring) writes every row of its heads; where all do, or the first keeps
-  every position of every head, the outputs start as the first branch's
-  new ones instead of zeros."""
+def test_alone_branches_write_their_heads(mode, segments, shards, alone, new, backend):
+  """Under a backend whose kernels write whole heads, a branch read in place
+  that shares no head with another (and is no ring) writes every row of its
+  heads; where all do, or the first keeps every position of every head, the
+  outputs start as the first branch's new ones instead of zeros."""
   from ringdilated import _plan, _ring  # pylint: disable=g-import-not-at-top
+  from ringdilated._backends import mosaic  # pylint: disable=g-import-not-at-top
   plan = _plan.make_plan(rd.DilatedConfig(*segments, mode=mode), 256, 4, 2, shards)
-  static = _ring.Static(plan, 0.25, 0.0, "sp" if shards > 1 else None,
-                        _pallas.Pallas(interpret=True))
+  kernels = {"mosaic": mosaic.Mosaic, "pallas": _pallas.Pallas}[backend](interpret=True)
+  static = _ring.Static(plan, 0.25, 0.0, "sp" if shards > 1 else None, kernels)
   generic, strided = _ring._split(static)
   assert [view.alone for _, view in strided] == alone
   assert _ring._starts_new(strided, generic, jnp.zeros((1, 256 // shards, 4, 8))) == new

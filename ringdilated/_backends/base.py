@@ -127,7 +127,8 @@ class StridedBranch:
     causal: causal within each segment.
     scale: logit scale.
     alone: no other branch reads its query or kv heads (``"partition"``
-      mode, or one branch): the branch then *writes* every row of its heads
+      mode, or one branch) and the backend writes whole heads
+      (:class:`Capabilities`): the branch then *writes* every row of its heads
       in ``(out, lse)`` and ``(dq, dk, dv)`` (its result at the positions it
       keeps, 0 and ``-inf`` at the others) instead of merging or adding, so
       nothing needs zeroing first.
@@ -189,6 +190,10 @@ class Capabilities:
     dropout: blocks take :class:`Dropout`.
     in_place: ``branch_forward`` / ``branch_backward`` read local branches
       in place (:class:`StridedBranch`).
+    whole_heads: its in-place kernels write every row of a branch's heads
+      natively, so branches that share no heads are marked ``alone`` and
+      nothing is zeroed for them; kernels that merge would have to clear
+      those heads first, writing them twice.
   """
 
   platforms: tuple[str, ...] = ()
@@ -196,6 +201,7 @@ class Capabilities:
   masks: bool = False
   dropout: bool = False
   in_place: bool = False
+  whole_heads: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

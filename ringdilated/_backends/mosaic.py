@@ -1145,7 +1145,7 @@ class Mosaic(pallas.Pallas):
 
   name = "mosaic"
   capabilities = Capabilities(platforms=("gpu",), interpret=True, in_place=True,
-                              masks=True, dropout=True)
+                              masks=True, dropout=True, whole_heads=True)
   dtypes: ClassVar[tuple[jnp.dtype, ...]] = _DTYPES  # of q, k, v the kernels take
   mosaic: MosaicTiles | None = None
 

@@ -728,7 +728,9 @@ class Pallas(Backend):
     return backward(geo, self, q, k, v, vis, dropout, dout, lse, row_delta(dout, out), None)
 
   def branch_forward(self, branch, q, k, v, vis, dropout, out, lse):
-    if branch.alone:  # these kernels merge: its heads start from (0, -inf)
+    # these kernels merge; an alone branch (a call the Hopper backend hands
+    # over) must write its heads whole, so they start from (0, -inf)
+    if branch.alone:
       h = slice(*branch.heads)
       out, lse = (unmerged(q) if out is None
                   else (out.at[:, :, h].set(0), lse.at[:, :, h].set(-jnp.inf)))
