@@ -9,7 +9,10 @@ SM it ran on. This runs one causal branch of rate 1 (segments of ``--kept``
 tokens) forward and backward once and prints, per kernel, a fit of a
 program's time against its number of steps (fixed cost + cost per step:
 what short segments pay), the compute warpgroups' time before their first
-step and after their last, and the steps' own times::
+step and after their last, the steps' own times, and the median of every
+named range (the waits for a program's own rows, ``*_own``, and for a
+step's streamed tiles, ``dq_wait``, ``dkv_wait``; ``dq_delta``; the final
+stores, ``*_store``) with how often a warpgroup runs it::
 
   python benchmarks/profile_mosaic.py --length 32768 --kept 2048
 
@@ -32,6 +35,19 @@ import tempfile
 import numpy as np
 
 
+def _ranges(events: list[dict]) -> list[tuple[str, float]]:
+  """(name, duration) of every range of one warpgroup's trace, nested
+  ranges paired innermost first."""
+  begun, ranges = [], []
+  for e in events:
+    if e["ph"] == "B":
+      begun.append(e)
+    elif e["ph"] == "E" and begun:
+      b = begun.pop()
+      ranges.append((b["name"], e["ts"] - b["ts"]))
+  return ranges
+
+
 def summarize(events: list[dict]) -> dict:
   """Per-kernel summary of one kernel's trace (the profiler's JSON events:
   ``name``, ``ph`` B/E, ``ts``, ``pid`` = SM + 1, ``tid`` = one per program
@@ -40,10 +56,13 @@ def summarize(events: list[dict]) -> dict:
   for e in events:
     traces[e["tid"]].append(e)
   kernel, comp = None, []
+  spans = collections.defaultdict(list)
   for es in traces.values():
     steps = [e for e in es if e["name"].endswith("_step")]
     if not steps:
       continue
+    for name, dur in _ranges(es):
+      spans[name].append(dur)
     kernel = steps[0]["name"][:-len("_step")]
     begins = [e["ts"] for e in steps if e["ph"] == "B"]
     ends = [e["ts"] for e in steps if e["ph"] == "E"]
@@ -61,7 +80,9 @@ def summarize(events: list[dict]) -> dict:
               begin_kcycles=float(np.median([c["begin"] for c in comp])),
               end_kcycles=float(np.median([c["end"] for c in comp])),
               step_kcycles=float(np.median(step)),
-              median_steps=float(np.median(n)))
+              median_steps=float(np.median(n)),
+              scopes={name: dict(kcycles=float(np.median(d)), per_warpgroup=len(d) / len(comp))
+                      for name, d in sorted(spans.items())})
 
 
 def main(argv=None) -> int:
@@ -70,9 +91,11 @@ def main(argv=None) -> int:
   p.add_argument("--kept", type=int, default=2048)
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--head-dim", type=int, default=128)
-  p.add_argument("--space", type=int, default=128, help="profiler events per warpgroup")
+  p.add_argument("--space", type=int, help="profiler events per warpgroup (default: room "
+                 "for four per 64-key step, steps and their waits, and 128 more)")
   p.add_argument("--json")
   args = p.parse_args(argv)
+  args.space = args.space or 4 * (args.kept // 64) + 128
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -112,6 +135,8 @@ def main(argv=None) -> int:
           f"cycles (median {rec['median_steps']:.1f} steps); before the first step "
           f"{rec['begin_kcycles']:.2f}k, after the last {rec['end_kcycles']:.2f}k, "
           f"a step {rec['step_kcycles']:.3f}k", flush=True)
+    print("     ranges (median k-cycles x per warpgroup): " + "; ".join(
+        f"{name} {v['kcycles']:.2f}k x{v['per_warpgroup']:.1f}" for name, v in rec["scopes"].items()))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(recs, f, indent=1)

@@ -250,16 +250,16 @@ def test_check_gpu_settings_are_explicit():
 
 
 def test_kernel_profile_splits_programs_into_fixed_cost_and_steps():
-  """Programs of 1-4 steps of 2.0k cycles, 3.0k before the first step and
-  1.5k after the last (the memory warpgroup's trace carries no steps):
-  program = 4.5k + 2.0k x steps."""
+  """Programs of 1-4 steps of 2.0k cycles, 3.0k before the first step (2.0k
+  of it waiting for the own rows) and 1.5k after the last (the memory
+  warpgroup's trace carries no steps): program = 4.5k + 2.0k x steps."""
   summarize = _module("profile_mosaic").summarize
   events, tid = [], 0
   for program, n in enumerate((1, 2, 3, 4, 4, 1)):
     t0 = 100.0 * program
     for wg in range(2):
       tid += 1
-      rng = [("fwd_begin", t0, t0 + 0.1)]
+      rng = [("fwd_begin", t0, t0 + 0.1), ("fwd_own", t0 + 0.5, t0 + 2.5)]
       rng += [("fwd_step", t0 + 3.0 + 2.0 * i, t0 + 5.0 + 2.0 * i) for i in range(n)]
       rng += [("fwd_end", t0 + 3.0 + 2.0 * n, t0 + 4.5 + 2.0 * n)]
       for name, b, e in rng:
@@ -273,4 +273,7 @@ def test_kernel_profile_splits_programs_into_fixed_cost_and_steps():
   assert rec["fixed_kcycles"] == pytest.approx(4.5) and rec["per_step_kcycles"] == pytest.approx(2.0)
   assert rec["begin_kcycles"] == pytest.approx(3.0) and rec["end_kcycles"] == pytest.approx(1.5)
   assert rec["step_kcycles"] == pytest.approx(2.0)
+  assert rec["scopes"]["fwd_own"] == dict(kcycles=pytest.approx(2.0), per_warpgroup=1.0)
+  assert rec["scopes"]["fwd_step"] == dict(kcycles=pytest.approx(2.0), per_warpgroup=2.5)
+  assert "memory_begin" not in rec["scopes"]  # compute warpgroups only
   assert summarize(events[-2:])["kernel"] is None  # no steps: nothing to fit

@@ -40,9 +40,11 @@ write fresh outputs. Masked or dropped ring blocks and shapes these kernels
 don't take go to the Triton kernels (:class:`Mosaic`).
 
 Each warpgroup's phases are named scopes (``fwd_begin``, ``fwd_step``,
-``fwd_end``, likewise ``dq_*`` and ``dkv_*``, and ``memory_begin``): ranges
-of Mosaic GPU's on-device profiler where ``benchmarks/profile_mosaic.py``
-turns it on, nothing otherwise.
+``fwd_end``, likewise ``dq_*`` and ``dkv_*``, and ``memory_begin``; within
+them the waits for a program's own rows, ``*_own``, and for a step's
+streamed tiles, ``dq_wait`` and ``dkv_wait``, ``dq_delta`` and the final
+stores, ``*_store``): ranges of Mosaic GPU's on-device profiler where
+``benchmarks/profile_mosaic.py`` turns it on, nothing otherwise.
 
 Shape legend: B batch, L local length, H query heads, K kv heads, G = H / K,
 D head dim, r rate, M = L / r, T kept tokens per segment, bq / bk query /
@@ -456,7 +458,8 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
       plgpu.commit_smem()
       _clear(c, off, [(o_s, lambda o: o_ref.at[b, pl.ds(m0, bq), o, hq]),
                       (l_s, lambda o: l_ref.at[b, hq, o, pl.ds(m0, bq)])])
-    plgpu.barrier_wait(scr["q_bar"].at[wg])
+    with jax.named_scope("fwd_own"):
+      plgpu.barrier_wait(scr["q_bar"].at[wg])
     steps, full = _own_steps(c, t0, lo, n_kv)
     q_hash = _own_hashes(scr, wg, c)
 
@@ -549,9 +552,10 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
       o_s[...] = out_b.astype(c.dtype)
       l_s[...] = lse_b
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_s, o_ref.at[rows])
-      plgpu.copy_smem_to_gmem(l_s, l_ref.at[stats])
-      plgpu.wait_smem_to_gmem(0)
+      with jax.named_scope("fwd_store"):
+        plgpu.copy_smem_to_gmem(o_s, o_ref.at[rows])
+        plgpu.copy_smem_to_gmem(l_s, l_ref.at[stats])
+        plgpu.wait_smem_to_gmem(0)
 
   pl.when(wg == _COMPUTE)(functools.partial(
       _stream, ins, scr, c, lo, n_kv, impure, lambda j: (seg + j * bk, kv), ("k", "v"),
@@ -831,15 +835,17 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
       z_s[...] = _zeros((bq, c.d), plgpu.Layout.WGMMA).astype(c.dtype)
       plgpu.commit_smem()
       _clear(c, off, [(z_s, lambda o: dq_ref.at[b, pl.ds(m0, bq), o, hq])])
-    for name in ("q", "do", "o", "l"):
-      plgpu.barrier_wait(scr[f"{name}_bar"].at[wg])
-    lse = _row_lse(l_s, 0)
-    wgmma = plgpu.Layout.WGMMA
-    delta = (plgpu.load(do_s, (), layout=wgmma).astype(_F32)
-             * plgpu.load(o_s, (), layout=wgmma).astype(_F32)).sum(axis=1)
-    d_s[...] = delta  # for dk, dv
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(d_s, delta_ref.at[stats])
+    with jax.named_scope("dq_own"):
+      for name in ("q", "do", "o", "l"):
+        plgpu.barrier_wait(scr[f"{name}_bar"].at[wg])
+    with jax.named_scope("dq_delta"):
+      lse = _row_lse(l_s, 0)
+      wgmma = plgpu.Layout.WGMMA
+      delta = (plgpu.load(do_s, (), layout=wgmma).astype(_F32)
+               * plgpu.load(o_s, (), layout=wgmma).astype(_F32)).sum(axis=1)
+      d_s[...] = delta  # for dk, dv
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(d_s, delta_ref.at[stats])
     q_hash = _own_hashes(scr, wg, c)
     steps, full = _own_steps(c, t0, lo, n_kv)
 
@@ -848,8 +854,9 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
     def step(j, dq, diagonal: bool, masked: bool):
       slot = slot_of(j)
       k_s, v_s = scr["k"].at[slot], scr["v"].at[slot]
-      plgpu.barrier_wait(scr["k_bar"].at[slot])
-      plgpu.barrier_wait(scr["v_bar"].at[slot])
+      with jax.named_scope("dq_wait"):
+        plgpu.barrier_wait(scr["k_bar"].at[slot])
+        plgpu.barrier_wait(scr["v_bar"].at[slot])
       s, dp = _mmas((None, q_s, plgpu.transpose_ref(k_s, (1, 0)), (bq, bk)),
                     (None, do_s, plgpu.transpose_ref(v_s, (1, 0)), (bq, bk)))
       plgpu.barrier_arrive(scr["v_done"].at[slot])
@@ -879,8 +886,9 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
         lax.fori_loop(steps, n_kv, drain, None)
       q_s[...] = (dq * geo.scale).astype(c.dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_s, dq_ref.at[rows], reduction_op=c.reduction)
-      plgpu.wait_smem_to_gmem(0)
+      with jax.named_scope("dq_store"):
+        plgpu.copy_smem_to_gmem(q_s, dq_ref.at[rows], reduction_op=c.reduction)
+        plgpu.wait_smem_to_gmem(0)
 
   pl.when(wg == _COMPUTE)(functools.partial(
       _stream, ins, scr, c, lo, n_kv, impure, lambda j: (seg + j * bk, kv), ("k", "v"),
@@ -941,8 +949,9 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
       plgpu.commit_smem()
       _clear(c, off, [(z_s, lambda o: dk_ref.at[b, pl.ds(m0, bk), o, kv]),
                       (z_s, lambda o: dv_ref.at[b, pl.ds(m0, bk), o, kv])])
-    plgpu.barrier_wait(scr["k_bar"].at[wg])
-    plgpu.barrier_wait(scr["v_bar"].at[wg])
+    with jax.named_scope("dkv_own"):
+      plgpu.barrier_wait(scr["k_bar"].at[wg])
+      plgpu.barrier_wait(scr["v_bar"].at[wg])
     k_hash = None
     if c.rate:
       plgpu.barrier_wait(scr["kh_bar"].at[wg])
@@ -952,8 +961,9 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
 
     def step(n, carry, mode: str, masked: bool):
       slot = slot_of(n)
-      for name in streamed:
-        plgpu.barrier_wait(scr[f"{name}_bar"].at[slot])
+      with jax.named_scope("dkv_wait"):
+        for name in streamed:
+          plgpu.barrier_wait(scr[f"{name}_bar"].at[slot])
       if mode == "skip":  # wholly above the diagonal: nothing to add
         if masked:  # (unread: no copy outlives the program)
           plgpu.barrier_wait(scr["qid_bar"].at[slot])
@@ -1013,9 +1023,10 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
       k_s[...] = (dk * geo.scale).astype(c.dtype)
       v_s[...] = dv.astype(c.dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_s, dk_ref.at[rows], reduction_op=c.reduction)
-      plgpu.copy_smem_to_gmem(v_s, dv_ref.at[rows], reduction_op=c.reduction)
-      plgpu.wait_smem_to_gmem(0)
+      with jax.named_scope("dkv_store"):
+        plgpu.copy_smem_to_gmem(k_s, dk_ref.at[rows], reduction_op=c.reduction)
+        plgpu.copy_smem_to_gmem(v_s, dv_ref.at[rows], reduction_op=c.reduction)
+        plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _COMPUTE)
   def _memory():
