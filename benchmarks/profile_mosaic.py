@@ -68,18 +68,17 @@ def summarize(events: list[dict]) -> dict:
     ends = [e["ts"] for e in steps if e["ph"] == "E"]
     first, last = min(e["ts"] for e in es), max(e["ts"] for e in es)
     comp.append(dict(steps=len(begins), total=last - first, begin=begins[0] - first,
-                     end=last - ends[-1], step=[b - a for a, b in zip(begins, ends)]))
+                     end=last - ends[-1]))
   if not comp:
     return dict(kernel=None, programs=len(traces))
   n = np.array([c["steps"] for c in comp], float)
   total = np.array([c["total"] for c in comp])
   (fixed, per_step), *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n], 1), total, rcond=None)
-  step = np.concatenate([c["step"] for c in comp])
   return dict(kernel=kernel, warpgroups=len(comp), sms=len({e["pid"] for e in events}),
               fixed_kcycles=float(fixed), per_step_kcycles=float(per_step),
               begin_kcycles=float(np.median([c["begin"] for c in comp])),
               end_kcycles=float(np.median([c["end"] for c in comp])),
-              step_kcycles=float(np.median(step)),
+              step_kcycles=float(np.median(spans[f"{kernel}_step"])),
               median_steps=float(np.median(n)),
               scopes={name: dict(kcycles=float(np.median(d)), per_warpgroup=len(d) / len(comp))
                       for name, d in sorted(spans.items())})
