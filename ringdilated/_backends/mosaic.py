@@ -440,8 +440,6 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
 
   @pl.when(wg < _COMPUTE)
   def _compute():
-    with jax.named_scope("fwd_begin"):
-      plgpu.set_max_registers(232, action="increase")
     q_s, o_s, l_s = scr["q"].at[wg], scr["o"].at[wg], scr["l"].at[wg]
     t0, m0 = t_pair + wg * bq, m_pair + wg * bq
     rows = (b, pl.ds(m0, bq), off, hq)
@@ -451,6 +449,10 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
       plgpu.copy_gmem_to_smem(o_ref.at[rows], o_s, scr["o_bar"].at[wg])
       plgpu.copy_gmem_to_smem(l_ref.at[stats], l_s, scr["l_bar"].at[wg])
     _own_rows(ins, scr, c, wg, b, off, m0, stats, impure)
+    # (the own rows' copies start before the registers grow, in all three
+    # kernels: their latency overlaps the wait for the memory warpgroup)
+    with jax.named_scope("fwd_begin"):
+      plgpu.set_max_registers(232, action="increase")
     wgmma = plgpu.Layout.WGMMA
     if c.clears:  # (o_s, l_s hold nothing else until the end)
       o_s[...] = _zeros((bq, c.d), wgmma).astype(c.dtype)
@@ -821,8 +823,6 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
 
   @pl.when(wg < _COMPUTE)
   def _compute():
-    with jax.named_scope("dq_begin"):
-      plgpu.set_max_registers(232, action="increase")
     q_s, do_s, o_s, l_s, d_s = (scr[x].at[wg] for x in ("q", "do", "o", "l", "d"))
     t0, m0 = t_pair + wg * bq, m_pair + wg * bq
     rows = (b, pl.ds(m0, bq), off, hq)
@@ -830,6 +830,8 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
     for name, idx in (("q", rows), ("do", rows), ("o", rows), ("l", stats)):
       plgpu.copy_gmem_to_smem(ins[name].at[idx], scr[name].at[wg], scr[f"{name}_bar"].at[wg])
     _own_rows(ins, scr, c, wg, b, off, m0, stats, impure)
+    with jax.named_scope("dq_begin"):
+      plgpu.set_max_registers(232, action="increase")
     if c.clears:
       z_s = scr["z"].at[wg]
       z_s[...] = _zeros((bq, c.d), plgpu.Layout.WGMMA).astype(c.dtype)
@@ -928,8 +930,6 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
 
   @pl.when(wg < _COMPUTE)
   def _compute():
-    with jax.named_scope("dkv_begin"):
-      plgpu.set_max_registers(232, action="increase")
     k_s, v_s = scr["k"].at[wg], scr["v"].at[wg]
     s0, m0 = t_pair + wg * bk, m_pair + wg * bk
     rows = (b, pl.ds(m0, bk), off, kv)
@@ -943,6 +943,8 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
     pl.when(impure)(functools.partial(own, ("kid", "ids"), ("kval", "valid")))
     if c.rate:
       own(("kh", "kh"))
+    with jax.named_scope("dkv_begin"):
+      plgpu.set_max_registers(232, action="increase")
     if c.clears:
       z_s = scr["z"].at[wg]
       z_s[...] = _zeros((bk, c.d), plgpu.Layout.WGMMA).astype(c.dtype)
