@@ -16,6 +16,12 @@ peak memory from the compiled program's memory analysis (arguments + outputs
 needs (causal halves included; backward counted as 2.5x forward; masks and
 dropout do not change the count).
 
+Clocks: where ``nvidia-smi`` exists, it samples the GPU's SM clock and
+power every 20 ms while a case's forward+backward runs; each record keeps
+their medians (``sm_clock_mhz``, ``power_w``), so kernel cycles (the
+on-device profile's) and times relate through the clock a power cap sets
+under load.
+
 Runtime memory: the device's ``peak_bytes_in_use`` is a high-water mark of
 the whole process (JAX cannot reset it). Each record keeps it before and
 after the case (``process_peak_bytes_before/after``: the case raised the
@@ -62,9 +68,11 @@ baselines at the smallest lengths (:data:`SMOKE_ONLY`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -413,6 +421,46 @@ def _median_ms(fn, args, iters, seconds=5.0):
   return statistics.median(times)
 
 
+def clock_medians(lines) -> dict:
+  """``{"sm_clock_mhz", "power_w"}``: medians of ``nvidia-smi``'s
+  ``clocks.sm,power.draw`` CSV lines (no header, no units), the lines it
+  could not measure (``[N/A]``) left out; empty without a sample."""
+  samples = []
+  for line in lines:
+    try:
+      clock, power = (float(x) for x in line.split(","))
+    except ValueError:  # [N/A], or not two fields
+      continue
+    samples.append((clock, power))
+  if not samples:
+    return {}
+  clock, power = zip(*samples)
+  return dict(sm_clock_mhz=statistics.median(clock), power_w=statistics.median(power))
+
+
+@contextlib.contextmanager
+def sampled_clocks(device, rec: dict):
+  """Records in ``rec`` the medians of the SM clock and power of ``device``
+  (:func:`clock_medians`) while the block runs: ``nvidia-smi`` every 20 ms
+  (its GPU index taken as the device's id: CUDA's and nvidia-smi's orders
+  agree on a host of equal GPUs). Nothing where there is no nvidia-smi."""
+  smi = shutil.which("nvidia-smi") if device.platform == "gpu" else None
+  if smi is None:
+    yield
+    return
+  with tempfile.TemporaryFile("w+") as log:
+    proc = subprocess.Popen([smi, "-i", str(device.id), "--query-gpu=clocks.sm,power.draw",
+                             "--format=csv,noheader,nounits", "-lms", "20"],
+                            stdout=log, stderr=subprocess.DEVNULL)
+    try:
+      yield
+    finally:
+      proc.terminate()
+      proc.wait()
+      log.seek(0)
+      rec.update(clock_medians(log))
+
+
 def _peak_bytes(compiled) -> int:
   m = compiled.memory_analysis()
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
@@ -472,7 +520,8 @@ def measure(case: Case, iters=10, *, fwd=True, isolated=False) -> dict:
     rec["peak_bytes"] = _peak_bytes(compiled)
     if fwd:
       rec["fwd_ms"] = _median_ms(jax.jit(impl), (q, k, v, *extra), iters)
-    rec["fwd_bwd_ms"] = _median_ms(compiled, (q, k, v, dout, *extra), iters)
+    with sampled_clocks(device, rec):
+      rec["fwd_bwd_ms"] = _median_ms(compiled, (q, k, v, dout, *extra), iters)
   except Exception as e:  # a failing case is recorded, not fatal
     rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     print(f"{name:32s} N={n:>8d}  ERROR {rec['error']}", flush=True)
@@ -490,6 +539,8 @@ def measure(case: Case, iters=10, *, fwd=True, isolated=False) -> dict:
   fwd_text = f"fwd {rec['fwd_ms']:9.3f} ms  " if "fwd_ms" in rec else ""
   run_text = (f"  runtime {rec['runtime_peak_bytes'] / 2**30:7.2f} GiB"
               if "runtime_peak_bytes" in rec else "")
+  run_text += (f"  {rec['sm_clock_mhz']:.0f} MHz {rec['power_w']:.0f} W"
+               if "sm_clock_mhz" in rec else "")
   print(f"{name:32s} N={n:>8d} {fwd_text}fwd+bwd {rec['fwd_bwd_ms']:9.3f} ms"
         f"  {rec['tflops_fwd_bwd']:6.1f} TFLOP/s  peak {rec['peak_bytes'] / 2**30:7.2f} GiB"
         + run_text, flush=True)

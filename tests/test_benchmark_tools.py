@@ -13,6 +13,9 @@ they differ only in source locations.
 
 ``benchmarks/profile_mosaic.py``: a program's time splits into a fixed part
 and a part per step, from the on-device profiler's ranges.
+
+``benchmarks/bench.py``: records of earlier runs stay; the SM clock and
+power sampled while a case runs are the medians of what nvidia-smi printed.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import dataclasses
 import gzip
 import importlib.util
 import json
+import os
 import pathlib
 import sys
+import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -232,6 +238,34 @@ def test_bench_records_of_earlier_runs_stay():
   assert again == [old, other, dict(name="a", seq_len=8, run="2", fwd_bwd_ms=2.5)]
   longer = bench.merge_record(again, dict(name="a", seq_len=16, run="2", fwd_bwd_ms=9.0))
   assert len(longer) == 4
+
+
+def test_clock_medians_skip_what_nvidia_smi_could_not_measure():
+  bench = _module("bench")
+  lines = ["1980, 650.5\n", "[N/A], 640.0\n", "1755, 700.0\n", "1830, [N/A]\n", "garbage\n",
+           "1830, 690.0\n"]
+  assert bench.clock_medians(lines) == dict(sm_clock_mhz=1830.0, power_w=690.0)
+  assert bench.clock_medians(["[N/A], [N/A]\n"]) == {}
+
+
+def test_sampled_clocks_record_the_samples_taken_while_the_block_runs(tmp_path, monkeypatch):
+  """With a stand-in ``nvidia-smi`` on PATH (it prints two samples of the
+  GPU it was asked for, then waits to be stopped) the record gets their
+  medians; on CPU devices nothing is sampled."""
+  bench = _module("bench")
+  smi = tmp_path / "nvidia-smi"
+  smi.write_text('#!/bin/sh\n[ "$2" = 3 ] || exit 1\necho "1500, 600"\necho "1700, 650"\n'
+                 "exec sleep 30\n")
+  smi.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+  rec = {}
+  with bench.sampled_clocks(types.SimpleNamespace(platform="gpu", id=3), rec):
+    time.sleep(1.0)  # (the stand-in prints at once)
+  assert rec == dict(sm_clock_mhz=1600.0, power_w=625.0)
+  cpu = {}
+  with bench.sampled_clocks(jax.devices()[0], cpu):
+    pass
+  assert cpu == {}
 
 
 def test_check_gpu_settings_are_explicit():
