@@ -302,7 +302,7 @@ def test_kernel_profile_splits_programs_into_fixed_cost_and_steps():
     tid += 1
     events += [dict(name="memory_begin", ph=ph, ts=t0 + dt, pid=1 + program % 2, tid=tid)
                for ph, dt in (("B", 0.0), ("E", 0.2))]
-  rec = summarize(events)
+  rec = summarize(events, 3)
   assert rec["kernel"] == "fwd" and rec["warpgroups"] == 12 and rec["sms"] == 2
   assert rec["fixed_kcycles"] == pytest.approx(4.5) and rec["per_step_kcycles"] == pytest.approx(2.0)
   assert rec["begin_kcycles"] == pytest.approx(3.0) and rec["end_kcycles"] == pytest.approx(1.5)
@@ -310,4 +310,30 @@ def test_kernel_profile_splits_programs_into_fixed_cost_and_steps():
   assert rec["scopes"]["fwd_own"] == dict(kcycles=pytest.approx(2.0), per_warpgroup=1.0)
   assert rec["scopes"]["fwd_step"] == dict(kcycles=pytest.approx(2.0), per_warpgroup=2.5)
   assert "memory_begin" not in rec["scopes"]  # compute warpgroups only
-  assert summarize(events[-2:])["kernel"] is None  # no steps: nothing to fit
+  assert summarize(events[-2:], 3)["kernel"] is None  # no steps: nothing to fit
+
+
+def test_sm_timeline_fits_the_clock_and_the_untraced_time_between_programs():
+  """Two SMs running programs of 3 warpgroups back to back at 1.6 GHz with
+  700 ns between one's last event and the next's first; the global timer
+  (the traces' starts, low 32 bits) wraps on one SM mid-kernel. A trace's
+  events are its start (ns) plus SM cycles, / 1000, as the profiler writes
+  them."""
+  sm_timeline = _module("profile_mosaic").sm_timeline
+  traces, tid = {}, 0
+  for sm, start in ((1, 1.0e6), (2, 2**32 - 30.0e3)):
+    for c in (9.0e3, 20.0e3, 14.0e3, 31.0e3, 12.0e3):
+      for wg in range(3):
+        tid += 1
+        begin = (start + 5.0 * wg) % 2**32  # warpgroups start a few ns apart
+        span = c - 400.0 * (wg == 2)  # the memory warpgroup ends first
+        traces[tid] = [dict(name="x", ph=ph, ts=(begin + t) / 1e3, pid=sm, tid=tid)
+                       for ph, t in (("B", 0.0), ("E", span))]
+      start += c / 1.6 + 700.0
+  fit = sm_timeline(traces, 3)
+  assert fit["clock_ghz"] == pytest.approx(1.6, rel=1e-3)
+  assert fit["gap_ns"] == pytest.approx(700.0, abs=10.0)
+  spans = sum(c / 1.6 for c in (9.0e3, 20.0e3, 14.0e3, 31.0e3))
+  assert fit["traced_share"] == pytest.approx(spans / (spans + 4 * 700.0), rel=1e-3)
+  one_each = {t: es for t, es in traces.items() if t <= 6}  # one pair: undetermined
+  assert sm_timeline(one_each, 3) == {}
