@@ -205,6 +205,16 @@ def _clear(c: _Launch, off, copies) -> None:
       pl.when(off != o)(copy)
 
 
+def _clear_gradients(c: _Launch, z_s, off, tiles) -> None:
+  """:func:`_clear` for the gradient kernels: the zero tile ``z_s`` (rows,
+  D, which only launches that clear have) filled once, then stored to the
+  other offsets of each ``tiles`` (offset -> gmem tile)."""
+  _, plgpu = _modules()
+  z_s[...] = _zeros(z_s.shape, plgpu.Layout.WGMMA).astype(c.dtype)
+  plgpu.commit_smem()
+  _clear(c, off, [(z_s, tile) for tile in tiles])
+
+
 def _cdiv(a, b: int):
   return lax.div(a + (b - 1), jnp.int32(b))
 
@@ -833,10 +843,7 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
     with jax.named_scope("dq_begin"):
       plgpu.set_max_registers(232, action="increase")
     if c.clears:
-      z_s = scr["z"].at[wg]
-      z_s[...] = _zeros((bq, c.d), plgpu.Layout.WGMMA).astype(c.dtype)
-      plgpu.commit_smem()
-      _clear(c, off, [(z_s, lambda o: dq_ref.at[b, pl.ds(m0, bq), o, hq])])
+      _clear_gradients(c, scr["z"].at[wg], off, [lambda o: dq_ref.at[b, pl.ds(m0, bq), o, hq]])
     with jax.named_scope("dq_own"):
       for name in ("q", "do", "o", "l"):
         plgpu.barrier_wait(scr[f"{name}_bar"].at[wg])
@@ -946,11 +953,8 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
     with jax.named_scope("dkv_begin"):
       plgpu.set_max_registers(232, action="increase")
     if c.clears:
-      z_s = scr["z"].at[wg]
-      z_s[...] = _zeros((bk, c.d), plgpu.Layout.WGMMA).astype(c.dtype)
-      plgpu.commit_smem()
-      _clear(c, off, [(z_s, lambda o: dk_ref.at[b, pl.ds(m0, bk), o, kv]),
-                      (z_s, lambda o: dv_ref.at[b, pl.ds(m0, bk), o, kv])])
+      _clear_gradients(c, scr["z"].at[wg], off, [lambda o: dk_ref.at[b, pl.ds(m0, bk), o, kv],
+                                                 lambda o: dv_ref.at[b, pl.ds(m0, bk), o, kv]])
     with jax.named_scope("dkv_own"):
       plgpu.barrier_wait(scr["k_bar"].at[wg])
       plgpu.barrier_wait(scr["v_bar"].at[wg])
