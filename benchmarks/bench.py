@@ -16,11 +16,15 @@ peak memory from the compiled program's memory analysis (arguments + outputs
 needs (causal halves included; backward counted as 2.5x forward; masks and
 dropout do not change the count).
 
-Clocks: where ``nvidia-smi`` exists, it samples the GPU's SM clock and
-power every 20 ms while a case's forward+backward runs; each record keeps
-their medians (``sm_clock_mhz``, ``power_w``), so kernel cycles (the
-on-device profile's) and times relate through the clock a power cap sets
-under load.
+Power: an H200 under attention's load runs at its power cap (700 W), so
+its SM clock falls below the 1980 MHz it reports idle, and a case's time
+is its energy per step divided by the cap. Where ``nvidia-smi`` exists, it
+samples the SM clock and the clock's limiting reasons every 20 ms while a
+case's forward+backward runs: each record keeps the clock's median
+(``sm_clock_mhz``) and the share of samples the software power cap held
+(``power_capped``); where NVML's library loads, the GPU's energy counter
+gives the mean power over those runs (``power_w``; ``nvidia-smi``'s
+``power.draw`` is a one-second average, too slow for runs of 0.4 s).
 
 Runtime memory: the device's ``peak_bytes_in_use`` is a high-water mark of
 the whole process (JAX cannot reset it). Each record keeps it before and
@@ -69,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import json
 import os
@@ -421,44 +426,79 @@ def _median_ms(fn, args, iters, seconds=5.0):
   return statistics.median(times)
 
 
+_POWER_CAP = 0x4  # NVML's clocks-event reason: the software power cap
+
+
 def clock_medians(lines) -> dict:
-  """``{"sm_clock_mhz", "power_w"}``: medians of ``nvidia-smi``'s
-  ``clocks.sm,power.draw`` CSV lines (no header, no units), the lines it
-  could not measure (``[N/A]``) left out; empty without a sample."""
+  """``{"sm_clock_mhz", "power_capped"}`` from ``nvidia-smi``'s
+  ``clocks.sm,clocks_event_reasons.active`` CSV lines (no header, no
+  units): the clock's median and the share of samples whose reasons hold
+  the software power cap; lines it could not measure (``[N/A]``) left out,
+  empty without a sample."""
   samples = []
   for line in lines:
     try:
-      clock, power = (float(x) for x in line.split(","))
+      clock, reasons = line.split(",")
+      samples.append((float(clock), int(reasons, 16)))
     except ValueError:  # [N/A], or not two fields
       continue
-    samples.append((clock, power))
   if not samples:
     return {}
-  clock, power = zip(*samples)
-  return dict(sm_clock_mhz=statistics.median(clock), power_w=statistics.median(power))
+  clock, reasons = zip(*samples)
+  return dict(sm_clock_mhz=statistics.median(clock),
+              power_capped=sum(bool(r & _POWER_CAP) for r in reasons) / len(reasons))
+
+
+def nvml_energy(index: int) -> Callable[[], float] | None:
+  """A reader of GPU ``index``'s energy counter (mJ since the driver
+  loaded), through NVML's C library; None where it does not load or the
+  GPU keeps no counter."""
+  try:
+    nvml = ctypes.CDLL("libnvidia-ml.so.1")
+  except OSError:
+    return None
+  handle, mj = ctypes.c_void_p(), ctypes.c_ulonglong()
+  if nvml.nvmlInit_v2() or nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)):
+    return None
+
+  def read() -> float:
+    if nvml.nvmlDeviceGetTotalEnergyConsumption(handle, ctypes.byref(mj)):
+      raise OSError(f"NVML keeps no energy counter for GPU {index}")
+    return float(mj.value)
+
+  try:
+    read()
+  except OSError:
+    return None
+  return read
 
 
 @contextlib.contextmanager
 def sampled_clocks(device, rec: dict):
-  """Records in ``rec`` the medians of the SM clock and power of ``device``
-  (:func:`clock_medians`) while the block runs: ``nvidia-smi`` every 20 ms
-  (its GPU index taken as the device's id: CUDA's and nvidia-smi's orders
-  agree on a host of equal GPUs). Nothing where there is no nvidia-smi."""
-  smi = shutil.which("nvidia-smi") if device.platform == "gpu" else None
-  if smi is None:
+  """Records in ``rec`` what the GPU ``device`` ran at while the block
+  runs: :func:`clock_medians` of ``nvidia-smi`` samples every 20 ms (its
+  GPU index taken as the device's id: CUDA's and nvidia-smi's orders agree
+  on a host of equal GPUs), and the mean power ``power_w`` from
+  :func:`nvml_energy`'s counter. Nothing where neither exists (CPU)."""
+  if device.platform != "gpu":
     yield
     return
+  smi, energy = shutil.which("nvidia-smi"), nvml_energy(device.id)
   with tempfile.TemporaryFile("w+") as log:
-    proc = subprocess.Popen([smi, "-i", str(device.id), "--query-gpu=clocks.sm,power.draw",
-                             "--format=csv,noheader,nounits", "-lms", "20"],
-                            stdout=log, stderr=subprocess.DEVNULL)
+    proc = smi and subprocess.Popen(
+        [smi, "-i", str(device.id), "--query-gpu=clocks.sm,clocks_event_reasons.active",
+         "--format=csv,noheader,nounits", "-lms", "20"], stdout=log, stderr=subprocess.DEVNULL)
+    start = (energy(), time.perf_counter()) if energy else None
     try:
       yield
     finally:
-      proc.terminate()
-      proc.wait()
-      log.seek(0)
-      rec.update(clock_medians(log))
+      if start:
+        rec["power_w"] = (energy() - start[0]) / 1e3 / (time.perf_counter() - start[1])
+      if proc:
+        proc.terminate()
+        proc.wait()
+        log.seek(0)
+        rec.update(clock_medians(log))
 
 
 def _peak_bytes(compiled) -> int:
@@ -539,8 +579,9 @@ def measure(case: Case, iters=10, *, fwd=True, isolated=False) -> dict:
   fwd_text = f"fwd {rec['fwd_ms']:9.3f} ms  " if "fwd_ms" in rec else ""
   run_text = (f"  runtime {rec['runtime_peak_bytes'] / 2**30:7.2f} GiB"
               if "runtime_peak_bytes" in rec else "")
-  run_text += (f"  {rec['sm_clock_mhz']:.0f} MHz {rec['power_w']:.0f} W"
+  run_text += (f"  {rec['sm_clock_mhz']:.0f} MHz ({100 * rec['power_capped']:.0f}% capped)"
                if "sm_clock_mhz" in rec else "")
+  run_text += f" {rec['power_w']:.0f} W" if "power_w" in rec else ""
   print(f"{name:32s} N={n:>8d} {fwd_text}fwd+bwd {rec['fwd_bwd_ms']:9.3f} ms"
         f"  {rec['tflops_fwd_bwd']:6.1f} TFLOP/s  peak {rec['peak_bytes'] / 2**30:7.2f} GiB"
         + run_text, flush=True)

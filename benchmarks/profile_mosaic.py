@@ -12,10 +12,7 @@ what short segments pay), the compute warpgroups' time before their first
 step and after their last, the steps' own times, and the median of every
 named range (the waits for a program's own rows, ``*_own``, and for a
 step's streamed tiles, ``dq_wait``, ``dkv_wait``; ``dq_delta``; the final
-stores, ``*_store``) with how often a warpgroup runs it, and how programs
-follow each other on an SM: the SM clock and the time between programs
-that no trace covers (:func:`sm_timeline`; the profiler stamps each trace's
-start with the global timer and its events with the SM's cycle counter)::
+stores, ``*_store``) with how often a warpgroup runs it::
 
   python benchmarks/profile_mosaic.py --length 32768 --kept 2048
 
@@ -51,53 +48,10 @@ def _ranges(events: list[dict]) -> list[tuple[str, float]]:
   return ranges
 
 
-_WRAP_NS = 2 ** 32  # a trace's start: the global timer's low 32 bits (ns)
-
-
-def sm_timeline(traces: dict[int, list[dict]], per_block: int) -> dict:
-  """How programs follow each other on an SM. The profiler stamps a
-  warpgroup's trace with the global timer when it starts (ns; its first
-  event's ``ts`` x 1000) and its events with the SM's cycle counter, so for
-  programs A, B run back to back on one SM ``start(B) - start(A) =
-  cycles(A) / clock + gap``. Fitted over all such pairs: ``clock_ghz``,
-  ``gap_ns`` (between programs, in no trace: a program's start before its
-  first event, its end after its last, the profiler's copy-out, the next
-  launch) and ``traced_share`` (of the SMs' time from one program's start
-  to the next's, the part the traces cover). ``traces`` maps ``tid`` (one
-  per program and warpgroup, ``per_block`` of them per program) to its
-  events; empty where fewer than two pairs, or too little spread in their
-  cycles, leave the fit undetermined."""
-  programs = collections.defaultdict(list)  # block -> [(sm, start ns, cycles)]
-  for tid, es in traces.items():
-    first, last = min(e["ts"] for e in es), max(e["ts"] for e in es)
-    programs[(tid - 1) // per_block].append((es[0]["pid"], first * 1e3, (last - first) * 1e3))
-  by_sm = collections.defaultdict(list)
-  for ws in programs.values():
-    by_sm[ws[0][0]].append((min(w[1] for w in ws), max(w[2] for w in ws)))
-  strides, cycles = [], []
-  for runs in by_sm.values():
-    runs.sort()  # in timer order; the kernel's starts on the SM follow the widest hole
-    holes = [(b[0] - a[0]) % _WRAP_NS for a, b in zip(runs, runs[1:] + runs[:1])]
-    first = (int(np.argmax(holes)) + 1) % len(runs)
-    runs = runs[first:] + runs[:first]
-    for (a, c), (b, _) in zip(runs, runs[1:]):
-      strides.append((b - a) % _WRAP_NS)  # start to start
-      cycles.append(c)
-  cycles, strides = np.array(cycles), np.array(strides)
-  if len(strides) < 2 or np.ptp(cycles) <= 1e-3 * np.mean(cycles):
-    return {}
-  (ns_per_cycle, gap), *_ = np.linalg.lstsq(np.stack([cycles, np.ones_like(cycles)], 1), strides,
-                                             rcond=None)
-  return dict(clock_ghz=float(1 / ns_per_cycle), gap_ns=float(gap),
-              traced_share=float(ns_per_cycle * cycles.sum() / strides.sum()))
-
-
-def summarize(events: list[dict], per_block: int) -> dict:
+def summarize(events: list[dict]) -> dict:
   """Per-kernel summary of one kernel's trace (the profiler's JSON events:
   ``name``, ``ph`` B/E, ``ts``, ``pid`` = SM + 1, ``tid`` = one per program
-  and warpgroup, ``per_block`` warpgroups a program). Event times within a
-  program are cycles / 1000; the programs' succession on the SMs is
-  :func:`sm_timeline`'s."""
+  and warpgroup). Event times within a program are cycles / 1000."""
   traces = collections.defaultdict(list)
   for e in events:
     traces[e["tid"]].append(e)
@@ -127,8 +81,7 @@ def summarize(events: list[dict], per_block: int) -> dict:
               step_kcycles=float(np.median(spans[f"{kernel}_step"])),
               median_steps=float(np.median(n)),
               scopes={name: dict(kcycles=float(np.median(d)), per_warpgroup=len(d) / len(comp))
-                      for name, d in sorted(spans.items())},
-              **sm_timeline(traces, per_block))
+                      for name, d in sorted(spans.items())})
 
 
 def main(argv=None) -> int:
@@ -170,7 +123,7 @@ def main(argv=None) -> int:
   recs = []
   for path in sorted(glob.glob(os.path.join(tmp, "*.json"))):
     with open(path) as f:
-      rec = summarize(json.load(f)["traceEvents"], mosaic._COMPUTE + 1)
+      rec = summarize(json.load(f)["traceEvents"])
     if rec["kernel"] is None:
       continue
     rec.update(length=args.length, kept=args.kept, heads=h, head_dim=d,
@@ -183,10 +136,6 @@ def main(argv=None) -> int:
           f"a step {rec['step_kcycles']:.3f}k", flush=True)
     print("     ranges (median k-cycles x per warpgroup): " + "; ".join(
         f"{name} {v['kcycles']:.2f}k x{v['per_warpgroup']:.1f}" for name, v in rec["scopes"].items()))
-    if "clock_ghz" in rec:
-      print(f"     programs on an SM: clock {rec['clock_ghz']:.3f} GHz, {rec['gap_ns']:.0f} ns "
-            f"from one's last event to the next's first; traces cover "
-            f"{100 * rec['traced_share']:.1f}% of the SMs' time", flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(recs, f, indent=1)

@@ -15,7 +15,8 @@ they differ only in source locations.
 and a part per step, from the on-device profiler's ranges.
 
 ``benchmarks/bench.py``: records of earlier runs stay; the SM clock and
-power sampled while a case runs are the medians of what nvidia-smi printed.
+power-cap share sampled while a case runs come from what nvidia-smi printed,
+its mean power from the energy counter.
 """
 
 from __future__ import annotations
@@ -242,26 +243,35 @@ def test_bench_records_of_earlier_runs_stay():
 
 def test_clock_medians_skip_what_nvidia_smi_could_not_measure():
   bench = _module("bench")
-  lines = ["1980, 650.5\n", "[N/A], 640.0\n", "1755, 700.0\n", "1830, [N/A]\n", "garbage\n",
-           "1830, 690.0\n"]
-  assert bench.clock_medians(lines) == dict(sm_clock_mhz=1830.0, power_w=690.0)
+  lines = ["1980, 0x0000000000000000\n", "[N/A], 0x0000000000000004\n",
+           "1755, 0x0000000000000004\n", "1830, [N/A]\n", "garbage\n",
+           "1830, 0x0000000000000005\n"]
+  assert bench.clock_medians(lines) == dict(sm_clock_mhz=1830.0, power_capped=2 / 3)
   assert bench.clock_medians(["[N/A], [N/A]\n"]) == {}
 
 
 def test_sampled_clocks_record_the_samples_taken_while_the_block_runs(tmp_path, monkeypatch):
   """With a stand-in ``nvidia-smi`` on PATH (it prints two samples of the
-  GPU it was asked for, then waits to be stopped) the record gets their
-  medians; on CPU devices nothing is sampled."""
+  GPU it was asked for, then waits to be stopped) and a stand-in energy
+  counter (700 mJ over the block) the record gets the clock's median, the
+  share of samples under the power cap and the mean power; on CPU devices
+  nothing is sampled."""
   bench = _module("bench")
   smi = tmp_path / "nvidia-smi"
-  smi.write_text('#!/bin/sh\n[ "$2" = 3 ] || exit 1\necho "1500, 600"\necho "1700, 650"\n'
+  smi.write_text('#!/bin/sh\n[ "$2" = 3 ] || exit 1\necho "1500, 0x4"\necho "1700, 0x0"\n'
                  "exec sleep 30\n")
   smi.chmod(0o755)
   monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+  counter = iter([5000.0, 5700.0])
+  monkeypatch.setattr(bench, "nvml_energy", lambda index: (lambda: next(counter))
+                      if index == 3 else None)
   rec = {}
+  t0 = time.perf_counter()
   with bench.sampled_clocks(types.SimpleNamespace(platform="gpu", id=3), rec):
     time.sleep(1.0)  # (the stand-in prints at once)
-  assert rec == dict(sm_clock_mhz=1600.0, power_w=625.0)
+  elapsed = time.perf_counter() - t0
+  assert rec.pop("power_w") == pytest.approx(0.7 / elapsed, rel=0.1)
+  assert rec == dict(sm_clock_mhz=1600.0, power_capped=0.5)
   cpu = {}
   with bench.sampled_clocks(jax.devices()[0], cpu):
     pass
@@ -302,7 +312,7 @@ def test_kernel_profile_splits_programs_into_fixed_cost_and_steps():
     tid += 1
     events += [dict(name="memory_begin", ph=ph, ts=t0 + dt, pid=1 + program % 2, tid=tid)
                for ph, dt in (("B", 0.0), ("E", 0.2))]
-  rec = summarize(events, 3)
+  rec = summarize(events)
   assert rec["kernel"] == "fwd" and rec["warpgroups"] == 12 and rec["sms"] == 2
   assert rec["fixed_kcycles"] == pytest.approx(4.5) and rec["per_step_kcycles"] == pytest.approx(2.0)
   assert rec["begin_kcycles"] == pytest.approx(3.0) and rec["end_kcycles"] == pytest.approx(1.5)
@@ -310,30 +320,5 @@ def test_kernel_profile_splits_programs_into_fixed_cost_and_steps():
   assert rec["scopes"]["fwd_own"] == dict(kcycles=pytest.approx(2.0), per_warpgroup=1.0)
   assert rec["scopes"]["fwd_step"] == dict(kcycles=pytest.approx(2.0), per_warpgroup=2.5)
   assert "memory_begin" not in rec["scopes"]  # compute warpgroups only
-  assert summarize(events[-2:], 3)["kernel"] is None  # no steps: nothing to fit
+  assert summarize(events[-2:])["kernel"] is None  # no steps: nothing to fit
 
-
-def test_sm_timeline_fits_the_clock_and_the_untraced_time_between_programs():
-  """Two SMs running programs of 3 warpgroups back to back at 1.6 GHz with
-  700 ns between one's last event and the next's first; the global timer
-  (the traces' starts, low 32 bits) wraps on one SM mid-kernel. A trace's
-  events are its start (ns) plus SM cycles, / 1000, as the profiler writes
-  them."""
-  sm_timeline = _module("profile_mosaic").sm_timeline
-  traces, tid = {}, 0
-  for sm, start in ((1, 1.0e6), (2, 2**32 - 30.0e3)):
-    for c in (9.0e3, 20.0e3, 14.0e3, 31.0e3, 12.0e3):
-      for wg in range(3):
-        tid += 1
-        begin = (start + 5.0 * wg) % 2**32  # warpgroups start a few ns apart
-        span = c - 400.0 * (wg == 2)  # the memory warpgroup ends first
-        traces[tid] = [dict(name="x", ph=ph, ts=(begin + t) / 1e3, pid=sm, tid=tid)
-                       for ph, t in (("B", 0.0), ("E", span))]
-      start += c / 1.6 + 700.0
-  fit = sm_timeline(traces, 3)
-  assert fit["clock_ghz"] == pytest.approx(1.6, rel=1e-3)
-  assert fit["gap_ns"] == pytest.approx(700.0, abs=10.0)
-  spans = sum(c / 1.6 for c in (9.0e3, 20.0e3, 14.0e3, 31.0e3))
-  assert fit["traced_share"] == pytest.approx(spans / (spans + 4 * 700.0), rel=1e-3)
-  one_each = {t: es for t, es in traces.items() if t <= 6}  # one pair: undetermined
-  assert sm_timeline(one_each, 3) == {}
