@@ -12,7 +12,8 @@ they differ only in source locations.
 ``benchmarks/memory_report.py --ring``: per-device sizes of a ring.
 
 ``benchmarks/profile_mosaic.py``: a program's time splits into a fixed part
-and a part per step, from the on-device profiler's ranges.
+and a part per step, from the on-device profiler's ranges;
+``benchmarks/kept_sweep.py`` fits the same from times at several lengths.
 
 ``benchmarks/bench.py``: records of earlier runs stay; the SM clock and
 power-cap share sampled while a case runs come from what nvidia-smi printed,
@@ -322,3 +323,11 @@ def test_kernel_profile_splits_programs_into_fixed_cost_and_steps():
   assert "memory_begin" not in rec["scopes"]  # compute warpgroups only
   assert summarize(events[-2:])["kernel"] is None  # no steps: nothing to fit
 
+
+def test_kept_sweep_fit_gives_the_fixed_part_and_a_step_per_tile_and_sm():
+  """Times built as 264 tiles per SM of 3 us fixed + 2 us a step (ms):
+  the fit returns those, per tile and SM."""
+  fit = _module("kept_sweep").fit
+  steps = [2.5, 4.5, 8.5, 16.5]
+  ms = [264 * (3.0 + 2.0 * s) / 1e3 for s in steps]
+  assert fit(steps, ms, 264) == dict(fixed_us=pytest.approx(3.0), step_us=pytest.approx(2.0))
