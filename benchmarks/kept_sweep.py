@@ -30,9 +30,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-import bench  # noqa: E402  (inputs and the clock sampler)
+import bench  # noqa: E402  (fwd_bwd, the clock sampler, the run name)
 
-_TILE, _SMS = 128, 132  # query rows per forward program; an H200's SMs
+_TILE = 128  # query rows per forward program
 
 
 def _loop_ms(fn, args, seconds: float, rec: dict) -> None:
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                                        if "power_w" in r and "sm_clock_mhz" in r else "")
         for name, r in rec.items() if isinstance(r, dict)), flush=True)
     recs.append(rec)
-  tiles_per_sm = n * h / _TILE / _SMS
+  tiles_per_sm = n * h / _TILE / jax.devices()[0].core_count  # (132 SMs on an H200)
   summary = {name: fit([r["steps"] for r in recs], [r[name]["ms"] for r in recs], tiles_per_sm)
              for name in ("ours_fwd", "cudnn_fwd", "ours_bwd", "cudnn_bwd")} if len(recs) > 1 else {}
   for name, f in summary.items():
