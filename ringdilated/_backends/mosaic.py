@@ -475,9 +475,10 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
     # Q K^T takes Q from registers, loaded once, not from shared memory each
     # step (at the power cap, fewer bytes through shared memory is time: H200,
     # kept 2048 forward 4.93 -> 4.88 ms, dense causal 32K 7.52 -> 7.39 ms).
-    # Only where the key loop's bounds are traced: with static ones
-    # (non-causal, no masks) the outputs were wrong (relative error 0.75,
-    # as a loop carry too; session 18 log).
+    # Causal programs only: in non-causal ones the outputs were wrong
+    # (relative error 0.75; also with Q in the loop carry and with an opaque
+    # loop bound, so not the loop's form; cause unknown, session 18 log), and
+    # their forward gained 0-0.9% from it.
     q_a = plgpu.load(q_s, (), layout=wgmma) if geo.causal else q_s
     steps, full = _own_steps(c, t0, lo, n_kv)
     q_hash = _own_hashes(scr, wg, c)
