@@ -4,10 +4,12 @@ The same in-place scheme as :mod:`.pallas` (a branch of rate ``r`` is the
 strided window ``[:, :, offset, h, :]`` of the free ``[B, L / r, r, H, D]``
 view), written for Hopper's own instructions through Pallas' Mosaic GPU
 backend: tensor-memory-accelerator (TMA) bulk copies of the strided tiles
-into swizzled shared memory, ``wgmma`` matrix products from shared memory,
-and warp specialization: one *memory* warpgroup streams key/value (or
-query) tiles through a ring of shared-memory slots guarded by barriers while
-two *compute* warpgroups each own a query (or key) tile, FlashAttention-3
+into swizzled shared memory, ``wgmma`` matrix products (from shared
+memory, or from registers for a program's own rows that every step reads:
+the forward's Q in causal programs, ``dq``'s Q and dO), and warp
+specialization: one *memory* warpgroup streams key/value (or query) tiles
+through a ring of shared-memory slots guarded by barriers while two
+*compute* warpgroups each own a query (or key) tile, FlashAttention-3
 style (the forward also alternates the two on the tensor cores with a
 schedule barrier).
 
