@@ -1197,7 +1197,7 @@ class Mosaic(pallas.Pallas):
       return None
     if request.dense:
       return ("plain dense attention: cuDNN's fused kernel is faster there (H200, 32K "
-              "causal: 28.0 ms against 31.4 ms; benchmarks/results/h200.json)")
+              "causal fwd+bwd: 28.4 ms against 30.2 ms; benchmarks/results/h200.json)")
     if request.varying:
       return ("inside jax.shard_map(check_vma=True) these kernels give way to the Triton "
               "ones, which the cuDNN blocks beat (2 H200s, LongNet-ring 2M; "
