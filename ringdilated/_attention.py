@@ -96,8 +96,7 @@ def attend(config: DilatedConfig, q: Array, k: Array, v: Array,
       platform=jax.default_backend(), dtype=q.dtype, head_dim=d,
       masks=key_padding_mask is not None or segment_ids is not None,
       dropout=rng is not None,
-      dense=len(config.branches) == 1 and config.branches[0][1] == 1,
-      varying=_backends.varies_over_mesh(q))
+      dense=len(config.branches) == 1 and config.branches[0][1] == 1)
   scale = config.softmax_scale or 1.0 / math.sqrt(d)
   static = _ring.Static(plan, scale, config.dropout_rate, config.axis_name,
                         _backends.select(config.backend, request), config.detach_weights)

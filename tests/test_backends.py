@@ -224,18 +224,3 @@ def test_selection_reads_capabilities_and_falls_back_with_a_warning(toy_register
   jax.jit(functools.partial(rd.dilated_attention, backend="toy", segment_lengths=(8, 32),
                             dilation_rates=(1, 4)))(q, k, v)
   assert set(_TOY_TRACES) == {"forward"}
-
-
-def test_the_request_says_whether_q_varies_over_the_mesh(monkeypatch):
-  """``auto`` hears whether the call runs inside ``shard_map(check_vma=True)``
-  (the Hopper kernels give way to Triton ones there)."""
-  seen = []
-  select = _backends.select
-  monkeypatch.setattr(_backends, "select", lambda choice, request: (
-      seen.append(request.varying), select(choice, request))[1])
-  q, k, v = _qkv(n=64)
-  for check in (True, False):
-    jax.jit(harness.ring(functools.partial(rd.dilated_attention, axis_name="sp", **KW), 2,
-                         check_vma=check))(q, k, v)
-  jax.jit(functools.partial(rd.dilated_attention, **KW))(q, k, v)
-  assert seen == [True, False, False]

@@ -15,11 +15,10 @@ import logging
 import types
 
 from . import cudnn, mosaic, pallas, xla
-from .base import (Backend, Capabilities, Dropout, Request, StridedBranch, Visibility,
-                   varies_over_mesh)
+from .base import Backend, Capabilities, Dropout, Request, StridedBranch, Visibility
 
 __all__ = ["AUTO", "Backend", "Capabilities", "Dropout", "REGISTRY", "Request",
-           "StridedBranch", "Visibility", "check_name", "portable", "select", "varies_over_mesh"]
+           "StridedBranch", "Visibility", "check_name", "portable", "select"]
 
 REGISTRY = types.MappingProxyType({
     "xla": xla.XLA(),

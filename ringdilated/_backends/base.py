@@ -158,8 +158,6 @@ class Request:
     masks: a key padding mask or segment ids are given.
     dropout: dropout is applied.
     dense: the call is plain attention (one branch of rate 1).
-    varying: ``q`` varies over mesh axes (inside ``jax.shard_map`` with
-      ``check_vma=True``; see :func:`varies_over_mesh`).
   """
 
   platform: str
@@ -168,15 +166,6 @@ class Request:
   masks: bool
   dropout: bool
   dense: bool = False
-  varying: bool = False
-
-
-def varies_over_mesh(x: Array) -> bool:
-  """Whether ``x`` varies over mesh axes: inside ``jax.shard_map`` with
-  ``check_vma=True``, which types every value by the axes it varies over."""
-  t = jax.typeof(x)
-  mat = getattr(t, "mat", None)
-  return bool(getattr(mat, "varying", None) or getattr(t, "vma", None))
 
 
 @dataclasses.dataclass(frozen=True)

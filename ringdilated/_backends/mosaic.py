@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import types
 from collections.abc import Callable, Mapping
@@ -69,7 +70,7 @@ from jax import lax
 from .._merge import merge
 from . import pallas
 from . import tile_masks as tm
-from .base import Capabilities, Dropout, Request, StridedBranch, Visibility, varies_over_mesh
+from .base import Capabilities, Dropout, Request, StridedBranch, Visibility
 
 Array = jax.Array
 
@@ -654,26 +655,51 @@ def _scoped(name: str, fn: Callable) -> Callable:
   return run
 
 
+def _launcher():
+  """jax's kernel launcher with ``input_output_aliases`` (private: ``pl.kernel``
+  takes none, and in-place accumulators passed as Refs through
+  ``pl.run_state`` are refused inside ``jax.shard_map(check_vma=True)`` by
+  jax 0.11.2: "mpmd_map does not support Refs with varying manual axis
+  types"; aliased arrays are not)."""
+  from jax._src.pallas import mpmd  # pylint: disable=g-import-not-at-top
+  return mpmd._mpmd_map  # pylint: disable=protected-access
+
+
+@functools.lru_cache(maxsize=None)
+def launcher_problem() -> str | None:
+  """Why :func:`_launcher` can't be used with this jax, or None. Cached: pure."""
+  try:
+    params = inspect.signature(_launcher()).parameters
+  except (ImportError, AttributeError) as e:
+    return f"cannot import jax's Pallas kernel launcher ({e})"
+  if "input_output_aliases" not in params:
+    return "jax's Pallas kernel launcher takes no input_output_aliases"
+  return None
+
+
 def _launch(body, grid, names, scratch: dict, inputs: dict, accs: tuple, name: str):
   """Runs ``body(ins, accs, scratch)`` (dicts and a tuple of refs) over
   ``grid`` with two compute warpgroups and a memory one. ``accs`` are arrays
-  updated in place, or ``jax.ShapeDtypeStruct`` of fresh outputs (never
-  aliased: XLA may fold equal fresh zeros into one buffer)."""
+  updated in place (each aliased to its output), or ``jax.ShapeDtypeStruct``
+  of fresh outputs (never aliased: XLA may fold equal fresh zeros into one
+  buffer), which vary over mesh axes as ``q`` does inside ``jax.shard_map``."""
   pl, plgpu = _modules()
   keys = tuple(inputs)
   fresh = all(isinstance(a, jax.ShapeDtypeStruct) for a in accs)
+  first_out = len(keys) + (0 if fresh else len(accs))  # refs: inputs, accs, outputs
 
-  def entry(*args):
-    ins = dict(zip(keys, args[:len(keys)]))
-    pl.run_scoped(lambda scr: body(ins, args[len(keys):], scr), scratch,
+  def entry(*refs):
+    ins = dict(zip(keys, refs))
+    pl.run_scoped(lambda scr: body(ins, refs[first_out:], scr), scratch,
                   collective_axes="wg")
 
+  mat = getattr(jax.typeof(inputs["q"]), "mat", None)
+  types_ = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, manual_axis_type=mat) for a in accs)
   mesh = plgpu.Mesh(grid=grid, grid_names=names, num_threads=_COMPUTE + 1, thread_name="wg")
-  kernel = pl.kernel(entry, out_type=tuple(accs) if fresh else (), mesh=mesh, name=name,
-                     compiler_params=_compiler_params())
-  if fresh:
-    return kernel(*inputs.values())
-  return pl.run_state(lambda refs: kernel(*inputs.values(), *refs))(tuple(accs))
+  kernel = _launcher()(
+      [(mesh, entry)], types_, name=name, compiler_params=_compiler_params(),
+      input_output_aliases={} if fresh else {len(keys) + i: i for i in range(len(accs))})
+  return kernel(*inputs.values(), *(() if fresh else accs))
 
 
 # ----------------------------------------------------------------------------
@@ -1100,15 +1126,14 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
   b, length, h, d = q.shape
   r, g, s = geo.rate, geo.group, tiles.stages
   fresh, rate = grads is None or geo.alone, 0.0 if dropout is None else float(dropout.rate)
-  rows = (b, h, r, length // r)  # delta's, as lse's
-  if grads is None:
-    grads = tuple(jax.ShapeDtypeStruct(_view(x, r).shape, x.dtype) for x in (q, k, v))
-    delta = jax.ShapeDtypeStruct(rows, _F32)
-  else:
-    grads = tuple(_view(x, r) for x in grads)
-    delta = jnp.zeros(rows, _F32)  # (aliased beside dq; the kernel writes its rows)
   inputs = dict(q=_view(q, r), k=_view(k, r), v=_view(v, r), do=_view(dout, r),
                 l=_rows(lse, r), **_dropout_inputs(dropout, geo, h))
+  if grads is None:
+    grads = tuple(jax.ShapeDtypeStruct(_view(x, r).shape, x.dtype) for x in (q, k, v))
+    delta = jax.ShapeDtypeStruct(inputs["l"].shape, _F32)  # rows as lse's
+  else:
+    grads = tuple(_view(x, r) for x in grads)
+    delta = jnp.zeros_like(inputs["l"])  # (aliased beside dq; the kernel writes its rows)
   heads = geo.heads[1] - geo.heads[0]
   tile = lambda n, rows: _smem((n, rows, d), q.dtype)  # noqa: E731
   stat = lambda n, rows, dtype=_F32: plgpu.SMEM((n, rows), dtype)  # noqa: E731
@@ -1164,12 +1189,10 @@ class Mosaic(pallas.Pallas):
 
   Calls whose segments hold a multiple of 128 kept tokens, head dim 64 or
   128, in bf16 or f16, run the Mosaic GPU kernels (with key padding,
-  segment ids and dropout on branches read in place; ring blocks without);
-  every other call runs the Triton kernels of :class:`~.pallas.Pallas`
-  (masked or dropped ring blocks, other shapes, and any call inside
-  ``jax.shard_map(check_vma=True)``: jax 0.11's kernel launcher,
-  ``mpmd_map``, refuses accumulator Refs that vary over mesh axes), so this
-  backend takes everything that one does.
+  segment ids and dropout on branches read in place; ring blocks without),
+  inside ``jax.shard_map`` with either ``check_vma``; every other call runs
+  the Triton kernels of :class:`~.pallas.Pallas` (masked or dropped ring
+  blocks, other shapes), so this backend takes everything that one does.
 
   Attributes:
     mosaic: tiles and pipeline depth of the Mosaic GPU kernels, or None for
@@ -1189,26 +1212,20 @@ class Mosaic(pallas.Pallas):
   def problem(self, request: Request) -> str | None:
     why = super().problem(request)
     if why is None and request.platform == "gpu":
-      why = _hopper_problem()
+      why = _hopper_problem() or launcher_problem()
     return why
 
   def auto_problem(self, request: Request, runs: Callable[[str], bool]) -> str | None:
-    if request.masks or request.dropout or not runs("cudnn"):
-      return None
-    if request.dense:
+    if request.dense and not (request.masks or request.dropout) and runs("cudnn"):
       return ("plain dense attention: cuDNN's fused kernel is faster there (H200, 32K "
               "causal fwd+bwd: 28.4 ms against 30.2 ms; benchmarks/results/h200.json)")
-    if request.varying:
-      return ("inside jax.shard_map(check_vma=True) these kernels give way to the Triton "
-              "ones, which the cuDNN blocks beat (2 H200s, LongNet-ring 2M; "
-              "benchmarks/results/h200x2.json); check_vma=False keeps them")
     return None
 
   def _takes(self, kept: int, x: Array, vis: Visibility, dropout, in_place: bool) -> bool:
     """Whether the Mosaic GPU kernels run this call (token masks and dropout:
     only on branches read in place)."""
     return (not self.interpret and (in_place or (dropout is None and not vis.has_arrays))
-            and not varies_over_mesh(x) and x.dtype in self.dtypes and x.shape[-1] in TUNED
+            and x.dtype in self.dtypes and x.shape[-1] in TUNED
             and kept % self.mosaic_tiles(x.shape[-1]).multiple == 0)
 
   def _block_forward(self, geo, q, k, v, vis, dropout):
