@@ -294,9 +294,8 @@ def ring_attention(case: Case, mesh):
 
 def check_vma(case: Case) -> bool:
   """shard_map's varying-axes check of the case's ring: on (unless
-  ``--no-check-vma``: the Hopper kernels run only without it, see the
-  README), except for Pallas in interpret mode (off a GPU), whose grid loop
-  it mistypes (jax 0.10; tests/test_pallas.py)."""
+  ``--no-check-vma``), except for Pallas in interpret mode (off a GPU),
+  whose grid loop it mistypes (jax 0.10; tests/test_pallas.py)."""
   return case.vma and (case.backend != "pallas" or jax.default_backend() == "gpu")
 
 

@@ -14,7 +14,7 @@ same bf16 inputs; tolerance 2e-2.
 multi   rings over all visible devices (``jax.shard_map``, sequence sharded,
         zigzag data permuted with ``rd.to_layout``), every backend (xla,
         cudnn, pallas, mosaic; ``--no-check-vma`` runs the rings under
-        ``check_vma=False``, where mosaic keeps its own kernels), both layouts, mix and partition, with a local and a
+        ``check_vma=False``), both layouts, mix and partition, with a local and a
         spanning branch (N=16384, ``(2048, 16384)`` / ``(1, 2)``) and three
         branches (``(2048, 8192, 16384)`` / ``(1, 2, 4)``), causal and not,
         with and without ``segment_ids`` / ``key_padding_mask``; not the whole
@@ -92,8 +92,7 @@ class Settings:
   def vma(self, backend: str) -> bool:
     """Off for Pallas in interpret mode (off a GPU), whose grid loop the
     varying-axes check mistypes (jax 0.10; see tests/test_pallas.py), and
-    with --no-check-vma (under check_vma=True the mosaic backend hands ring
-    calls to the Triton kernels)."""
+    with --no-check-vma."""
     return self.check_vma and (backend not in ("pallas", "mosaic")
                                or jax.default_backend() == "gpu")
 

@@ -18,7 +18,7 @@
 #   bench        T_BENCH=120    bench.py masked + slice baselines -> results/h200.json
 #   longest      T_LONGEST=300  bench_multi_gpu.py --only longest (log: bench_multi.log),
 #                               LONGEST_BACKENDS=pallas,auto (searched in this order)
-#   rings        T_RINGS=500    check_gpu.py mosaic on rings (check_vma=False), then
+#   rings        T_RINGS=500    check_gpu.py mosaic on rings (check_vma=True, jax's default), then
 #                               bench_multi_gpu.py LongNet-ring scaling, Hopper kernels
 #                               against cuDNN blocks (log: rings.log)
 #   profile      T_PROFILE=200  profile_ring.py: per GPU, where the LongNet-ring 2M (1 GPU,
@@ -147,13 +147,15 @@ for step in "${STEPS[@]}"; do
         "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" --only longest \
         --backends "$LONGEST_BACKENDS" --time-budget "$(inner "$T_LONGEST" 100)" $SMOKE_FLAG ;;
     rings)
-      # the Hopper kernels on rings (check_vma=False): exactness, then
-      # LongNet-ring scaling against the cuDNN blocks in the same run
+      # the Hopper kernels on rings under jax's default check_vma=True (since
+      # session 20 they run there; until then only under check_vma=False):
+      # exactness, then LongNet-ring scaling against the cuDNN blocks in the
+      # same run
       run check_rings "$((T_RINGS / 2))" rings.log "$PY" benchmarks/check_gpu.py mosaic \
-        --sections multi --no-check-vma --time-budget "$(inner "$((T_RINGS / 2))" 30)" \
+        --sections multi --time-budget "$(inner "$((T_RINGS / 2))" 30)" \
         $SMOKE_FLAG
       run bench_rings "$((T_RINGS / 2))" rings.log \
-        "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" --no-check-vma \
+        "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" \
         --only strong,weak,layouts --backends mosaic,cudnn --match longnet_ring \
         --time-budget "$(inner "$((T_RINGS / 2))" 60)" $SMOKE_FLAG ;;
     profile)
