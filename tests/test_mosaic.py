@@ -39,6 +39,7 @@ from ringdilated import _backends
 from ringdilated._backends import mosaic, pallas
 from ringdilated._backends import tile_masks as tm
 from ringdilated._backends.base import Dropout, Request, StridedBranch, Visibility, keep_mask
+from ringdilated._merge import unmerged
 
 
 # ----------------------------------------------------------------------------
@@ -112,8 +113,7 @@ def test_kernels_lower_inside_shard_map_with_check_vma(alone):
 
   def body(q, k, v):
     fresh = mosaic.forward(geo, tiles, q, k, v)
-    o, l = (jnp.zeros_like(q), jnp.full_like(q[..., 0], -jnp.inf, jnp.float32))
-    merged = mosaic.forward(geo, tiles, q, k, v, o, l)
+    merged = mosaic.forward(geo, tiles, q, k, v, *unmerged(q))
     grads = mosaic.backward(geo, tiles, q, k, v, q, merged[1], merged[0],
                             (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)))
     new = mosaic.backward(geo, tiles, q, k, v, q, fresh[1], fresh[0])

@@ -71,6 +71,7 @@ from .._merge import merge
 from . import pallas
 from . import tile_masks as tm
 from .base import Capabilities, Dropout, Request, StridedBranch, Visibility
+from .pallas import _like, _view  # pylint: disable=protected-access
 
 Array = jax.Array
 
@@ -136,10 +137,6 @@ def _unrows(x: Array) -> Array:
   """Inverse of :func:`_rows`."""
   b, h, r, m = x.shape
   return x.transpose(0, 3, 2, 1).reshape(b, m * r, h)
-
-
-def _view(x: Array, rate: int) -> Array:
-  return x.reshape(x.shape[0], x.shape[1] // rate, rate, *x.shape[2:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -693,8 +690,7 @@ def _launch(body, grid, names, scratch: dict, inputs: dict, accs: tuple, name: s
     pl.run_scoped(lambda scr: body(ins, refs[first_out:], scr), scratch,
                   collective_axes="wg")
 
-  mat = getattr(jax.typeof(inputs["q"]), "mat", None)
-  types_ = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, manual_axis_type=mat) for a in accs)
+  types_ = tuple(_like(inputs["q"], a.shape, a.dtype) for a in accs)
   mesh = plgpu.Mesh(grid=grid, grid_names=names, num_threads=_COMPUTE + 1, thread_name="wg")
   kernel = _launcher()(
       [(mesh, entry)], types_, name=name, compiler_params=_compiler_params(),
