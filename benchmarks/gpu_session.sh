@@ -78,9 +78,8 @@ STEPS=("$@")
 
 export NCCL_NVLS_ENABLE=0          # the machine sets these; NVLink multicast stays off
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-# jax 0.11.2's Shardy partitioner crashes compiling kernels read in place
-# beside a ring (README, "On NVIDIA GPUs"); GSPMD compiles them.
-export JAX_USE_SHARDY_PARTITIONER=${JAX_USE_SHARDY_PARTITIONER:-false}
+# jax's default partitioner (Shardy) unless JAX_USE_SHARDY_PARTITIONER says
+# otherwise: sessions 6-21 ran rings under GSPMD (README, "On NVIDIA GPUs").
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 

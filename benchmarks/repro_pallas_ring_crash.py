@@ -1,9 +1,17 @@
 """Which programs crash: ``backend="pallas"`` rings on 2 GPUs (SIGSEGV while compiling).
 
-On 2 H200s, ``backend="pallas"`` used to kill the process with SIGSEGV while
-compiling a program that holds both a local branch (the fused in-place path:
-``pallas_call`` with ``input_output_aliases``) and a branch spanning the
-devices (ring blocks: Pallas kernels inside ``lax.scan`` with ``ppermute``).
+On 2 H200s (jax 0.11.2), ``backend="pallas"`` used to kill the process with
+SIGSEGV while compiling a program that holds both a local branch (the fused
+in-place path) and a branch spanning the devices (ring blocks). The crash is
+in XLA's Shardy partitioner (``ManualComputationUnusedInputsPattern``) and
+needs no kernel: a zero-size constant among a ``shard_map``'s operands
+segfaults it (variants z1, z2; jax hoists array constants into those
+operands). The library made one when it merged a spanning branch back over
+all heads (``full.at[:, :, 0:H].set(...)``: a scatter whose index is empty);
+d3-d5 make one with ``.at[:].set`` (z3, d5 without it, compiles).
+The same backtrace, and the same crash of z1 and z2, on 2 simulated CPU
+devices with jax 0.11.2 (``--smoke``); jax 0.10.2 and 0.12.0 compile them.
+
 This script runs variants, each in its own subprocess (a segfault is an exit
 code, not a dead driver), up to 4 at once with
 ``XLA_PYTHON_CLIENT_PREALLOCATE=false``, and prints a table
@@ -29,6 +37,8 @@ Variants:
        scan's result; d4 the aliased call inside the scan; d5 d3 with the
        scan of length 0 and one more step after it (the shape of a ring of
        2 in ``ringdilated._ring``).
+  z*   the cause: z1 ``zeros_like(x).at[:].set(x)`` and z2 a zero-size
+       constant in a ``shard_map``, no kernel; z3 d5 without its ``.at[:].set``.
 
 Each child checks its result against the same program in plain jax (the a_*
 variants against one device's float32 ``backend="xla"``) and exits 0 (ok),
@@ -75,6 +85,9 @@ STANDALONE = {
     "e3_two_kernels_on_ppermute": "two distinct non-aliased kernels on a ppermute output, no scan",
     "e4_two_kernels_beside_ppermute": "two distinct non-aliased kernels on local data, ppermute beside",
     "e5_one_kernel_twice_on_ppermute": "one non-aliased kernel twice, on a ppermute output",
+    "z1_set_all": "no kernel: zeros_like(x).at[:].set(x) (a scatter with an empty index)",
+    "z2_empty_constant": "no kernel: x + the sum of a zero-size numpy constant",
+    "z3_d5_without_set": "d5 with its .at[:].set left out (kernels, scan, alias kept)",
 }
 _NO_SHARDY = "ENV:JAX_USE_SHARDY_PARTITIONER=false"
 # Round 2: flags on the minimal standalone crash (d5) and the library case.
@@ -230,8 +243,12 @@ def child_standalone(variant: str, smoke: bool) -> int:
       return scaled(dbl(x), 3.0, "thrice") + pperm(x)
     if variant == "e5_one_kernel_twice_on_ppermute":
       return dbl(dbl(pperm(x)))
+    if variant == "z1_set_all":
+      return jnp.zeros_like(x).at[:].set(x)
+    if variant == "z2_empty_constant":
+      return x + jnp.asarray(np.zeros((0,), np.int32)).sum()
     if variant in ("d3_scan_then_alias", "d4_alias_in_scan", "d5_ring_of_2_shape",
-                   "e1_d5_named", "e2_d5_no_alias"):
+                   "e1_d5_named", "e2_d5_no_alias", "z3_d5_without_set"):
       length = 2 if variant in ("d3_scan_then_alias", "d4_alias_in_scan") else 0
       inside_alias = variant == "d4_alias_in_scan"
 
@@ -242,6 +259,8 @@ def child_standalone(variant: str, smoke: bool) -> int:
         return (nxt, acc), None
       (kv, acc), _ = jax.lax.scan(body, (pperm(x), jnp.zeros_like(x)), None, length=length)
       acc = acc + dbl(kv)  # the ring's last step, after the scan
+      if variant == "z3_d5_without_set":
+        return add(x, acc)
       out = jnp.zeros((rows, cols), x.dtype).at[:].set(acc)
       return add(x, out)
     raise ValueError(variant)

@@ -120,7 +120,10 @@ def _at_kept(br: Branch, full: Array, heads: tuple[int, int], slots: tuple[int, 
   if add:
     new = view.astype(jnp.float32) + new.astype(jnp.float32)
   new = jnp.where(_hits(br, len(rest)), new.astype(full.dtype), view)
-  return full.at[:, :, a:b].set(new.reshape(part.shape))
+  # Not ``full.at[:, :, a:b].set``: over all heads that is a scatter with an
+  # empty index, a zero-size constant that jax hoists into a shard_map's
+  # operands, where jax 0.11's Shardy partitioner segfaults.
+  return jax.lax.dynamic_update_slice_in_dim(full, new.reshape(part.shape), a, axis=2)
 
 
 def update_q(br: Branch, full: Array, xc: Array) -> Array:

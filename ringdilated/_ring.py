@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
@@ -271,7 +270,8 @@ def _ring(static: Static, br: Branch, block: Callable[[Queries, Chunk, bool], tu
     return (nxt, local, acc), None
 
   kv, acc = rotate((travel, acc)) if acc else (rotate(travel), acc)
-  (kv, local, acc), _ = jax.lax.scan(body, (kv, local, acc), jnp.arange(1, g - 1))
+  if g > 2:  # a ring of 2 has no steps between its first and last
+    (kv, local, acc), _ = jax.lax.scan(body, (kv, local, acc), jnp.arange(1, g - 1))
   local, acc = step(g - 1, kv, local, acc)
   return _regroup(static, br, (local, acc), back=True) if br.swaps_halves else (local, acc)
 
@@ -437,36 +437,14 @@ def _starts_new(strided: list[tuple[Branch, StridedBranch]], generic: list, q: A
           or (not generic and all(view.alone for _, view in strided)))
 
 
-def _in_place_beside_ring(static: Static) -> bool:
-  """Whether branches may be read in place in this program.
-
-  XLA's Shardy partitioner (jax 0.11.2) segfaults compiling a program whose
-  ring (kernels in a ``scan`` with ``ppermute``) sits beside kernels read in
-  place (in ``ManualComputationUnusedInputsPattern``; reproduced without
-  ringdilated in benchmarks/repro_pallas_ring_crash.py). GSPMD compiles it.
-  So next to a ring, with Shardy on, local branches take the generic path.
-  """
-  if all(br.ring_size == 1 for br in static.plan.branches) or static.backend.interpret:
-    return True
-  if not jax.config.jax_use_shardy_partitioner:
-    return True
-  logging.getLogger("ringdilated").warning(
-      "backend=%r: local branches beside a ring take the generic path (more memory) "
-      "because XLA's Shardy partitioner crashes compiling them in place; "
-      "jax.config.update('jax_use_shardy_partitioner', False) lifts this",
-      static.backend.name)
-  return False
-
-
 def _split(static: Static) -> tuple[list[tuple[Branch, bool]],
                                     list[tuple[Branch, StridedBranch]]]:
   """([(branch, own block read in place)] for the generic path (compaction
   and rings), [(branch, view)] read in place). A ring whose own blocks are
   read in place is in both."""
   generic, strided = [], []
-  in_place = static.backend.capabilities.in_place and _in_place_beside_ring(static)
   for br in static.plan.branches:
-    view = _strided(static, br) if in_place else None
+    view = _strided(static, br)
     if view is not None:
       strided.append((br, view))
     if view is None or br.ring_size > 1:

@@ -35,6 +35,23 @@ def mesh(p: int) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(jax.devices()[:p]), ("sp",))
 
 
+def cuda_text(fn, *args, devices: int = 1) -> str:
+  """StableHLO of ``jax.jit(fn)(*args)`` lowered for CUDA here, with no GPU.
+
+  jax >= 0.11 asks the device kind when it lowers a Triton kernel, so this
+  lowers under a mesh of abstract H200s: ``("sp",)`` of ``devices`` (a
+  ``shard_map`` in ``fn`` takes it from :func:`gpu_mesh`)."""
+  with jax.sharding.use_abstract_mesh(gpu_mesh(devices)):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def gpu_mesh(p: int) -> jax.sharding.AbstractMesh:
+  """A 1-d mesh ``("sp",)`` of ``p`` abstract H200s (see :func:`cuda_text`)."""
+  h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+  kind = jax.sharding.AxisType.Auto if p > 1 else jax.sharding.AxisType.Explicit
+  return jax.sharding.AbstractMesh((p,), ("sp",), (kind,), abstract_device=h200)
+
+
 def attention(**kw):
   """``(q, k, v, kpm, seg) -> rd.dilated_attention(q, k, v,
   key_padding_mask=kpm, segment_ids=seg, **kw)``."""

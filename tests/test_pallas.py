@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _harness import inputs, mesh, out_and_grads
+from _harness import cuda_text, gpu_mesh, inputs, mesh, out_and_grads
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
@@ -364,28 +364,41 @@ def test_linen_module_passes_the_backend():
   assert calls["ringdilated_fwd"] == 2
 
 
-def test_in_place_beside_a_ring_waits_for_gspmd(caplog):
-  """XLA's Shardy partitioner segfaults compiling Triton kernels read in
-  place beside a ring (jax 0.11.2, 2 H200s: benchmarks/repro_pallas_ring_crash.py).
-  With Shardy on, such programs take the generic path and say why; under
-  GSPMD, without a ring, or interpreted, branches are read in place."""
-  from ringdilated import _plan, _ring  # pylint: disable=g-import-not-at-top
-  ring = _plan.make_plan(rd.DilatedConfig((32, 256), (1, 2)), 256, 4, 2, 2)
-  local = _plan.make_plan(rd.DilatedConfig((32, 64), (1, 2)), 256, 4, 2, 2)
-  triton = _pallas.Pallas()
-  static = lambda plan, backend: _ring.Static(plan, 0.25, 0.0, "sp", backend)  # noqa: E731
+@pytest.mark.parametrize("backend,layout", [("pallas", "contiguous"), ("pallas", "zigzag"),
+                                            ("mosaic", "contiguous")])
+def test_a_ring_beside_in_place_kernels_hands_shardy_no_empty_operand(monkeypatch, backend,
+                                                                      layout):
+  """A zero-size constant among a ``shard_map``'s operands segfaults XLA's
+  Shardy partitioner, jax's default (jax 0.11.2: ``jnp.zeros_like(x).at[:].set(x)``
+  in a ``shard_map`` does; benchmarks/repro_pallas_ring_crash.py). Merging a
+  spanning branch back over all heads made one (a scatter with an empty
+  index), which crashed every GPU ring beside kernels read in place. Lowered
+  for CUDA here, forward and backward: the kernels read the local branch in
+  place, and nothing in the program has a zero-size dimension."""
+  from ringdilated._backends import mosaic  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(_backends, "_platform_problem", lambda backend, request: None)
+  monkeypatch.setattr(mosaic, "_hopper_problem", lambda: None)
+  n, d = 1024, 128 if backend == "mosaic" else 16
+  kw = dict(segment_lengths=(128, 1024), dilation_rates=(1, 2), causal=True)
+
+  def attend(q, k, v, cot):
+    return out_and_grads(lambda q, k, v, *_: rd.dilated_attention(
+        q, k, v, backend=backend, axis_name="sp", layout=layout, **kw),
+                         q, k, v, cot, None, None, compile=False)
+  spec = P(None, "sp")
+  ring = jax.shard_map(attend, mesh=gpu_mesh(2), in_specs=spec, out_specs=spec,
+                       check_vma=False)
+  x = jax.ShapeDtypeStruct((1, n, 4, d), jnp.bfloat16)
   shardy = jax.config.jax_use_shardy_partitioner
   try:
     jax.config.update("jax_use_shardy_partitioner", True)
-    with caplog.at_level(logging.WARNING, logger="ringdilated"):
-      assert not _ring._in_place_beside_ring(static(ring, triton))
-    assert "jax_use_shardy_partitioner', False" in caplog.text
-    assert _ring._in_place_beside_ring(static(local, triton))
-    assert _ring._in_place_beside_ring(static(ring, _pallas.Pallas(interpret=True)))
-    jax.config.update("jax_use_shardy_partitioner", False)
-    assert _ring._in_place_beside_ring(static(ring, triton))
+    text = cuda_text(ring, x, x, x, x, devices=2)
   finally:
     jax.config.update("jax_use_shardy_partitioner", shardy)
+  assert "sdy.manual_computation" in text
+  kernels = re.findall(r"custom_call @(?:__gpu\$xla\.gpu\.triton|mosaic_gpu\w*)\([^\n]*", text)
+  assert sum("output_operand_alias" in c for c in kernels) == 3  # fwd, dq, dk/dv in place
+  assert re.search(r"tensor<(\d+x)*0x", text) is None
 
 
 @pytest.mark.parametrize("mode,segments,shards,alone,new,backend", [

@@ -312,11 +312,12 @@ def test_ring_middle_steps_are_a_scan_that_saves_nothing_per_step():
                   argnums=(0, 1, 2))
   jaxpr = jax.make_jaxpr(grad)(q, k, v).jaxpr
   scans = [e for e in _sub_jaxprs(jaxpr) if e.primitive.name == "scan"]
-  # forward and backward of each ring branch: lengths g - 2 (g = 2 may or
-  # may not leave an empty scan).
-  assert sorted(e.params["length"] for e in scans if e.params["length"]) == [2, 2, 6, 6]
-  for e in scans:
-    assert len(e.outvars) == e.params["num_carry"], "scan stacks per-step outputs"
+  # forward and backward of each ring branch: lengths g - 2 (none for g = 2)
+  assert sorted(e.params["length"] for e in scans) == [2, 2, 6, 6]
+  for e in scans:  # outputs are carry, then what is stacked (one more dim)
+    body = e.params["jaxpr"].jaxpr.outvars
+    assert [o.aval.shape for o in e.outvars] == [o.aval.shape for o in body], (
+        "scan stacks per-step outputs")
 
 
 # ---------------------------------------------------------------------------
