@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _harness import max_errs, mesh, out_and_grads
+from _harness import cuda_text, max_errs, mesh, out_and_grads
 
 import ringdilated as rd
 from ringdilated import _plan, _ring
@@ -213,8 +213,7 @@ def test_kernels_lower_to_triton(masks, dropout):
     return out, pull(cot)
   x = s((1, 256, 4, 64), jnp.bfloat16)
   kv = s((1, 256, 2, 64), jnp.bfloat16)
-  text = jax.jit(fwd_bwd).trace(
-      x, kv, kv, s((1, 256), jnp.bool_) if masks else None,
-      s((1, 256), jnp.int32) if masks else None,
-      jax.random.key(0) if dropout else None, x).lower(lowering_platforms=("cuda",)).as_text()
+  text = cuda_text(fwd_bwd, x, kv, kv, s((1, 256), jnp.bool_) if masks else None,
+                   s((1, 256), jnp.int32) if masks else None,
+                   jax.random.key(0) if dropout else None, x)
   assert text.count("__gpu$xla.gpu.triton") == 9  # 3 branches x fwd, dq, dkv

@@ -267,11 +267,20 @@ def _zeros(shape, layout) -> Array:
   return plgpu.layout_cast(jnp.zeros(shape, _F32), layout)
 
 
+def _load(ref, layout) -> Array:
+  """All of ``ref`` in registers, laid out as ``layout`` (jax 0.10 asks for
+  the index ``()``, jax 0.12 takes none)."""
+  _, plgpu = _modules()
+  if "idx" in inspect.signature(plgpu.load).parameters:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
+
+
 def _vector(ref, axis: int) -> Array:
   """A per-token vector from shared memory, laid out along ``axis`` of a
   wgmma accumulator (0: one per row, 1: one per column)."""
   _, plgpu = _modules()
-  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+  return _load(ref, plgpu.Layout.WGMMA.reduce(1 - axis))
 
 
 def _visible(shape, *, diagonal: bool, q0=None, k0=None, rows_are_queries: bool,
@@ -479,7 +488,7 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
     # (relative error 0.75; also with Q in the loop carry and with an opaque
     # loop bound, so not the loop's form; cause unknown, session 18 log), and
     # their forward gained 0-0.9% from it.
-    q_a = plgpu.load(q_s, (), layout=wgmma) if geo.causal else q_s
+    q_a = _load(q_s, wgmma) if geo.causal else q_s
     steps, full = _own_steps(c, t0, lo, n_kv)
     q_hash = _own_hashes(scr, wg, c)
 
@@ -567,7 +576,7 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
       if not c.fresh:
         plgpu.barrier_wait(scr["o_bar"].at[wg])
         plgpu.barrier_wait(scr["l_bar"].at[wg])
-        out_b, lse_b = merge(plgpu.load(o_s, (), layout=wgmma).astype(_F32), _vector(l_s, 0),
+        out_b, lse_b = merge(_load(o_s, wgmma).astype(_F32), _vector(l_s, 0),
                              out_b, lse_b, seen if c.masks else True)
       if c.clears:  # the TMA has read the tiles of _clear
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -886,10 +895,10 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
       wgmma = plgpu.Layout.WGMMA
       # Q and dO from registers in the step's two products (dO is loaded for
       # delta anyway): backward -0.8% at kept 2048 and dense 32K (H200)
-      do_a = plgpu.load(do_s, (), layout=wgmma)
+      do_a = _load(do_s, wgmma)
       delta = (do_a.astype(_F32)
-               * plgpu.load(o_s, (), layout=wgmma).astype(_F32)).sum(axis=1)
-      q_a = plgpu.load(q_s, (), layout=wgmma)
+               * _load(o_s, wgmma).astype(_F32)).sum(axis=1)
+      q_a = _load(q_s, wgmma)
       d_s[...] = delta  # for dk, dv
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(d_s, delta_ref.at[stats])
