@@ -20,9 +20,22 @@ variant -> exit code / result::
   python benchmarks/repro_pallas_ring_crash.py            # all variants, 2 GPUs
   python benchmarks/repro_pallas_ring_crash.py a_contiguous d1_alias_of_ppermute
   python benchmarks/repro_pallas_ring_crash.py --smoke    # CPU: interpret mode, 2 devices
+  python benchmarks/repro_pallas_ring_crash.py --mock-gpus  # one GPU as 2: compile only
+
+``--mock-gpus`` makes one GPU pose as two (jax's ``mock_num_gpu_processes``:
+the second device belongs to a mocked process, and NCCL is mocked), so a
+2-GPU program is partitioned and compiled by the GPU compiler in full, but
+not run: a child that compiles exits 0 without checking values. It adds
+``--xla_gpu_autotune_level=0 --xla_gpu_enable_command_buffer=`` to XLA_FLAGS:
+without them every library variant hung in XLA's compile (240 s, GSPMD too).
+Session 23 (one H200 as two, jax 0.11.2, Shardy): z1 and z2 crash; with the
+old merge back in the library, a_contiguous, m_contiguous and m_fwd_bwd
+crash and compile under GSPMD; with the fix, every a_* and m_* variant run
+compiles (``benchmarks/results/logs/h200_session23_calls.log``).
 
 Variants:
-  a_*  the library's minimal case: N=16384, B=1, H=4, D=64, bf16,
+  a_*  the library's minimal case (``backend="pallas"``; m_* the same with
+       ``backend="mosaic"``, the Hopper kernels): N=16384, B=1, H=4, D=64, bf16,
        segment_lengths=(2048, 16384), dilation_rates=(1, 2), forward only,
        ring of 2 (contiguous, zigzag, causal), with controls holding only the
        local branch or only the spanning one, and one forward+backward.
@@ -112,6 +125,7 @@ FLAG_VARIANTS = {
 def variants() -> dict[str, tuple[str, str, str]]:
   """name -> (description, child variant, extra XLA_FLAGS), in run order."""
   out = {f"a_{k}": (v, f"a_{k}", "") for k, v in LIBRARY.items()}
+  out.update({f"m_{k}": (f"{v}, Hopper kernels", f"m_{k}", "") for k, v in LIBRARY.items()})
   for letter, flag in FLAGS.items():
     for k in ("contiguous", "zigzag"):
       out[f"{letter}_{k}"] = (f"a_{k} with {flag}", f"a_{k}", flag)
@@ -132,7 +146,7 @@ def _rel(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def child_library(variant: str, smoke: bool) -> int:
+def child_library(variant: str, smoke: bool, mock: bool) -> int:
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -158,8 +172,9 @@ def child_library(variant: str, smoke: bool) -> int:
   rng = np.random.default_rng(0)
   q, k, v, cot = (rng.standard_normal((B, n, H, D)).astype(jnp.bfloat16) for _ in range(4))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
+  backend = "mosaic" if variant.startswith("m_") else "pallas"
   attend = functools.partial(rd.dilated_attention, axis_name="sp", layout=layout,
-                             backend="pallas", **kw)
+                             backend=backend, **kw)
   # shard_map's varying-axes check mistypes Pallas' interpreter loop (jax 0.10).
   ring = jax.shard_map(attend, mesh=mesh, in_specs=(P(None, "sp"),) * 3,
                        out_specs=P(None, "sp"), check_vma=jax.default_backend() == "gpu")
@@ -171,6 +186,12 @@ def child_library(variant: str, smoke: bool) -> int:
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
   print(f"compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+  if mock:
+    import collections  # pylint: disable=g-import-not-at-top
+    import re  # pylint: disable=g-import-not-at-top
+    calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text()))
+    print(f"compiled for a mocked second GPU, not run; custom calls {dict(calls)}", flush=True)
+    return 0
   got = compiled(*args)
   got = got if isinstance(got, tuple) else (got,)
   got = [rd.from_layout(np.asarray(x.astype(jnp.float32)), layout, 2) for x in got]
@@ -185,7 +206,7 @@ def child_library(variant: str, smoke: bool) -> int:
   return 0 if max(errs) < 2e-2 else 1
 
 
-def child_standalone(variant: str, smoke: bool) -> int:
+def child_standalone(variant: str, smoke: bool, mock: bool) -> int:
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -278,6 +299,9 @@ def child_standalone(variant: str, smoke: bool) -> int:
   t0 = time.perf_counter()
   compiled = jax.jit(sm(real)).lower(x).compile()
   print(f"compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+  if mock:
+    print("compiled for a mocked second GPU; not run", flush=True)
+    return 0
   got = np.asarray(compiled(x))
   want = np.asarray(jax.jit(sm(ref))(x))
   err = float(np.max(np.abs(got - want)))
@@ -285,16 +309,22 @@ def child_standalone(variant: str, smoke: bool) -> int:
   return 0 if err < 1e-5 else 1
 
 
-def child(variant: str, smoke: bool) -> int:
+def child(variant: str, smoke: bool, mock: bool) -> int:
+  import faulthandler  # pylint: disable=g-import-not-at-top
   import traceback  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  # Where a child that hangs is, printed before the driver's timeout kills it.
+  if "REPRO_TIMEOUT" in os.environ:
+    faulthandler.dump_traceback_later(float(os.environ["REPRO_TIMEOUT"]) - 5)
+  if mock:
+    jax.config.update("mock_num_gpu_processes", 2)
   print(f"{variant}: jax {jax.__version__}, {len(jax.devices())} x "
         f"{jax.devices()[0].device_kind}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True)
   try:
-    if variant.startswith("a_"):
-      return child_library(variant, smoke)
-    return child_standalone(variant, smoke)
+    if variant[:2] in ("a_", "m_"):
+      return child_library(variant, smoke, mock)
+    return child_standalone(variant, smoke, mock)
   except Exception:  # pylint: disable=broad-except
     traceback.print_exc()
     return 2
@@ -322,10 +352,13 @@ def _result(code) -> str:
   return f"exit {code}"
 
 
-def run_variant(name, description, child_variant, flags, smoke, timeout):
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+def run_variant(name, description, child_variant, flags, smoke, mock, timeout):
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1",
+             REPRO_TIMEOUT=str(timeout))
   env.pop("JAX_USE_SHARDY_PARTITIONER", None)  # jax's default unless the variant says
   base = env.get("XLA_FLAGS", "")
+  if mock:  # the mock hangs in XLA's compile without these
+    base += " --xla_gpu_autotune_level=0 --xla_gpu_enable_command_buffer="
   if smoke and "xla_force_host_platform_device_count" not in base:
     base += (" --xla_force_host_platform_device_count=2"
              " --xla_cpu_enable_concurrency_optimized_scheduler=false")
@@ -335,7 +368,7 @@ def run_variant(name, description, child_variant, flags, smoke, timeout):
     flags = ""
   env["XLA_FLAGS"] = f"{base} {flags}".strip()
   cmd = [sys.executable, os.path.abspath(__file__), "--child", child_variant]
-  cmd += ["--smoke"] * smoke
+  cmd += ["--smoke"] * smoke + ["--mock-gpus"] * mock
   with tempfile.TemporaryFile("w+") as log:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -357,12 +390,14 @@ def main(argv=None) -> int:
   parser.add_argument("--jobs", type=int, default=4, help="subprocesses at once")
   parser.add_argument("--timeout", type=float, default=60.0, help="seconds per variant")
   parser.add_argument("--smoke", action="store_true", help="CPU: interpret mode, 2 devices")
+  parser.add_argument("--mock-gpus", action="store_true",
+                      help="one GPU poses as two; compile only")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--gdb", default=None, metavar="VARIANT",
                       help="run one variant under cuda-gdb and print the crash backtrace")
   args = parser.parse_args(argv)
   if args.child:
-    return child(args.child, args.smoke)
+    return child(args.child, args.smoke, args.mock_gpus)
   if args.gdb:
     _, child_variant, flags = variants()[args.gdb]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1",
@@ -385,7 +420,8 @@ def main(argv=None) -> int:
         flush=True)
   results = {}
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    futures = [pool.submit(run_variant, n, *table[n], args.smoke, args.timeout) for n in names]
+    futures = [pool.submit(run_variant, n, *table[n], args.smoke, args.mock_gpus,
+                           args.timeout) for n in names]
     for fut in concurrent.futures.as_completed(futures):
       name, _, _, code, seconds, output = fut.result()
       results[name] = fut.result()
