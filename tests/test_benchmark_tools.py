@@ -15,6 +15,9 @@ they differ only in source locations.
 and a part per step, from the on-device profiler's ranges;
 ``benchmarks/kept_sweep.py`` fits the same from times at several lengths.
 
+``benchmarks/mock_rings.py``: each ring size's cases once, most wanted
+first; a record holds the compiled peak and bytes sent, or the error.
+
 ``benchmarks/bench.py``: records of earlier runs stay; the SM clock and
 power-cap share sampled while a case runs come from what nvidia-smi printed,
 its mean power from the energy counter.
@@ -223,6 +226,30 @@ def test_multi_gpu_local_cases_are_the_ring_config_without_its_ring():
   assert "local" not in bmg.DEFAULT_GROUPS
   cfg = rd.DilatedConfig(local["segment_lengths"], local["dilation_rates"], "mix", True)
   assert rd.ring_balance(cfg, n, 2) == (1.0, 1.0)
+
+
+def test_mock_rings_plan_each_case_once_and_record_compiles_or_errors(monkeypatch):
+  """``mock_rings.cases``: the Hopper kernels' LongNet-ring first, the weak
+  case that equals the strong one (P=2) once; ``compile_case`` records the
+  compiled peak and the bytes sent, and an error as a record, not a raise."""
+  bmg = _module("bench_multi_gpu")
+  mr = _module("mock_rings")
+  m = bmg.M
+  two = [c.name for c in mr.cases(2)]
+  assert len(two) == len(set(two)) == 8
+  assert two[:4] == [f"mock/longnet_ring/N{n}/P2/{lay}/mosaic"
+                     for n in (2 * m, 8 * m) for lay in ("zigzag", "contiguous")]
+  assert f"mock/longnet_ring/N{32 * m}/P8/contiguous/mosaic" in [c.name for c in mr.cases(8)]
+  monkeypatch.setattr(bmg, "H", 2)
+  monkeypatch.setattr(bmg, "D", 16)
+  rec = mr.compile_case(bmg.Case("mock", "dense", 1024, 2, "zigzag", "xla"))
+  assert "error" not in rec and rec["partitioner"] in ("shardy", "gspmd")
+  chunk = 512 * 2 * 16 * 2  # one device's k (or v): [1, N / 2, H, D] bf16
+  assert rec["qkv_out_grad_bytes_per_device"] == 7 * chunk
+  assert rec["peak_bytes_per_device"] >= 7 * chunk
+  assert rec["compiled_ppermute_bytes"] >= 2 * chunk  # k and v cross at least once
+  bad = mr.compile_case(bmg.Case("mock", "dense", 1026, 2, "zigzag", "xla"))
+  assert bad["error"].startswith("ValueError") and "peak_bytes_per_device" not in bad
 
 
 def test_bench_records_of_earlier_runs_stay():
