@@ -27,7 +27,7 @@ blocks::
   python benchmarks/mock_rings.py --devices 4 --match "longnet_ring/N16777216"
 
 Each P compiles in a subprocess of its own (the mock is set before jax
-starts its GPU client), all P at once. The mock hangs in XLA's compile
+starts its GPU client; the driver starts none), all P at once. The mock hangs in XLA's compile
 unless autotuning and command buffers are off, so the subprocesses run with
 ``--xla_gpu_autotune_level=0 --xla_gpu_enable_command_buffer=``.
 """
@@ -43,7 +43,14 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as PS
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  pylint: disable=g-import-not-at-top
+import bench_multi_gpu as bm  # noqa: E402  pylint: disable=g-import-not-at-top
 
 MOCK_FLAGS = "--xla_gpu_autotune_level=0 --xla_gpu_enable_command_buffer="
 LAYOUTS = ("zigzag", "contiguous")
@@ -51,7 +58,6 @@ LAYOUTS = ("zigzag", "contiguous")
 
 def cases(p: int):
   """The cases compiled on a mock of ``p`` GPUs, most wanted first."""
-  import bench_multi_gpu as bm  # pylint: disable=g-import-not-at-top
   wanted = [("longnet_ring", n, "mosaic") for n in (2 * bm.M, p * bm.M, 4 * p * bm.M)]
   wanted += [("dense", 131072, "cudnn"), ("longnet_ring", 2 * bm.M, "cudnn")]
   seen = []
@@ -65,12 +71,6 @@ def cases(p: int):
 
 def compile_case(case) -> dict:
   """Compiles ``case``'s forward+backward on the mocked mesh; its record."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as PS  # pylint: disable=g-import-not-at-top
-  import bench  # pylint: disable=g-import-not-at-top
-  import bench_multi_gpu as bm  # pylint: disable=g-import-not-at-top
 
   rec = bm._base_record(case)  # pylint: disable=protected-access
   rec.update(mocked=True, partitioner="shardy" if jax.config.jax_use_shardy_partitioner
@@ -101,7 +101,6 @@ def compile_case(case) -> dict:
 
 
 def worker(p: int, match: str | None) -> int:
-  import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("mock_num_gpu_processes", p)
   print(f"P={p}: jax {jax.__version__}, {len(jax.devices())} x {jax.devices()[0].device_kind}"
         f" ({jax.local_device_count()} real)", flush=True)
@@ -146,10 +145,8 @@ def main(argv=None) -> int:
       print("\n".join(line for line in text.splitlines() if not line.startswith("RECORD ")))
       print(f"P={p}: exit {code}, {len(records)} records", flush=True)
       bad += code != 0 or any("error" in r for r in records)
-      if args.out:
-        import bench_multi_gpu as bm  # pylint: disable=g-import-not-at-top
-        for rec in records:
-          bm.merge(args.out, rec)
+      for rec in records:
+        bm.merge(args.out, rec)  # (nothing without --out)
   return 1 if bad else 0
 
 
