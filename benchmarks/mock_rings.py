@@ -25,6 +25,7 @@ blocks::
 
   python benchmarks/mock_rings.py --out benchmarks/results/h200_mock_rings.json
   python benchmarks/mock_rings.py --devices 4 --match "longnet_ring/N16777216"
+  python benchmarks/mock_rings.py --kernels pallas --match "/pallas"  # the Triton kernels
 
 Each P compiles in a subprocess of its own (the mock is set before jax
 starts its GPU client; the driver starts none), all P at once. The mock hangs in XLA's compile
@@ -56,9 +57,10 @@ MOCK_FLAGS = "--xla_gpu_autotune_level=0 --xla_gpu_enable_command_buffer="
 LAYOUTS = ("zigzag", "contiguous")
 
 
-def cases(p: int):
-  """The cases compiled on a mock of ``p`` GPUs, most wanted first."""
-  wanted = [("longnet_ring", n, "mosaic") for n in (2 * bm.M, p * bm.M, 4 * p * bm.M)]
+def cases(p: int, kernels: str = "mosaic"):
+  """The cases compiled on a mock of ``p`` GPUs, most wanted first;
+  LongNet-ring's three sizes on the backend ``kernels``."""
+  wanted = [("longnet_ring", n, kernels) for n in (2 * bm.M, p * bm.M, 4 * p * bm.M)]
   wanted += [("dense", 131072, "cudnn"), ("longnet_ring", 2 * bm.M, "cudnn")]
   seen = []
   for workload, n, backend in wanted:
@@ -100,21 +102,22 @@ def compile_case(case) -> dict:
   return rec
 
 
-def worker(p: int, match: str | None) -> int:
+def worker(p: int, match: str | None, kernels: str) -> int:
   jax.config.update("mock_num_gpu_processes", p)
   print(f"P={p}: jax {jax.__version__}, {len(jax.devices())} x {jax.devices()[0].device_kind}"
         f" ({jax.local_device_count()} real)", flush=True)
-  for case in cases(p):
+  for case in cases(p, kernels):
     if match and not re.search(match, case.name):
       continue
     print("RECORD " + json.dumps(compile_case(case)), flush=True)
   return 0
 
 
-def run_worker(p: int, match: str | None, timeout: float) -> tuple[int, list[dict], str]:
+def run_worker(p: int, match: str | None, kernels: str,
+               timeout: float) -> tuple[int, list[dict], str]:
   env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {MOCK_FLAGS}".strip())
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(p)]
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(p), "--kernels", kernels]
   cmd += ["--match", match] if match else []
   try:
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
@@ -133,15 +136,17 @@ def main(argv=None) -> int:
   parser.add_argument("--match", default=None, help="regular expression on case names")
   parser.add_argument("--out", default=None, help="JSON file the records are merged into")
   parser.add_argument("--timeout", type=float, default=500.0, help="seconds per ring size")
+  parser.add_argument("--kernels", default="mosaic",
+                      help="LongNet-ring's backend: mosaic (Hopper) or pallas (Triton)")
   parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
-    return worker(args.worker, args.match)
+    return worker(args.worker, args.match, args.kernels)
   ps = [int(p) for p in args.devices.split(",")]
   bad = 0
   with concurrent.futures.ThreadPoolExecutor(len(ps)) as pool:
     for p, (code, records, text) in zip(ps, pool.map(
-        lambda p: run_worker(p, args.match, args.timeout), ps)):
+        lambda p: run_worker(p, args.match, args.kernels, args.timeout), ps)):
       print("\n".join(line for line in text.splitlines() if not line.startswith("RECORD ")))
       print(f"P={p}: exit {code}, {len(records)} records", flush=True)
       bad += code != 0 or any("error" in r for r in records)
