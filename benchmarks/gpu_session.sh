@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh                      # repro check_gpu bench_multi bench
 #   bash benchmarks/gpu_session.sh bench_multi longest  # a second call: the rest
 #   bash benchmarks/gpu_session.sh rings                # the Hopper kernels on rings
+#   bash benchmarks/gpu_session.sh mock                 # one GPU: rings of 2-8 compiled
 #   T_MULTI=300 T_LONGEST=250 bash benchmarks/gpu_session.sh bench_multi longest
 #   PYTHON=.venv/bin/python SMOKE=1 OUT=/tmp/out bash benchmarks/gpu_session.sh  # CPU
 #
@@ -30,6 +31,10 @@
 #                               stock jaxlib): does XLA hide the rings' communication better?
 #                               check_targets.py judges the first, prints the second (log:
 #                               scheduler.log)
+#   mock         T_MOCK=540     one GPU posing as 2, 4 and 8 (compile only, no times):
+#                               repro_pallas_ring_crash.py --mock-gpus on the library's rings,
+#                               then mock_rings.py (Hopper, then Triton kernels) ->
+#                               results/h200_mock_rings.json (log: mock.log; GPU only)
 #   mosaic       T_MOSAIC=400   the Hopper kernels: mosaic_probe.py (exactness against the
 #                               Triton kernels, 14 children over 2 GPUs; dense speed alone),
 #                               check_gpu.py mosaic with and
@@ -60,6 +65,7 @@ T_MOSAIC=${T_MOSAIC:-400}
 T_RINGS=${T_RINGS:-500}
 T_PROFILE=${T_PROFILE:-200}
 T_SCHED=${T_SCHED:-440}
+T_MOCK=${T_MOCK:-540}
 REPRO_VARIANT_TIMEOUT=${REPRO_VARIANT_TIMEOUT:-60}
 # searched in this order (with SMOKE=1: auto; Pallas interprets on CPU, minutes a case)
 LONGEST_BACKENDS=${LONGEST_BACKENDS:-$([ "$SMOKE" = 1 ] && echo auto || echo pallas,auto)}
@@ -177,6 +183,21 @@ for step in "${STEPS[@]}"; do
           --only strong,weak,layouts --backends mosaic,cudnn --match "$M" \
           --time-budget "$(inner "$((T_SCHED / 2))" 50)" $SMOKE_FLAG
       done ;;
+    mock)
+      if [ "$SMOKE" = 1 ]; then
+        log "mock: needs a GPU (jax mocks GPU processes only); skipped"
+      else
+        # z2 must crash (Shardy's zero-size operand); every ring must compile
+        run mock_repro "$((T_MOCK / 6))" mock.log "$PY" benchmarks/repro_pallas_ring_crash.py \
+          --mock-gpus --jobs 4 --timeout "$((T_MOCK / 6 - 30))" z2_empty_constant \
+          a_contiguous a_zigzag a_fwd_bwd m_contiguous m_zigzag m_causal m_fwd_bwd
+        # (compiling the Hopper kernels' rings takes 30-55 s each, 3 ring sizes at once)
+        run "mock_rings mosaic" "$((T_MOCK * 4 / 6))" mock.log "$PY" benchmarks/mock_rings.py \
+          --out "$RESULTS/h200_mock_rings.json" --timeout "$((T_MOCK * 4 / 6 - 20))"
+        run "mock_rings pallas" "$((T_MOCK / 6))" mock.log "$PY" benchmarks/mock_rings.py \
+          --kernels pallas --match /pallas --out "$RESULTS/h200_mock_rings.json" \
+          --timeout "$((T_MOCK / 6 - 20))"
+      fi ;;
     mosaic)
       # exactness cases in parallel over both GPUs (each is mostly compile time)
       run mosaic_probe "$((T_MOSAIC / 4))" mosaic.log env JOBS=14 PROBE_GPUS=0,1 \
@@ -191,10 +212,11 @@ for step in "${STEPS[@]}"; do
         $SMOKE_FLAG ;;
     *)
       log "--- unknown step $step (known: repro check_gpu bench_multi bench longest rings" \
-          "profile scheduler mosaic)" ;;
+          "profile scheduler mock mosaic)" ;;
   esac
 done
 
+[ -f "$RESULTS/h200_mock_rings.json" ] && cp "$RESULTS/h200_mock_rings.json" "$OUT/"
 for f in h200.json h200x2.json; do
   if [ -f "$RESULTS/$f" ]; then
     cp "$RESULTS/$f" "$OUT/$f"
