@@ -28,9 +28,9 @@ blocks::
   python benchmarks/mock_rings.py --kernels pallas --match "/pallas"  # the Triton kernels
 
 Each P compiles in a subprocess of its own (the mock is set before jax
-starts its GPU client; the driver starts none), all P at once. The mock hangs in XLA's compile
-unless autotuning and command buffers are off, so the subprocesses run with
-``--xla_gpu_autotune_level=0 --xla_gpu_enable_command_buffer=``.
+starts its GPU client; the driver starts none), all P at once. The mock
+hangs in XLA's compile unless autotuning and command buffers are off, so
+the subprocesses run with ``repro_pallas_ring_crash.MOCK_FLAGS``.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from jax.sharding import PartitionSpec as PS
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  pylint: disable=g-import-not-at-top
 import bench_multi_gpu as bm  # noqa: E402  pylint: disable=g-import-not-at-top
-
-MOCK_FLAGS = "--xla_gpu_autotune_level=0 --xla_gpu_enable_command_buffer="
+from repro_pallas_ring_crash import MOCK_FLAGS  # noqa: E402  pylint: disable=g-import-not-at-top
+from repro_pallas_ring_crash import custom_calls  # noqa: E402  pylint: disable=g-import-not-at-top
 LAYOUTS = ("zigzag", "contiguous")
 
 
@@ -73,7 +73,6 @@ def cases(p: int, kernels: str = "mosaic"):
 
 def compile_case(case) -> dict:
   """Compiles ``case``'s forward+backward on the mocked mesh; its record."""
-
   rec = bm._base_record(case)  # pylint: disable=protected-access
   rec.update(mocked=True, partitioner="shardy" if jax.config.jax_use_shardy_partitioner
              else "gspmd")
@@ -91,9 +90,9 @@ def compile_case(case) -> dict:
   rec["compile_s"] = time.perf_counter() - t0
   rec["peak_bytes_per_device"] = bench._peak_bytes(compiled)  # pylint: disable=protected-access
   rec["qkv_out_grad_bytes_per_device"] = 7 * bm.local_tensor_bytes(case)
-  rec["compiled_ppermute_bytes"] = bm.compiled_permute_bytes(compiled.as_text())
-  calls = re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
-  rec["kernel_calls"] = {t: calls.count(t) for t in sorted(set(calls))}
+  hlo = compiled.as_text()
+  rec["compiled_ppermute_bytes"] = bm.compiled_permute_bytes(hlo)
+  rec["kernel_calls"] = custom_calls(hlo)
   print(f"{case.name:52s} compiled in {rec['compile_s']:5.1f} s  peak/GPU "
         f"{rec['peak_bytes_per_device'] / 2**30:7.2f} GiB "
         f"({rec['peak_bytes_per_device'] / rec['qkv_out_grad_bytes_per_device']:.3f}x the "

@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,6 +104,8 @@ STANDALONE = {
     "z3_d5_without_set": "d5 with its .at[:].set left out (kernels, scan, alias kept)",
 }
 _NO_SHARDY = "ENV:JAX_USE_SHARDY_PARTITIONER=false"
+# XLA_FLAGS a mocked GPU needs: without them XLA's compile hangs (session 23).
+MOCK_FLAGS = "--xla_gpu_autotune_level=0 --xla_gpu_enable_command_buffer="
 # Round 2: flags on the minimal standalone crash (d5) and the library case.
 FLAG_VARIANTS = {
     "f1_d5_one_compile_thread": ("d5_ring_of_2_shape", "--xla_gpu_force_compilation_parallelism=1"),
@@ -138,6 +141,12 @@ def variants() -> dict[str, tuple[str, str, str]]:
 # ----------------------------------------------------------------------------
 # Children.
 # ----------------------------------------------------------------------------
+
+
+def custom_calls(hlo: str) -> dict[str, int]:
+  """target -> count of the custom calls (kernels) in a compiled program's text."""
+  targets = re.findall(r'custom_call_target="([^"]+)"', hlo)
+  return {t: targets.count(t) for t in sorted(set(targets))}
 
 
 def _rel(a, b) -> float:
@@ -187,10 +196,8 @@ def child_library(variant: str, smoke: bool, mock: bool) -> int:
   compiled = fn.lower(*args).compile()
   print(f"compiled in {time.perf_counter() - t0:.1f} s", flush=True)
   if mock:
-    import collections  # pylint: disable=g-import-not-at-top
-    import re  # pylint: disable=g-import-not-at-top
-    calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text()))
-    print(f"compiled for a mocked second GPU, not run; custom calls {dict(calls)}", flush=True)
+    print(f"compiled for a mocked second GPU, not run; custom calls "
+          f"{custom_calls(compiled.as_text())}", flush=True)
     return 0
   got = compiled(*args)
   got = got if isinstance(got, tuple) else (got,)
@@ -357,8 +364,8 @@ def run_variant(name, description, child_variant, flags, smoke, mock, timeout):
              REPRO_TIMEOUT=str(timeout))
   env.pop("JAX_USE_SHARDY_PARTITIONER", None)  # jax's default unless the variant says
   base = env.get("XLA_FLAGS", "")
-  if mock:  # the mock hangs in XLA's compile without these
-    base += " --xla_gpu_autotune_level=0 --xla_gpu_enable_command_buffer="
+  if mock:
+    base += " " + MOCK_FLAGS
   if smoke and "xla_force_host_platform_device_count" not in base:
     base += (" --xla_force_host_platform_device_count=2"
              " --xla_cpu_enable_concurrency_optimized_scheduler=false")
