@@ -545,9 +545,11 @@ def _attention_bwd(static: Static, res: tuple, dout: Array) -> tuple:
   if strided:  # in-place branches add into the gradients (first: see _forward)
     if _starts_new(strided, generic, q):
       grads = None  # new: see _starts_new
+    delta = None  # rowsum(dout * out), once a branch has formed it for every row
     for br, view in strided:
       vis, drop = _in_place_masks(static, br, tokens, rng)
-      grads = static.backend.branch_backward(view, q, k, v, vis, drop, dout, lse, out, grads)
+      grads, delta = static.backend.branch_backward(view, q, k, v, vis, drop, dout, lse, out,
+                                                    grads, delta)
   if not generic:
     return (*grads, None, None, None)
   # Compaction is linear: its transpose scatters (and, for kv heads read by

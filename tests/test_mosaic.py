@@ -39,7 +39,7 @@ from ringdilated import _backends
 from ringdilated._backends import mosaic, pallas
 from ringdilated._backends import tile_masks as tm
 from ringdilated._backends.base import Dropout, Request, StridedBranch, Visibility, keep_mask
-from ringdilated._merge import unmerged
+from ringdilated._merge import row_delta, unmerged
 
 
 # ----------------------------------------------------------------------------
@@ -47,14 +47,17 @@ from ringdilated._merge import unmerged
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rate,causal,masks,drop,fresh,d,alone", [
-    (1, True, "", False, False, 128, False), (4, False, "", False, True, 128, False),
-    (1, False, "both", False, False, 128, False), (4, True, "seg", True, False, 128, False),
-    (2, True, "valid", False, False, 128, False), (1, True, "", True, True, 128, False),
-    (2, False, "both", True, False, 128, False), (4, True, "both", True, False, 64, False),
-    (1, False, "", False, True, 64, False), (4, True, "", False, False, 128, True),
-    (2, True, "both", True, True, 64, True)])
-def test_kernels_lower_to_mosaic_gpu(rate, causal, masks, drop, fresh, d, alone):
+@pytest.mark.parametrize("rate,causal,masks,drop,fresh,d,alone,delta", [
+    (1, True, "", False, False, 128, False, False), (4, False, "", False, True, 128, False, True),
+    (1, False, "both", False, False, 128, False, False),
+    (4, True, "seg", True, False, 128, False, True),
+    (2, True, "valid", False, False, 128, False, False),
+    (1, True, "", True, True, 128, False, False),
+    (2, False, "both", True, False, 128, False, False),
+    (4, True, "both", True, False, 64, False, False),
+    (1, False, "", False, True, 64, False, False), (4, True, "", False, False, 128, True, False),
+    (2, True, "both", True, True, 64, True, True)])
+def test_kernels_lower_to_mosaic_gpu(rate, causal, masks, drop, fresh, d, alone, delta):
   b, length, h, kh = 1, 4096, 4, 2
   tiles = mosaic.Mosaic().mosaic_tiles(d)  # the head dim's tuned tiles
   geo = StridedBranch(kept=2048 // rate, rate=rate, heads=(0, h), group=h // kh,
@@ -74,16 +77,18 @@ def test_kernels_lower_to_mosaic_gpu(rate, causal, masks, drop, fresh, d, alone)
 
   def bwd(q, k, v, do, l, o, dq, dk, dv, seg, valid):
     return mosaic.backward(geo, tiles, q, k, v, do, l, o,
-                           None if fresh else (dq, dk, dv), vis(seg, valid), dropout(seg))
+                           None if fresh else (dq, dk, dv), vis(seg, valid), dropout(seg),
+                           l * 0.5 if delta else None)
 
   sd = jax.ShapeDtypeStruct
   qs, kvs = sd((b, length, h, d), jnp.bfloat16), sd((b, length, kh, d), jnp.bfloat16)
   rows, tok = sd((b, length, h), jnp.float32), sd((b, length), jnp.int32)
   # (function, arguments, operands of each kernel: inputs and accumulators;
-  # dq's are dq and the delta it writes for dk, dv)
+  # dq's are dq and the delta it writes for dk, dv, or dq alone where it
+  # reads a given delta instead of O)
   for fn, args, operands in ((fwd, (qs, kvs, kvs, qs, rows, tok, tok), ((3, 2),)),
                              (bwd, (qs, kvs, kvs, qs, rows, qs, qs, kvs, kvs, tok, tok),
-                              ((6, 2), (6, 2)))):
+                              ((6, 1) if delta else (6, 2), (6, 2)))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", text)
     # token vectors add ids, validity and the tile ranges; dropout the row
@@ -114,13 +119,16 @@ def test_kernels_lower_inside_shard_map_with_check_vma(alone):
   def body(q, k, v):
     fresh = mosaic.forward(geo, tiles, q, k, v)
     merged = mosaic.forward(geo, tiles, q, k, v, *unmerged(q))
-    grads = mosaic.backward(geo, tiles, q, k, v, q, merged[1], merged[0],
-                            (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)))
-    new = mosaic.backward(geo, tiles, q, k, v, q, fresh[1], fresh[0])
-    for name, xs in (("fresh", fresh), ("merged", merged), ("grads", grads), ("new", new)):
+    grads, _ = mosaic.backward(geo, tiles, q, k, v, q, merged[1], merged[0],
+                               (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)))
+    new, _ = mosaic.backward(geo, tiles, q, k, v, q, fresh[1], fresh[0])
+    again, _ = mosaic.backward(geo, tiles, q, k, v, q, merged[1], merged[0], grads,
+                               delta=row_delta(q, merged[0]))
+    for name, xs in (("fresh", fresh), ("merged", merged), ("grads", grads),
+                     ("new", new), ("again", again)):
       seen[name] = [set(jax.typeof(x).mat.varying) for x in xs]
     return sum(x.astype(jnp.float32).sum((2, 3), keepdims=True)
-               for x in (fresh[0], grads[0], new[0]))
+               for x in (fresh[0], new[0], again[0]))
 
   spec = P(None, "sp")
   qs = jax.ShapeDtypeStruct((b, 2 * length, h, d), jnp.bfloat16)
@@ -129,9 +137,10 @@ def test_kernels_lower_inside_shard_map_with_check_vma(alone):
   text = jax.jit(f).trace(qs, kvs, kvs).lower(lowering_platforms=("cuda",)).as_text()
   assert all(v == [{"sp"}] * len(v) for v in seen.values()), seen
   calls = re.findall(r"custom_call @mosaic_gpu\w*\([^)]*\)[^\n]*", text)
-  assert len(calls) == 6  # forward twice, (dq, dk/dv) twice
-  # the in-place launches alias their accumulators: (out, lse), (dq, delta), (dk, dv)
-  assert sum("output_operand_alias" in c for c in calls) == 3
+  assert len(calls) == 8  # forward twice, (dq, dk/dv) three times
+  # the in-place launches alias their accumulators: (out, lse), (dq, delta),
+  # (dk, dv), then dq (reading the delta formed) and (dk, dv)
+  assert sum("output_operand_alias" in c for c in calls) == 5
 
 
 def test_the_backend_needs_a_launcher_that_aliases(monkeypatch):
@@ -340,10 +349,22 @@ def _bound(monkeypatch):
     vis = vis if vis is not None else Visibility(None, None, None, geo.causal)
     return triton.branch_forward(geo, q, k, v, vis, dropout, out, lse)  # (alone: as it)
 
-  def backward(geo, tiles, q, k, v, dout, lse, out, grads=None, vis=None, dropout=None):
-    calls.append("bwd" + "_fresh" * (grads is None) + "_drop" * (dropout is not None))
+  def backward(geo, tiles, q, k, v, dout, lse, out, grads=None, vis=None, dropout=None,
+               delta=None):
+    calls.append("bwd" + "_fresh" * (grads is None) + "_delta" * (delta is not None)
+                 + "_drop" * (dropout is not None))
     vis = vis if vis is not None else Visibility(None, None, None, geo.causal)
-    return triton.branch_backward(geo, q, k, v, vis, dropout, dout, lse, out, grads)
+    if delta is not None:
+      return triton.branch_backward(geo, q, k, v, vis, dropout, dout, lse, None, grads, delta)
+    # as the dq kernel: delta formed at the branch's rows only (0 elsewhere),
+    # returned if mosaic.forms_every_row says they are all
+    rows = np.arange(q.shape[1])[:, None] % geo.rate
+    heads = np.arange(q.shape[2])
+    offsets = heads // geo.group % geo.rate if geo.offset is None else geo.offset
+    kept = (rows == offsets) & (heads >= geo.heads[0]) & (heads < geo.heads[1])
+    formed = jnp.where(kept, row_delta(dout, out), 0.0)
+    grads, _ = triton.branch_backward(geo, q, k, v, vis, dropout, dout, lse, None, grads, formed)
+    return grads, formed if mosaic.forms_every_row(geo, q.shape[2]) else None
 
   monkeypatch.setattr(mosaic, "forward", forward)
   monkeypatch.setattr(mosaic, "backward", backward)
@@ -399,7 +420,10 @@ def test_glue_matches_the_oracle(bound, mode, segments, causal, masks, ring, dro
   # between devices as fresh outputs (masked or dropped ones take the
   # Triton kernels)
   first_new = mode == "mix" or not ring
-  in_place = {kernel + "_fresh" * (i == 0 and first_new) + "_drop" * drop
+  # in mix mode the first branch's dq forms delta for every row and head,
+  # and the later ones read it
+  in_place = {kernel + "_fresh" * (i == 0 and first_new)
+              + "_delta" * (kernel == "bwd" and i > 0 and mode == "mix") + "_drop" * drop
               for kernel in ("fwd", "bwd") for i in range(len(segments[0]))}
   blocks = {"fwd_fresh", "bwd_fresh"} if ring and not (masks or drop) else set()
   assert set(bound) == in_place | blocks

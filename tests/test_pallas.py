@@ -188,7 +188,7 @@ def test_kernels_touch_only_kept_positions(offset):
   assert np.all(np.asarray(lse)[0][kept] >= np.asarray(lse0)[0][kept])  # a merge adds mass
 
   grads0 = tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k, v))
-  grads = jax.jit(functools.partial(run.branch_backward, geo))(
+  grads, _ = jax.jit(functools.partial(run.branch_backward, geo))(
       q, k, v, no_masks, None, dout, lse, out, grads0)
   kv_kept = np.zeros((n, hkv), bool)
   kv_kept[off::r, 1] = True
@@ -227,9 +227,9 @@ def test_alone_branch_writes_every_row_of_its_heads(offset):
   assert np.all(out[mine & ~kept] == 0) and np.all(lse[mine & ~kept] == -np.inf)
 
   grads0 = tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k, v))
-  grads = jax.jit(functools.partial(run.branch_backward, alone))(
+  grads, _ = jax.jit(functools.partial(run.branch_backward, alone))(
       q, k, v, no_masks, None, dout, lse[None], out[None], grads0)
-  own = jax.jit(functools.partial(run.branch_backward, geo))(
+  own, _ = jax.jit(functools.partial(run.branch_backward, geo))(
       q, k, v, no_masks, None, dout, lse[None], out[None], tuple(map(jnp.zeros_like, grads0)))
   kv_mine = np.zeros((n, hkv), bool)
   kv_mine[:, 1] = True

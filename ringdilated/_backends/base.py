@@ -292,8 +292,9 @@ class Backend:
 
   def branch_backward(self, branch: StridedBranch, q: Array, k: Array, v: Array,
                       vis: Visibility, dropout: Dropout | None, dout: Array,
-                      lse: Array, out: Array,
-                      grads: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+                      lse: Array, out: Array, grads: tuple[Array, Array, Array],
+                      delta: Array | None = None
+                      ) -> tuple[tuple[Array, Array, Array], Array | None]:
     """Adds a local branch's gradients into ``grads = (dq, dk, dv)`` in place.
 
     Args:
@@ -306,5 +307,12 @@ class Backend:
       grads: accumulators shaped like ``q, k, v``, or None for new ones
         (as ``out`` in :meth:`branch_forward`); an ``alone`` branch writes
         its heads' rows (0 at the positions it does not keep).
+      delta: shape [B, L, H] float32, ``rowsum(dout * out)`` as an earlier
+        call returned it, or None.
+
+    Returns:
+      The updated gradients, and ``delta`` of every row and head if known
+      (to pass to the next call: a caller whose later calls need not read
+      ``out`` lets it go), else None.
     """
     raise NotImplementedError

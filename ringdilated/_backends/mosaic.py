@@ -20,7 +20,9 @@ Three kernels, as the Triton family:
 * ``dq``: the same grid; adds into ``dq`` with a TMA reduce-add, and
   writes ``delta = rowsum(dout * out)`` of its rows for ``dk, dv`` (instead
   of an XLA pass over ``dout`` and ``out``: on the H200 LongNet partition
-  1M fwd+bwd 38.0 against 39.3 ms, mix 1M unchanged);
+  1M fwd+bwd 38.0 against 39.3 ms, mix 1M unchanged), or reads the
+  ``delta`` an earlier branch formed for every row
+  (:func:`forms_every_row`), so ``out`` can go after that branch;
 * ``dk, dv``: grid (kv heads, key-tile pairs, B), streaming every query
   head of the group, so each key tile is written by one program; TMA
   reduce-add into ``dk, dv``.
@@ -868,19 +870,22 @@ def _row_lse(ref, axis: int) -> Array:
 
 def _dq_kernel(ins, accs, scr, *, c: _Launch):
   pl, plgpu = _modules()
-  dq_ref, delta_ref = accs
+  forms_delta = "o" in ins  # else it reads delta's rows ("d")
+  dq_ref, *delta_ref = accs
   bq, bk, geo = c.bq, c.bk, c.geo
   b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, impure = _query_program(ins, c)
+  own = ("q", "do", "o" if forms_delta else "d", "l")
 
   slot_of = lambda j: _slot(c, j, lo)  # noqa: E731
 
   @pl.when(wg < _COMPUTE)
   def _compute():
-    q_s, do_s, o_s, l_s, d_s = (scr[x].at[wg] for x in ("q", "do", "o", "l", "d"))
+    q_s, do_s, l_s, d_s = (scr[x].at[wg] for x in ("q", "do", "l", "d"))
     t0, m0 = t_pair + wg * bq, m_pair + wg * bq
     rows = (b, pl.ds(m0, bq), off, hq)
     stats = (b, hq, off, pl.ds(m0, bq))
-    for name, idx in (("q", rows), ("do", rows), ("o", rows), ("l", stats)):
+    for name in own:
+      idx = stats if name in ("l", "d") else rows
       plgpu.copy_gmem_to_smem(ins[name].at[idx], scr[name].at[wg], scr[f"{name}_bar"].at[wg])
     _own_rows(ins, scr, c, wg, b, off, m0, stats, impure)
     with jax.named_scope("dq_begin"):
@@ -888,7 +893,7 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
     if c.clears:
       _clear_gradients(c, scr["z"].at[wg], off, [lambda o: dq_ref.at[b, pl.ds(m0, bq), o, hq]])
     with jax.named_scope("dq_own"):
-      for name in ("q", "do", "o", "l"):
+      for name in own:
         plgpu.barrier_wait(scr[f"{name}_bar"].at[wg])
     with jax.named_scope("dq_delta"):
       lse = _row_lse(l_s, 0)
@@ -896,12 +901,15 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
       # Q and dO from registers in the step's two products (dO is loaded for
       # delta anyway): backward -0.8% at kept 2048 and dense 32K (H200)
       do_a = _load(do_s, wgmma)
-      delta = (do_a.astype(_F32)
-               * _load(o_s, wgmma).astype(_F32)).sum(axis=1)
+      if forms_delta:
+        delta = (do_a.astype(_F32)
+                 * _load(scr["o"].at[wg], wgmma).astype(_F32)).sum(axis=1)
+        d_s[...] = delta  # for dk, dv
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(d_s, delta_ref[0].at[stats])
+      else:
+        delta = _vector(d_s, 0)
       q_a = _load(q_s, wgmma)
-      d_s[...] = delta  # for dk, dv
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(d_s, delta_ref.at[stats])
     q_hash = _own_hashes(scr, wg, c)
     steps, full = _own_steps(c, t0, lo, n_kv)
 
@@ -1110,10 +1118,20 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
                                   scr["qid_bar"].at[slot])
 
 
+def forms_every_row(geo: StridedBranch, heads: int) -> bool:
+  """Whether the ``dq`` kernel of ``geo`` (of ``heads`` query heads) forms
+  ``delta`` for every row and head: then later branches read it instead of
+  ``out``, which the caller can let go (the Triton path forms it once in
+  XLA; holding ``out`` to the last branch cost rings up to one local
+  tensor more per GPU, ``benchmarks/HOPPER_KERNELS.md``, session 23)."""
+  return geo.rate == 1 and geo.heads == (0, heads)
+
+
 def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Array,
              dout: Array, lse: Array, out: Array,
              grads: tuple[Array, Array, Array] | None = None, vis: Visibility | None = None,
-             dropout: Dropout | None = None) -> tuple[Array, Array, Array]:
+             dropout: Dropout | None = None, delta: Array | None = None
+             ) -> tuple[tuple[Array, Array, Array], Array]:
   """Adds the branch's gradients into ``grads = (dq, dk, dv)`` in place, or
   returns its own.
 
@@ -1122,10 +1140,18 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
     q, dout: shape [B, L, H, D].
     k, v: shape [B, L, K, D].
     lse: shape [B, L, H] float32, the global log-sum-exp.
-    out: shape [B, L, H, D], the global output (the ``dq`` kernel forms
-      ``delta = rowsum(dout * out)`` of its rows and hands it to ``dk, dv``).
+    out: shape [B, L, H, D], the global output: the ``dq`` kernel forms
+      ``delta = rowsum(dout * out)`` of its rows and hands it to ``dk, dv``
+      (unless ``delta`` is given: then ``out`` is not read).
     grads: accumulators shaped like ``q, k, v``, or None for new ones (as
       ``out`` in :func:`forward`).
+    delta: shape [B, L, H] float32, ``rowsum(dout * out)`` if known (the
+      ``dq`` kernel then reads it instead of ``out``), or None.
+
+  Returns:
+    ``(dq, dk, dv)`` and ``delta`` [B, L, H] float32: the given one, the
+    one formed if the branch keeps every row of every head
+    (:func:`forms_every_row`), else None.
   """
   _, plgpu = _modules()
   b, length, h, d = q.shape
@@ -1133,29 +1159,39 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
   fresh, rate = grads is None or geo.alone, 0.0 if dropout is None else float(dropout.rate)
   inputs = dict(q=_view(q, r), k=_view(k, r), v=_view(v, r), do=_view(dout, r),
                 l=_rows(lse, r), **_dropout_inputs(dropout, geo, h))
-  if grads is None:
+  new = grads is None
+  if new:
     grads = tuple(jax.ShapeDtypeStruct(_view(x, r).shape, x.dtype) for x in (q, k, v))
-    delta = jax.ShapeDtypeStruct(inputs["l"].shape, _F32)  # rows as lse's
   else:
     grads = tuple(_view(x, r) for x in grads)
-    delta = jnp.zeros_like(inputs["l"])  # (aliased beside dq; the kernel writes its rows)
   heads = geo.heads[1] - geo.heads[0]
   tile = lambda n, rows: _smem((n, rows, d), q.dtype)  # noqa: E731
   stat = lambda n, rows, dtype=_F32: plgpu.SMEM((n, rows), dtype)  # noqa: E731
 
   masks = _mask_inputs(vis, r, geo.kept, _COMPUTE * _BQ, tiles.dq_k, own_keys=False)
   c = _Launch(geo, _BQ, tiles.dq_k, s, q.dtype, d, bool(masks), fresh, rate)
-  own = dict(q=tile(_COMPUTE, c.bq), do=tile(_COMPUTE, c.bq), o=tile(_COMPUTE, c.bq),
-             l=stat(_COMPUTE, c.bq))
+  q_tile, row_stat = tile(_COMPUTE, c.bq), stat(_COMPUTE, c.bq)
+  if delta is None:  # the kernel forms delta of its rows from O, in "d"
+    own, forming = dict(q=q_tile, do=q_tile, o=q_tile, l=row_stat), dict(d=row_stat)
+    # rows as lse's; beside an aliased dq, an aliased buffer (the kernel writes its rows)
+    formed = (jax.ShapeDtypeStruct(inputs["l"].shape, _F32) if new
+              else jnp.zeros_like(inputs["l"]))
+    accs, ins = (grads[0], formed), dict(inputs, o=_view(out.astype(q.dtype), r), **masks)
+  else:  # it reads delta's rows
+    inputs["d"] = _rows(delta, r)
+    own, forming = dict(q=q_tile, do=q_tile, l=row_stat, d=row_stat), {}
+    accs, ins = (grads[0],), dict(inputs, **masks)
   zeros = dict(z=tile(_COMPUTE, _BQ)) if c.clears else {}
-  scratch = dict(own, **zeros, d=stat(_COMPUTE, c.bq), k=tile(s, c.bk), v=tile(s, c.bk),
+  scratch = dict(own, **zeros, **forming, k=tile(s, c.bk), v=tile(s, c.bk),
                  k_bar=_bars(s), v_bar=_bars(s), k_done=_bars(s, _COMPUTE),
                  v_done=_bars(s, _COMPUTE), **{f"{x}_bar": _bars(_COMPUTE) for x in own},
                  **_token_scratch(c, c.bq, c.bk, queries_own=True))
-  dq5, delta = _launch(functools.partial(_dq_kernel, c=c),
-                       (heads, length // r // (_COMPUTE * c.bq), b), ("heads", "q_seq", "batch"),
-                       scratch, dict(inputs, o=_view(out.astype(q.dtype), r), **masks),
-                       (grads[0], delta), _name("dq", c))
+  dq5, *formed = _launch(functools.partial(_dq_kernel, c=c),
+                         (heads, length // r // (_COMPUTE * c.bq), b),
+                         ("heads", "q_seq", "batch"), scratch, ins, accs, _name("dq", c))
+  if formed:
+    inputs["d"] = formed[0]
+    delta = _unrows(formed[0]) if forms_every_row(geo, h) else None
 
   masks = _mask_inputs(vis, r, geo.kept, _COMPUTE * _BQ, tiles.dkv_q, own_keys=True)
   c = _Launch(geo, tiles.dkv_q, _BQ, s, q.dtype, d, bool(masks), fresh, rate)
@@ -1169,8 +1205,8 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
                  **_token_scratch(c, c.bk, c.bq, queries_own=False))
   dk5, dv5 = _launch(functools.partial(_dkv_kernel, c=c),
                      (heads // g, length // r // (_COMPUTE * c.bk), b), ("heads", "k_seq", "batch"),
-                     scratch, dict(inputs, d=delta, **masks), grads[1:], _name("dkv", c))
-  return dq5.reshape(q.shape), dk5.reshape(k.shape), dv5.reshape(v.shape)
+                     scratch, dict(inputs, **masks), grads[1:], _name("dkv", c))
+  return (dq5.reshape(q.shape), dk5.reshape(k.shape), dv5.reshape(v.shape)), delta
 
 
 # ----------------------------------------------------------------------------
@@ -1241,15 +1277,16 @@ class Mosaic(pallas.Pallas):
   def _block_backward(self, geo, q, k, v, vis, dropout, dout, lse, out):
     if not self._takes(geo.kept, q, vis, dropout, in_place=False):
       return super()._block_backward(geo, q, k, v, vis, dropout, dout, lse, out)
-    return backward(geo, self.mosaic_tiles(q.shape[-1]), q, k, v, dout, lse, out)
+    return backward(geo, self.mosaic_tiles(q.shape[-1]), q, k, v, dout, lse, out)[0]
 
   def branch_forward(self, branch, q, k, v, vis, dropout, out, lse):
     if not self._takes(branch.kept, q, vis, dropout, in_place=True):
       return super().branch_forward(branch, q, k, v, vis, dropout, out, lse)
     return forward(branch, self.mosaic_tiles(q.shape[-1]), q, k, v, out, lse, vis, dropout)
 
-  def branch_backward(self, branch, q, k, v, vis, dropout, dout, lse, out, grads):
+  def branch_backward(self, branch, q, k, v, vis, dropout, dout, lse, out, grads, delta=None):
     if not self._takes(branch.kept, q, vis, dropout, in_place=True):
-      return super().branch_backward(branch, q, k, v, vis, dropout, dout, lse, out, grads)
+      return super().branch_backward(branch, q, k, v, vis, dropout, dout, lse, out, grads,
+                                     delta)
     tiles = self.mosaic_tiles(q.shape[-1])
-    return backward(branch, tiles, q, k, v, dout, lse, out, grads, vis, dropout)
+    return backward(branch, tiles, q, k, v, dout, lse, out, grads, vis, dropout, delta)

@@ -736,11 +736,11 @@ class Pallas(Backend):
                   else (out.at[:, :, h].set(0), lse.at[:, :, h].set(-jnp.inf)))
     return forward(branch, self, q, k, v, vis, dropout, out, lse)
 
-  def branch_backward(self, branch, q, k, v, vis, dropout, dout, lse, out, grads):
+  def branch_backward(self, branch, q, k, v, vis, dropout, dout, lse, out, grads, delta=None):
     if branch.alone:  # these kernels add: its heads start from 0
       h0, h1 = branch.heads
       heads = (slice(h0, h1),) + (slice(h0 // branch.group, h1 // branch.group),) * 2
       grads = (tuple(map(jnp.zeros_like, (q, k, v))) if grads is None
                else tuple(g.at[:, :, h].set(0) for g, h in zip(grads, heads)))
-    return backward(branch, self, q, k, v, vis, dropout, dout, lse, row_delta(dout, out),
-                    grads)
+    delta = row_delta(dout, out) if delta is None else delta
+    return backward(branch, self, q, k, v, vis, dropout, dout, lse, delta, grads), delta
