@@ -14,8 +14,8 @@ turn, round after round, so clock and temperature drift fall on all::
 ``ringdilated._backends.mosaic``; its ``forward`` and ``backward`` are
 swapped while a version's program is traced). Cases are those of
 ``profile_kernels.py``. Prints per case and version the median of each
-round and the ratio to the first ``--base``. Versions whose programs lower
-to the same text (without locations; the Mosaic GPU kernels inside
+round, the ratio to the first ``--base`` and the compiled program's peak.
+Versions whose programs lower to the same text (without locations; the Mosaic GPU kernels inside
 included) are compiled and timed once, under the joined names: a case that
 no version changes (the unmasked one, for a change of the masked kernels)
 gives the reference time once. (Two equal programs timed apart differed by
@@ -110,8 +110,10 @@ def main(argv=None) -> int:
     base = statistics.median(times[next(d for d in names if first in names[d])])
     for digest, ts in times.items():
       mid = statistics.median(ts)
+      peak = bench._peak_bytes(compiled[digest]) / 2**30  # pylint: disable=protected-access
       print(f"{case:12s} N={args.n} {'='.join(names[digest]):16s} {mid:9.3f} ms  "
-            f"x{mid / base:.3f}  rounds " + " ".join(f"{t:.2f}" for t in ts), flush=True)
+            f"x{mid / base:.3f}  peak {peak:.2f} GiB  rounds " + " ".join(f"{t:.2f}" for t in ts),
+            flush=True)
   return 0
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from ringdilated._backends import mosaic, pallas
 from ringdilated._backends.base import Dropout, StridedBranch, Visibility
+from ringdilated._merge import row_delta
 
 EXACT = {  # name: (L, H, K, D, kept, rate, heads, offset, causal[, options]); options:
     # masks docs/pad/both, "drop" (dropout 0.1), "fresh" (own outputs, as ring blocks),
@@ -48,6 +49,11 @@ EXACT = {  # name: (L, H, K, D, kept, rate, heads, offset, causal[, options]); o
     "alone_both_r2": (8192, 8, 4, 128, 1024, 2, (4, 8), 1, True, "both+alone"),
     "alone_drop_r8": (16384, 4, 4, 128, 512, 8, (2, 4), 5, False, "drop+alone"),
     "alone_mix_r2": (4096, 4, 2, 128, 1024, 2, (0, 4), None, True, "alone"),  # one branch
+    # "delta": dq reads a given delta = rowsum(dout * out) instead of O (a
+    # later branch after one that formed it for every row)
+    "delta_mix_r2_gqa": (4096, 4, 2, 128, 1024, 2, (0, 4), None, True, "delta"),
+    "delta_both_drop_r4": (8192, 8, 8, 64, 512, 4, (0, 8), None, True, "both+drop+delta"),
+    "delta_fresh_full": (2048, 8, 4, 64, 1024, 1, (0, 8), None, False, "fresh+delta"),
 }
 
 
@@ -114,11 +120,15 @@ def exact(name: str, tiles: mosaic.MosaicTiles | None = None) -> dict:
              lse_inf_equal=bool(np.array_equal(np.isinf(got[1]), np.isinf(want[1]))),
              nan=bool(any(np.isnan(np.asarray(a, np.float32)).any() for a in got)))
   grads = None if fresh else (x["dq"], x["dk"], x["dv"])
-  got = jax.jit(lambda x: mosaic.backward(geo, tiles, x["q"], x["k"], x["v"], x["do"], want[1],
-                                          x["out"], grads, vis, drop))(x)
-  ref = jax.jit(lambda x: tri.branch_backward(geo, x["q"], x["k"], x["v"], vis, drop,
-                                             x["do"], want[1], x["out"], grads))(x)
+  given = "delta" in opts
+  got, formed = jax.jit(lambda x: mosaic.backward(
+      geo, tiles, x["q"], x["k"], x["v"], x["do"], want[1], x["out"], grads, vis, drop,
+      row_delta(x["do"], x["out"]) if given else None))(x)
+  ref, delta = jax.jit(lambda x: tri.branch_backward(geo, x["q"], x["k"], x["v"], vis, drop,
+                                                     x["do"], want[1], x["out"], grads))(x)
   rec.update({n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dv"), got, ref)})
+  if formed is not None and not given:  # the delta the dq kernel formed for every row
+    rec["delta"] = _rel(formed, delta)
   if fresh:
     return rec
   grads = (x["dq"], x["dk"], x["dv"])
@@ -156,11 +166,14 @@ def speed(name: str, tiles: mosaic.MosaicTiles | None = None,
   ft = jax.jit(lambda q, k, v: pallas.forward(geo, tri, q, k, v, vis, None, zeros, ninf))
   out, lse = fm(x["q"], x["k"], x["v"])
   bm = jax.jit(lambda q, k, v, do: mosaic.backward(geo, tiles, q, k, v, do, lse, out, grads))
+  bd = jax.jit(lambda q, k, v, do: mosaic.backward(geo, tiles, q, k, v, do, lse, out, grads,
+                                                   delta=x["delta"]))
   bt = jax.jit(lambda q, k, v, do: pallas.backward(geo, tri, q, k, v, vis, None, do, lse,
                                                    x["delta"], grads))
   args = (x["q"], x["k"], x["v"])
   rec["mosaic_fwd"] = _time(fm, *args)
   rec["mosaic_bwd"] = _time(bm, *args, x["do"])
+  rec["mosaic_bwd_given_delta"] = _time(bd, *args, x["do"])  # dq reads delta, not O
   rec["mosaic_fwdbwd"] = rec["mosaic_fwd"] + rec["mosaic_bwd"]
   kinds = ("mosaic",)
   if references:
