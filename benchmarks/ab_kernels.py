@@ -15,10 +15,10 @@ turn, round after round, so clock and temperature drift fall on all::
 swapped while a version's program is traced). Cases are those of
 ``profile_kernels.py``. Prints per case and version the median of each
 round, the ratio to the first ``--base`` and the compiled program's peak.
-Versions whose programs lower to the same text (without locations; the Mosaic GPU kernels inside
-included) are compiled and timed once, under the joined names: a case that
-no version changes (the unmasked one, for a change of the masked kernels)
-gives the reference time once. (Two equal programs timed apart differed by
+Versions whose programs lower to the same text (without locations; the
+Mosaic GPU kernels inside included) are compiled and timed once, under the
+joined names: a case that no version changes (the unmasked one, for a
+change of the masked kernels) gives the reference time once. (Two equal programs timed apart differed by
 0.1-0.6% at 1M on the H200.)
 """
 

@@ -1131,7 +1131,7 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
              dout: Array, lse: Array, out: Array,
              grads: tuple[Array, Array, Array] | None = None, vis: Visibility | None = None,
              dropout: Dropout | None = None, delta: Array | None = None
-             ) -> tuple[tuple[Array, Array, Array], Array]:
+             ) -> tuple[tuple[Array, Array, Array], Array | None]:
   """Adds the branch's gradients into ``grads = (dq, dk, dv)`` in place, or
   returns its own.
 
@@ -1174,13 +1174,13 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
   if delta is None:  # the kernel forms delta of its rows from O, in "d"
     own, forming = dict(q=q_tile, do=q_tile, o=q_tile, l=row_stat), dict(d=row_stat)
     # rows as lse's; beside an aliased dq, an aliased buffer (the kernel writes its rows)
-    formed = (jax.ShapeDtypeStruct(inputs["l"].shape, _F32) if new
-              else jnp.zeros_like(inputs["l"]))
-    accs, ins = (grads[0], formed), dict(inputs, o=_view(out.astype(q.dtype), r), **masks)
+    d_buffer = (jax.ShapeDtypeStruct(inputs["l"].shape, _F32) if new
+                else jnp.zeros_like(inputs["l"]))
+    accs, ins = (grads[0], d_buffer), dict(inputs, o=_view(out.astype(q.dtype), r), **masks)
   else:  # it reads delta's rows
-    inputs["d"] = _rows(delta, r)
+    d_rows = _rows(delta, r)
     own, forming = dict(q=q_tile, do=q_tile, l=row_stat, d=row_stat), {}
-    accs, ins = (grads[0],), dict(inputs, **masks)
+    accs, ins = (grads[0],), dict(inputs, d=d_rows, **masks)
   zeros = dict(z=tile(_COMPUTE, _BQ)) if c.clears else {}
   scratch = dict(own, **zeros, **forming, k=tile(s, c.bk), v=tile(s, c.bk),
                  k_bar=_bars(s), v_bar=_bars(s), k_done=_bars(s, _COMPUTE),
@@ -1190,8 +1190,7 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
                          (heads, length // r // (_COMPUTE * c.bq), b),
                          ("heads", "q_seq", "batch"), scratch, ins, accs, _name("dq", c))
   if formed:
-    inputs["d"] = formed[0]
-    delta = _unrows(formed[0]) if forms_every_row(geo, h) else None
+    d_rows, delta = formed[0], (_unrows(formed[0]) if forms_every_row(geo, h) else None)
 
   masks = _mask_inputs(vis, r, geo.kept, _COMPUTE * _BQ, tiles.dkv_q, own_keys=True)
   c = _Launch(geo, tiles.dkv_q, _BQ, s, q.dtype, d, bool(masks), fresh, rate)
@@ -1205,7 +1204,7 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
                  **_token_scratch(c, c.bk, c.bq, queries_own=False))
   dk5, dv5 = _launch(functools.partial(_dkv_kernel, c=c),
                      (heads // g, length // r // (_COMPUTE * c.bk), b), ("heads", "k_seq", "batch"),
-                     scratch, dict(inputs, **masks), grads[1:], _name("dkv", c))
+                     scratch, dict(inputs, d=d_rows, **masks), grads[1:], _name("dkv", c))
   return (dq5.reshape(q.shape), dk5.reshape(k.shape), dv5.reshape(v.shape)), delta
 
 
