@@ -140,6 +140,31 @@ def zigzag_ring(attend, p: int):
   return run
 
 
+def nested(eqn):
+  """The jaxprs in ``eqn``'s parameters, none for a Pallas kernel's body."""
+  if eqn.primitive.name == "pallas_call":
+    return
+  for value in eqn.params.values():
+    for sub in value if isinstance(value, (tuple, list)) else (value,):
+      sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+      if hasattr(sub, "eqns"):
+        yield sub
+
+
+def jaxprs(jaxpr):
+  """``jaxpr`` and every jaxpr nested in it (:func:`nested`)."""
+  yield jaxpr
+  for eqn in jaxpr.eqns:
+    for sub in nested(eqn):
+      yield from jaxprs(sub)
+
+
+def eqns(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs nested in it (:func:`jaxprs`)."""
+  for sub in jaxprs(jaxpr):
+    yield from sub.eqns
+
+
 def max_errs(got, want) -> list[float]:
   """Max abs difference of each pair (out, dq, dk, dv), in float32."""
   return [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))

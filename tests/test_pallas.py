@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _harness import cuda_text, gpu_mesh, inputs, mesh, out_and_grads
+from _harness import cuda_text, eqns, gpu_mesh, inputs, mesh, out_and_grads
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
@@ -101,22 +101,13 @@ def _pallas_calls(fn, *args, in_place: bool = False) -> collections.Counter:
   with ``in_place``, keyed by (kernel, rate, whether it adds into its
   inputs) instead."""
   calls = collections.Counter()
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":  # ringdilated_<kernel>_r<rate>_t<kept>...
-        kernel, rate = re.findall(r"ringdilated_([a-z]+)_r(\d+)", str(eqn.params))[0]
-        key = f"ringdilated_{kernel}"
-        if in_place:
-          key = (kernel, int(rate), bool(eqn.params["input_output_aliases"]))
-        calls[key] += 1
-        continue  # not into the kernel body
-      for p in eqn.params.values():
-        for sub in p if isinstance(p, (tuple, list)) else (p,):
-          sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-          if hasattr(sub, "eqns"):
-            walk(sub)
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  for eqn in eqns(jax.make_jaxpr(fn)(*args).jaxpr):
+    if eqn.primitive.name == "pallas_call":  # ringdilated_<kernel>_r<rate>_t<kept>...
+      kernel, rate = re.findall(r"ringdilated_([a-z]+)_r(\d+)", str(eqn.params))[0]
+      key = f"ringdilated_{kernel}"
+      if in_place:
+        key = (kernel, int(rate), bool(eqn.params["input_output_aliases"]))
+      calls[key] += 1
   return calls
 
 

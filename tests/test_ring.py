@@ -290,17 +290,6 @@ def test_local_branches_communicate_nothing():
   assert two_rings > ring_only
 
 
-def _sub_jaxprs(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          sub = sub.jaxpr
-        if isinstance(sub, jax.extend.core.Jaxpr):
-          yield from _sub_jaxprs(sub)
-
-
 def test_ring_middle_steps_are_a_scan_that_saves_nothing_per_step():
   """grad jaxpr: the g - 2 middle steps of each ring are one scan with no
   stacked outputs, in the forward and in the backward (custom_vjp)."""
@@ -311,7 +300,7 @@ def test_ring_middle_steps_are_a_scan_that_saves_nothing_per_step():
   grad = jax.grad(lambda q, k, v: jnp.sum(ring(q, k, v, kpm, seg) * cot),
                   argnums=(0, 1, 2))
   jaxpr = jax.make_jaxpr(grad)(q, k, v).jaxpr
-  scans = [e for e in _sub_jaxprs(jaxpr) if e.primitive.name == "scan"]
+  scans = [e for e in harness.eqns(jaxpr) if e.primitive.name == "scan"]
   # forward and backward of each ring branch: lengths g - 2 (none for g = 2)
   assert sorted(e.params["length"] for e in scans) == [2, 2, 6, 6]
   for e in scans:  # outputs are carry, then what is stacked (one more dim)

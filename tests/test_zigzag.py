@@ -174,16 +174,6 @@ def test_one_device_zigzag_is_contiguous():
     np.testing.assert_array_equal(*outs)
 
 
-def _primitives(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn.primitive.name
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          yield from _primitives(sub)
-
-
 @pytest.mark.parametrize("layout,rates,conds", [("contiguous", (2, 4), False),
                                                 ("zigzag", (2, 4), False),
                                                 ("contiguous", (2, 32), True)])
@@ -197,7 +187,7 @@ def test_causal_rings_have_no_data_dependent_skips(layout, rates, conds):
   q, k, v, cot, kpm, seg = _inputs()
   ring = _ring_in(4, layout, kw)
   grad = jax.grad(lambda q: jnp.sum(ring(q, k, v, kpm, seg) * cot))
-  prims = set(_primitives(jax.make_jaxpr(grad)(q).jaxpr))
+  prims = {e.primitive.name for e in harness.eqns(jax.make_jaxpr(grad)(q).jaxpr)}
   assert "ppermute" in prims
   assert ("cond" in prims) == conds
 
