@@ -542,6 +542,15 @@ def _attention_bwd(static: Static, res: tuple, dout: Array) -> tuple:
   tokens = _tokens(static, q, key_padding_mask, segment_ids, rng)
   generic, strided = _split(static)
   grads = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
+  # Each generic branch's rows of `out`, or None where it recomputes its own.
+  outs = [None if _needs_own_output(static, br) else compact_q(br, out) for br, _ in generic]
+  if strided and outs:
+    # The in-place branches consume dout through the barrier, so the generic
+    # branches' rows of `out` are cut before them and `out` can go once no
+    # in-place branch reads it; else XLA's scheduler may cut them late and
+    # keep all of `out` live meanwhile (mocked rings of 4M tokens per H200:
+    # one local tensor, 16 GiB, more).
+    outs, dout = jax.lax.optimization_barrier((outs, dout))
   if strided:  # in-place branches add into the gradients (first: see _forward)
     if _starts_new(strided, generic, q):
       grads = None  # new: see _starts_new
@@ -559,12 +568,10 @@ def _attention_bwd(static: Static, res: tuple, dout: Array) -> tuple:
   # else float32 until the end.
   acc_dtype = q.dtype if strided else _F32
   grads = [g.astype(acc_dtype) for g in grads]
-  for br, own_in_place in generic:
+  for (br, own_in_place), own_out in zip(generic, outs):
     queries, chunk = _compact(br, q, k, v, tokens)
-    if _needs_own_output(static, br):
+    if own_out is None:
       own_out = _branch_forward(static, br, rng, queries, chunk)[0]
-    else:
-      own_out = compact_q(br, out)
     queries = queries._replace(dout=compact_q(br, dout), out=own_out,
                                lse=compact_q(br, lse))
     dqc, dkc, dvc = _branch_backward(static, br, rng, queries, chunk, own_in_place)
