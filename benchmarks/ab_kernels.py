@@ -18,8 +18,8 @@ round, the ratio to the first ``--base`` and the compiled program's peak.
 Versions whose programs lower to the same text (without locations; the
 Mosaic GPU kernels inside included) are compiled and timed once, under the
 joined names: a case that no version changes (the unmasked one, for a
-change of the masked kernels) gives the reference time once. (Two equal programs timed apart differed by
-0.1-0.6% at 1M on the H200.)
+change of the masked kernels) gives the reference time once. (Two equal
+programs timed apart differed by 0.1-0.6% at 1M on the H200.)
 """
 
 from __future__ import annotations
