@@ -92,15 +92,50 @@ def test_kernels_lower_to_mosaic_gpu(rate, causal, masks, drop, fresh, d, alone,
                               ((6, 1) if delta else (6, 2), (6, 2)))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", text)
-    # token vectors add ids, validity and the tile ranges; dropout the row
-    # hashes and key positions; fresh outputs are not operands
+    # token vectors add the queries' and keys' ids, validity and the tile
+    # ranges; dropout the row hashes and key positions; fresh outputs are
+    # not operands
     assert [len(c.split(",")) for c in calls] == [
-        n + 3 * bool(masks) + 2 * drop + (0 if fresh else accs) for n, accs in operands]
+        n + 4 * bool(masks) + 2 * drop + (0 if fresh else accs) for n, accs in operands]
     # every kernel is named by its branch; "_f": it writes (fresh outputs, or
     # an alone branch's whole heads) instead of merging or adding
     names = set(re.findall(r"ringdilated_mgpu_(\w+?)_mosaic_gpu", text))
     assert len(names) == len(calls)
     assert {n.endswith("_f") for n in names} == {fresh or alone}
+
+
+@pytest.mark.parametrize("causal,masks,drop,d", [(True, True, False, 128),
+                                                  (False, True, True, 64),
+                                                  (True, False, True, 128)])
+def test_ring_blocks_lower_with_their_masks_and_dropout(causal, masks, drop, d):
+  """A ring block (fresh outputs; token vectors and positions [X, T, K], one
+  per kv head, of two chunks) through the backend's block entry points."""
+  x, t, h, kh = 2, 1024, 4, 2
+  sd = jax.ShapeDtypeStruct
+  qs, kvs = sd((x, t, kh, h // kh, d), jnp.bfloat16), sd((x, t, kh, d), jnp.bfloat16)
+  tok = sd((x, t, kh), jnp.int32)
+
+  def fwd_bwd(q, k, v, cot, q_seg, k_seg, q_pos, k_pos):
+    vis = Visibility(k_seg > 0 if masks else None, q_seg if masks else None,
+                     k_seg if masks else None, causal)
+    dropout = (Dropout(0.1, jnp.uint32(3), np.arange(h).reshape(kh, h // kh), q_pos, k_pos)
+               if drop else None)
+    out, lse = mosaic.Mosaic().forward(q, k, v, vis, scale=d ** -0.5, dropout=dropout)
+    return mosaic.Mosaic().backward(q, k, v, vis, cot, out, lse, scale=d ** -0.5,
+                                    dropout=dropout)
+
+  text = jax.jit(fwd_bwd).trace(qs, kvs, kvs, qs, tok, tok, tok, tok).lower(
+      lowering_platforms=("cuda",)).as_text()
+  calls = re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", text)
+  names = re.findall(r"ringdilated_mgpu_(\w+?)_mosaic_gpu", text)
+  flags = "_m" * masks + "_p" * drop + "_f"
+  assert sorted(set(names)) == sorted(f"{k}_r1_t{t}{flags}" for k in ("dkv", "dq", "fwd"))
+  # q, k, v (forward); q, k, v, dout, lse, O (dq); q, k, v, dout, lse, delta
+  # (dk, dv); plus ids of the queries and keys, validity and the tile
+  # ranges, and the dropout hashes
+  extra = 4 * masks + 2 * drop
+  assert sorted(len(c.split(",")) for c in calls) == sorted(
+      [3 + extra, 6 + extra, 6 + extra])
 
 
 @pytest.mark.parametrize("alone", [False, True])
@@ -169,26 +204,34 @@ def _visible(own_ids, own_valid, ids, valid):
 @pytest.mark.parametrize("own,tile,own_keys", [(128, 128, False), (128, 64, False),
                                                (128, 64, True), (128, 128, True)])
 def test_spans_cover_every_visible_pair(own, tile, own_keys):
+  """Branches in place (one id vector for queries and keys) and ring blocks
+  (the keys' ids of another chunk: an earlier one's, or in reverse order,
+  or unordered)."""
   rng = np.random.default_rng(own + tile + own_keys)
   t, checked, pure_seen = 512, 0, 0
-  for trial in range(6):
+  for trial in range(9):
     b, r = 1, (1, 2)[trial % 2]
     m = 4 * t
     seg = np.sort(rng.integers(0, (1, 3, 40)[trial % 3], (b, r, m)), axis=-1).astype(np.int32)
+    kseg = seg
+    if trial >= 6:  # a block: the keys' own ids
+      kseg = (np.maximum(seg - seg.max() // 2, 0), seg[..., ::-1],
+              rng.integers(0, 3, seg.shape))[trial - 6].astype(np.int32)
     valid = (rng.random((b, r, m)) > (0.1, 0.0, 0.3)[trial % 3]).astype(np.int32)
     valid[..., m // 2:m // 2 + 300] = 0 if trial == 5 else valid[..., m // 2:m // 2 + 300]
-    spans = np.asarray(mosaic._spans(jnp.asarray(seg), jnp.asarray(valid), t, own, tile,
-                                     own_keys))
+    spans = np.asarray(mosaic._spans(jnp.asarray(seg), jnp.asarray(kseg), jnp.asarray(valid), t,
+                                     own, tile, own_keys))
     ones = np.ones(m, np.int32)
     for ri in range(r):
-      ids, val = seg[0, ri], valid[0, ri]
+      q_ids, k_ids, val = seg[0, ri], kseg[0, ri], valid[0, ri]
+      own_ids, ids = (k_ids, q_ids) if own_keys else (q_ids, k_ids)
       for c in range(m // own):
         s0 = c * own // t * t
         o = slice(c * own, (c + 1) * own)
         lo, hi, pure = spans[0, ri, c]
         for j in range(t // tile):
           s = slice(s0 + j * tile, s0 + (j + 1) * tile)
-          vis = _visible(ids[o], (val if own_keys else ones)[o], ids[s],
+          vis = _visible(own_ids[o], (val if own_keys else ones)[o], ids[s],
                          (ones if own_keys else val)[s])
           if vis.any():
             assert lo <= j < hi, (trial, c, j, lo, hi)
@@ -203,7 +246,7 @@ def test_spans_skip_other_documents():
   """Two documents per segment: a program of the second sees only its half."""
   t = 512
   seg = jnp.asarray(np.repeat([0, 1], t // 2)[None, None], jnp.int32)
-  spans = np.asarray(mosaic._spans(seg, jnp.ones_like(seg), t, 128, 64, False))
+  spans = np.asarray(mosaic._spans(seg, seg, jnp.ones_like(seg), t, 128, 64, False))
   np.testing.assert_array_equal(spans[0, 0], [[0, 4, 1], [0, 4, 1], [4, 8, 1], [4, 8, 1]])
 
 
@@ -252,6 +295,41 @@ def test_dropout_hashes_drop_what_the_xla_block_drops(offset, heads):
   assert 0.5 < got.mean() < 0.9  # (a mask that keeps about 1 - rate)
 
 
+def test_ring_block_token_vectors_are_per_kv_head():
+  """A ring block's token vectors ([X, T, K]: one per kv head, queries and
+  keys of different chunks) reach the kernels as [X, K, T] rows, indexed by
+  kv head (:meth:`mosaic._Launch.tok`), and its dropout hashes give the XLA
+  block's keep mask for every (head, query, key)."""
+  x, t, h, kh, rate = 2, 16, 4, 2, 0.3
+  g = h // kh
+  rng = np.random.default_rng(1)
+  geo = StridedBranch(kept=t, rate=1, heads=(0, h), group=g, offset=0, causal=False, scale=1.0)
+  q_pos, k_pos = (jnp.asarray(rng.permutation(4 * x * t * kh)[:x * t * kh].reshape(x, t, kh),
+                              jnp.int32) for _ in range(2))
+  q_seg, k_seg = (jnp.asarray(np.sort(rng.integers(0, 4, (x, t, kh)), axis=1), jnp.int32)
+                  for _ in range(2))
+  valid = jnp.asarray(rng.random((x, t, kh)) > 0.2)
+  vis = Visibility(valid, q_seg, k_seg, False)
+  drop = Dropout(rate, jnp.uint32(5), 3 + np.arange(h).reshape(kh, g), q_pos, k_pos)
+  assert mosaic._per_kv(vis, None) and mosaic._per_kv(None, drop)
+  assert not mosaic._per_kv(Visibility(None, None, None, True), None)
+  c = mosaic._Launch(geo, 64, 64, 2, jnp.bfloat16, 64, per_kv=True)
+  assert c.tok(1) == 1 and dataclasses.replace(c, per_kv=False).tok(1) == 0
+  ins = mosaic._mask_inputs(vis, 1, t, 8, 4, own_keys=False)
+  for name, want in (("q_ids", q_seg), ("k_ids", k_seg), ("valid", valid)):
+    np.testing.assert_array_equal(ins[name], np.asarray(want).transpose(0, 2, 1), name)
+  assert ins["span"].shape == (x, kh, t // 8, 3)
+  hashes = mosaic._dropout_inputs(drop, geo, h)
+  rh, khash = np.asarray(hashes["rh"]), np.asarray(hashes["kh"])  # [X, H, 1, T], [X, K, T]
+  assert rh.shape == (x, h, 1, t) and khash.shape == (x, kh, t)
+  for hq in range(h):
+    kv = hq // g
+    got = np.asarray(tm.kept(jnp.asarray(rh[:, hq, 0, :, None] ^ khash[:, kv, None, :]), rate))
+    want = keep_mask(Dropout(rate, drop.seed, np.array([[3 + hq]]), q_pos[..., kv:kv + 1],
+                             k_pos[..., kv:kv + 1]))[:, 0, 0]
+    np.testing.assert_array_equal(got, want)
+
+
 # ----------------------------------------------------------------------------
 # Which calls the kernels take; what "auto" picks on Hopper.
 # ----------------------------------------------------------------------------
@@ -260,17 +338,11 @@ def test_dropout_hashes_drop_what_the_xla_block_drops(offset, heads):
 def test_calls_the_kernels_take():
   backend = mosaic.Mosaic()
   x = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
-  plain = Visibility(None, None, None, True)
-  masked = Visibility(jnp.ones((1, 256), bool), None, None, True)
-  drop = object()
-  assert backend._takes(256, x, plain, None, in_place=False)  # a ring block
-  assert backend._takes(256, x, masked, drop, in_place=True)  # a branch in place
-  assert not backend._takes(256, x, masked, None, in_place=False)  # a masked ring block
-  assert not backend._takes(256, x, plain, drop, in_place=False)  # a ring block with dropout
-  assert not backend._takes(192, x, plain, None, in_place=True)  # not a multiple of 128
-  assert not backend._takes(256, x[..., :32], plain, None, in_place=True)  # head dim 32
-  assert not backend._takes(256, x.astype(jnp.float32), plain, None, in_place=True)
-  assert not mosaic.Mosaic(interpret=True)._takes(256, x, plain, None, in_place=True)
+  assert backend._takes(256, x)
+  assert not backend._takes(192, x)  # not a multiple of 128
+  assert not backend._takes(256, x[..., :32])  # head dim 32
+  assert not backend._takes(256, x.astype(jnp.float32))
+  assert not mosaic.Mosaic(interpret=True)._takes(256, x)
   # tiles: tuned per head dim unless given
   assert backend.mosaic_tiles(64) == mosaic.TUNED[64] != mosaic.TUNED[128]
   assert backend.mosaic_tiles(128) == mosaic.TUNED[128]
@@ -281,7 +353,7 @@ def test_calls_the_kernels_take():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
   for check in (True, False):
     jax.jit(jax.shard_map(lambda y, check=check: (seen.append(
-        (check, backend._takes(256, y, plain, None, in_place=True))), y)[1], mesh=mesh,
+        (check, backend._takes(256, y))), y)[1], mesh=mesh,
         in_specs=P(None, "sp"), out_specs=P(None, "sp"), check_vma=check))(
             jnp.zeros((1, 512, 2, 128), jnp.bfloat16))
   assert seen == [(True, True), (False, True)]
@@ -335,9 +407,8 @@ class _Bound(mosaic.Mosaic):
 
   dtypes = (*mosaic.Mosaic.dtypes, jnp.dtype(jnp.float32))
 
-  def _takes(self, kept, x, vis, dropout, in_place):
-    return mosaic.Mosaic._takes(dataclasses.replace(self, interpret=False), kept, x, vis,
-                                dropout, in_place)
+  def _takes(self, kept, x):
+    return mosaic.Mosaic._takes(dataclasses.replace(self, interpret=False), kept, x)
 
 
 @pytest.fixture(name="bound")
@@ -417,16 +488,15 @@ def test_glue_matches_the_oracle(bound, mode, segments, causal, masks, ring, dro
   # local branches and the rings' own blocks in place (with their masks and
   # dropout; the first writes new buffers where the branches write every
   # element: in mix mode it keeps every head (rate 1), in partition mode
-  # without a ring every branch is alone on its heads); unmasked blocks
-  # between devices as fresh outputs (masked or dropped ones take the
-  # Triton kernels)
+  # without a ring every branch is alone on its heads); blocks between
+  # devices as fresh outputs, with their masks and dropout
   first_new = mode == "mix" or not ring
   # in mix mode the first branch's dq forms delta for every row and head,
   # and the later ones read it
   in_place = {kernel + "_fresh" * (i == 0 and first_new)
               + "_delta" * (kernel == "bwd" and i > 0 and mode == "mix") + "_drop" * drop
               for kernel in ("fwd", "bwd") for i in range(len(segments[0]))}
-  blocks = {"fwd_fresh", "bwd_fresh"} if ring and not (masks or drop) else set()
+  blocks = {"fwd_fresh" + "_drop" * drop, "bwd_fresh" + "_drop" * drop} if ring else set()
   assert set(bound) == in_place | blocks
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=name)

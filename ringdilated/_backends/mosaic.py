@@ -32,16 +32,15 @@ so a tile's rows are contiguous for the TMA; the launchers transpose them
 from and to the ``[B, L, H]`` rows the ring keeps (``B L H`` floats, small
 next to the attention).
 
-Key padding and segment ids of branches read in place travel as per-offset
-token vectors beside the tiles; each program reads the range of streamed
-tiles its ids can meet and, where all of them hold its one document, runs
-a loop nest without token masks (chosen once per program; the other
-programs read the token vectors and mask). Dropout on those branches: each
-query row's hash (seed, head, position; as a row statistic) and each key's
-hash travel likewise, and a weight costs one multiply
-(:func:`.tile_masks.kept`). Ring blocks
-write fresh outputs. Masked or dropped ring blocks and shapes these kernels
-don't take go to the Triton kernels (:class:`Mosaic`).
+Key padding and segment ids travel as token vectors beside the tiles (one
+per offset of a branch read in place, one per kv head of a ring block); each
+program reads the range of streamed tiles its ids can meet and, where all of
+them hold its one document, runs a loop nest without token masks (chosen
+once per program; the other programs read the token vectors and mask).
+Dropout: each query row's hash (seed, head, position; as a row statistic)
+and each key's hash travel likewise, and a weight costs one multiply
+(:func:`.tile_masks.kept`). Ring blocks write fresh outputs. Shapes these
+kernels don't take go to the Triton kernels (:class:`Mosaic`).
 
 Each warpgroup's phases are named scopes (``fwd_begin``, ``fwd_step``,
 ``fwd_end``, likewise ``dq_*`` and ``dkv_*``, and ``memory_begin``; within
@@ -67,6 +66,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .._merge import merge
@@ -156,6 +156,8 @@ class _Launch:
       or an ``alone`` branch's: see :func:`_clear`).
     rate: dropout rate, 0 without dropout (then the row hashes ``rh`` and
       key hashes ``kh`` travel with the tiles).
+    per_kv: the token vectors (and key hashes, spans) are one per kv head, as
+      a ring block's ([X, K, T]), not one per offset ([B, r, M]).
   """
 
   geo: StridedBranch
@@ -167,9 +169,14 @@ class _Launch:
   masks: bool = False
   fresh: bool = False
   rate: float = 0.0
+  per_kv: bool = False
 
   def off(self, kv):
     return lax.rem(kv, jnp.int32(self.geo.rate)) if self.geo.offset is None else self.geo.offset
+
+  def tok(self, kv):
+    """Where the token vectors of kv head ``kv``'s programs are (axis 1)."""
+    return kv if self.per_kv else self.off(kv)
 
   @property
   def reduction(self) -> str | None:
@@ -388,7 +395,7 @@ def _query_program(ins, c: _Launch) -> tuple:
   m_pair = pair * (_COMPUTE * bq)  # first row, view units
   seg = lax.div(m_pair, jnp.int32(t)) * t  # first row of the segment
   t_pair = m_pair - seg  # position of the pair within the segment
-  lo, n_kv, impure = _span(ins.get("span"), b, off, pair, 0,
+  lo, n_kv, impure = _span(ins.get("span"), b, c.tok(kv), pair, 0,
                            _cdiv(t_pair + _COMPUTE * bq, bk) if geo.causal else t // bk, c.masks)
   return b, wg, hq, kv, off, m_pair, seg, t_pair, lo, n_kv, impure
 
@@ -469,7 +476,7 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
     if not c.fresh:  # the running (out, lse) arrive while the loop runs
       plgpu.copy_gmem_to_smem(o_ref.at[rows], o_s, scr["o_bar"].at[wg])
       plgpu.copy_gmem_to_smem(l_ref.at[stats], l_s, scr["l_bar"].at[wg])
-    _own_rows(ins, scr, c, wg, b, off, m0, stats, impure)
+    _own_rows(ins, scr, c, wg, b, c.tok(kv), m0, stats, impure)
     # (the own rows' copies start before the registers grow, in all three
     # kernels: their latency overlaps the wait for the memory warpgroup)
     with jax.named_scope("fwd_begin"):
@@ -592,14 +599,16 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
 
   pl.when(wg == _COMPUTE)(functools.partial(
       _stream, ins, scr, c, lo, n_kv, impure, lambda j: (seg + j * bk, kv), ("k", "v"),
-      ("k_done", "v_done"), bk, b, off))
+      ("k_done", "v_done"), bk, b, off, c.tok(kv)))
 
 
-def _stream(ins, scr, c: _Launch, lo, hi, impure, source, names, dones, rows: int, b, off):
+def _stream(ins, scr, c: _Launch, lo, hi, impure, source, names, dones, rows: int, b, off,
+            tok):
   """The memory warpgroup: tiles ``j`` in ``[lo, hi)`` of the inputs
-  ``names`` (first row and head of each from ``source(j)``; with masks also
-  the token vectors ``kid``, ``kval`` of those rows where ``impure``; with
-  dropout their hashes ``kh``) into
+  ``names`` at offset ``off`` (first row and head of each from
+  ``source(j)``; with masks also the token vectors ``kid``, ``kval`` of
+  those rows, at ``tok``, where ``impure``; with dropout their hashes
+  ``kh``) into
   slot ``(j - lo) mod stages``, once the compute warpgroups released it
   (``dones``)."""
   pl, plgpu = _modules()
@@ -619,13 +628,13 @@ def _stream(ins, scr, c: _Launch, lo, hi, impure, source, names, dones, rows: in
     for name in names:
       plgpu.copy_gmem_to_smem(ins[name].at[b, pl.ds(first, rows), off, head],
                               scr[name].at[slot], scr[f"{name}_bar"].at[slot])
-    for name, vec in (("kid", "ids"), ("kval", "valid")) * c.masks:
+    for name, vec in (("kid", "k_ids"), ("kval", "valid")) * c.masks:
       def copy(name=name, vec=vec):
-        plgpu.copy_gmem_to_smem(ins[vec].at[b, off, pl.ds(first, rows)], scr[name].at[slot],
+        plgpu.copy_gmem_to_smem(ins[vec].at[b, tok, pl.ds(first, rows)], scr[name].at[slot],
                                 scr[f"{name}_bar"].at[slot])
       pl.when(impure)(copy)
     if c.rate:
-      plgpu.copy_gmem_to_smem(ins["kh"].at[b, off, pl.ds(first, rows)], scr["kh"].at[slot],
+      plgpu.copy_gmem_to_smem(ins["kh"].at[b, tok, pl.ds(first, rows)], scr["kh"].at[slot],
                               scr["kh_bar"].at[slot])
 
 
@@ -636,13 +645,13 @@ def _streamed_key_hashes(scr, slot, axis: int) -> Array:
   return _vector(scr["kh"].at[slot], axis)
 
 
-def _own_rows(ins, scr, c: _Launch, wg, b, off, m0, stats, impure) -> None:
+def _own_rows(ins, scr, c: _Launch, wg, b, tok, m0, stats, impure) -> None:
   """Starts the copies of the token vectors of a query-tile warpgroup's own
-  rows: segment ids (programs that need token masks) and dropout row
-  hashes."""
+  rows (at ``tok``: :meth:`_Launch.tok`): segment ids (programs that need
+  token masks) and dropout row hashes."""
   pl, plgpu = _modules()
   pl.when(impure)(lambda: plgpu.copy_gmem_to_smem(
-      ins["ids"].at[b, off, pl.ds(m0, c.bq)], scr["qid"].at[wg], scr["qid_bar"].at[wg]))
+      ins["q_ids"].at[b, tok, pl.ds(m0, c.bq)], scr["qid"].at[wg], scr["qid_bar"].at[wg]))
   if c.rate:
     plgpu.copy_gmem_to_smem(ins["rh"].at[stats], scr["rh"].at[wg], scr["rh_bar"].at[wg])
 
@@ -715,9 +724,22 @@ def _launch(body, grid, names, scratch: dict, inputs: dict, accs: tuple, name: s
 
 
 def _tokens(x: Array, rate: int) -> Array:
-  """[B, L] -> [B, r, M] int32: one offset's tokens contiguous."""
+  """A token vector as [B, R, M] int32, one row per offset or kv head:
+  [B, L] (shared by the kv heads) -> [B, r, M], one offset's tokens
+  contiguous; [X, T, K] (a ring block's, one per kv head; r = 1) ->
+  [X, K, T]."""
+  if x.ndim == 3:
+    return x.astype(jnp.int32).transpose(0, 2, 1)
   b, length = x.shape
   return x.astype(jnp.int32).reshape(b, length // rate, rate).transpose(0, 2, 1)
+
+
+def _per_kv(vis: Visibility | None, dropout: Dropout | None) -> bool:
+  """Whether a launch's token vectors come one per kv head (a ring block's
+  [X, T, K]: :attr:`_Launch.per_kv`)."""
+  vectors = ((vis.kv_valid, vis.q_seg, vis.kv_seg) if vis is not None else ()) + (
+      (dropout.q_pos,) if dropout is not None else ())
+  return any(x is not None and x.ndim == 3 for x in vectors)
 
 
 def _tile_ids(ids: Array, valid: Array, n: int, keys: bool):
@@ -731,14 +753,18 @@ def _tile_ids(ids: Array, valid: Array, n: int, keys: bool):
   return (jnp.where(ok, x, tm.BIG).min(-1), jnp.where(ok, x, -tm.BIG).max(-1), ok.all(-1))
 
 
-def _spans(ids: Array, valid: Array, t: int, own: int, tile: int, own_keys: bool) -> Array:
-  """[B, r, M / own, 3] int32 (lo, hi, pure): for each program owning
-  ``own`` rows, the streamed tiles of ``tile`` rows ``[lo, hi)`` (within
-  its segment of ``t``) whose ids may meet its own, and whether all of
-  those hold valid keys of the program's one id (no token mask needed)."""
-  b, r, m = ids.shape
-  o_lo, o_hi, o_full = _tile_ids(ids, valid, own, own_keys)
-  s_lo, s_hi, s_full = _tile_ids(ids, valid, tile, not own_keys)
+def _spans(q_ids: Array, k_ids: Array, valid: Array, t: int, own: int, tile: int,
+           own_keys: bool) -> Array:
+  """[B, R, M / own, 3] int32 (lo, hi, pure): for each program owning
+  ``own`` rows (keys if ``own_keys``, else queries), the streamed tiles of
+  ``tile`` rows ``[lo, hi)`` (within its segment of ``t``) whose ids may
+  meet its own, and whether all of those hold valid keys of the program's
+  one id (no token mask needed). Ids [B, R, M] of the queries and the keys,
+  key validity ``valid`` alike."""
+  b, r, m = q_ids.shape
+  own_ids, other_ids = (k_ids, q_ids) if own_keys else (q_ids, k_ids)
+  o_lo, o_hi, o_full = _tile_ids(own_ids, valid, own, own_keys)
+  s_lo, s_hi, s_full = _tile_ids(other_ids, valid, tile, not own_keys)
   seg = (b, r, m // t)
   o_lo, o_hi, o_full = (x.reshape(*seg, t // own, 1) for x in (o_lo, o_hi, o_full))
   s_lo, s_hi, s_full = (x.reshape(*seg, 1, t // tile) for x in (s_lo, s_hi, s_full))
@@ -754,15 +780,18 @@ def _spans(ids: Array, valid: Array, t: int, own: int, tile: int, own_keys: bool
 
 def _mask_inputs(vis: Visibility | None, rate: int, t: int, own: int, tile: int,
                  own_keys: bool) -> dict:
-  """The token inputs of a launch: ``ids``, ``valid`` [B, r, M] and the
-  programs' ``span``; none without masks."""
+  """The token inputs of a launch (:func:`_tokens`): the queries' and keys'
+  segment ids ``q_ids``, ``k_ids`` and key validity ``valid`` [B, R, M],
+  and the programs' ``span``; none without masks."""
   if vis is None or not vis.has_arrays:
     return {}
   ref = vis.q_seg if vis.q_seg is not None else vis.kv_valid
-  ids = _tokens(vis.q_seg if vis.q_seg is not None else jnp.zeros_like(ref, jnp.int32), rate)
+  q_ids = _tokens(vis.q_seg if vis.q_seg is not None else jnp.zeros_like(ref, jnp.int32), rate)
+  k_ids = q_ids if vis.kv_seg is None or vis.kv_seg is vis.q_seg else _tokens(vis.kv_seg, rate)
   valid = _tokens(vis.kv_valid if vis.kv_valid is not None else jnp.ones_like(ref, jnp.int32),
                   rate)
-  return dict(ids=ids, valid=valid, span=_spans(ids, valid, t, own, tile, own_keys))
+  return dict(q_ids=q_ids, k_ids=k_ids, valid=valid,
+              span=_spans(q_ids, k_ids, valid, t, own, tile, own_keys))
 
 
 def _bars(n: int, arrivals: int = 1):
@@ -791,15 +820,17 @@ def _token_scratch(c: _Launch, own: int, streamed: int, queries_own: bool) -> di
 def _dropout_inputs(dropout: Dropout | None, geo: StridedBranch, heads: int) -> dict:
   """The dropout inputs of a launch: ``rh`` [B, H, r, M] int32, the hash of
   each query head and row (:func:`.tile_masks.row_hash`; rows as ``lse``),
-  and ``kh`` [B, r, M], the keys' (:func:`.tile_masks.col_hash`); none
-  without dropout."""
+  and ``kh`` [B, R, M], the keys' (:func:`.tile_masks.col_hash`; as
+  :func:`_tokens`); none without dropout."""
   if dropout is None:
     return {}
   seed, head0 = tm.hash_key(dropout)
   pos = _tokens(dropout.q_pos, geo.rate)
+  # a ring block's positions are per kv head: each query head takes its own
+  pos = pos[:, np.arange(heads) // geo.group, None] if dropout.q_pos.ndim == 3 else pos[:, None]
   # every head of q (rows as lse); the branch's heads start at head0
   hs = head0 - geo.heads[0] + jnp.arange(heads, dtype=jnp.int32)
-  return dict(rh=tm.row_hash(seed, hs[None, :, None, None], pos[:, None]),
+  return dict(rh=tm.row_hash(seed, hs[None, :, None, None], pos),
               kh=tm.col_hash(seed, _tokens(dropout.k_pos, geo.rate)))
 
 
@@ -818,15 +849,17 @@ def forward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Array
       block's, or an ``alone`` branch's whose other heads are left unset).
     lse: shape [B, L, H] float32, running log-sum-exp (``-inf`` where
       nothing merged yet), or None.
-    vis: key validity and segment ids, each [B, L] or None.
-    dropout: dropout with positions [B, L], or None.
+    vis: key validity and segment ids, each [B, L] (or [X, T, K] for a
+      ring block: one per kv head), or None.
+    dropout: dropout with positions shaped like the token vectors, or None.
   """
   _, plgpu = _modules()
   b, length, h, d = q.shape
   r = geo.rate
   masks = _mask_inputs(vis, r, geo.kept, _COMPUTE * _BQ, tiles.fwd_k, own_keys=False)
   c = _Launch(geo, _BQ, tiles.fwd_k, tiles.stages, q.dtype, d, bool(masks),
-              out is None or geo.alone, 0.0 if dropout is None else float(dropout.rate))
+              out is None or geo.alone, 0.0 if dropout is None else float(dropout.rate),
+              _per_kv(vis, dropout))
   tile = lambda n, rows: _smem((n, rows, d), q.dtype)  # noqa: E731
   scratch = dict(q=tile(_COMPUTE, c.bq), o=tile(_COMPUTE, c.bq), k=tile(c.stages, c.bk),
                  v=tile(c.stages, c.bk), l=plgpu.SMEM((_COMPUTE, c.bq), _F32),
@@ -887,7 +920,7 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
     for name in own:
       idx = stats if name in ("l", "d") else rows
       plgpu.copy_gmem_to_smem(ins[name].at[idx], scr[name].at[wg], scr[f"{name}_bar"].at[wg])
-    _own_rows(ins, scr, c, wg, b, off, m0, stats, impure)
+    _own_rows(ins, scr, c, wg, b, c.tok(kv), m0, stats, impure)
     with jax.named_scope("dq_begin"):
       plgpu.set_max_registers(232, action="increase")
     if c.clears:
@@ -956,7 +989,7 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
 
   pl.when(wg == _COMPUTE)(functools.partial(
       _stream, ins, scr, c, lo, n_kv, impure, lambda j: (seg + j * bk, kv), ("k", "v"),
-      ("k_done", "v_done"), bk, b, off))
+      ("k_done", "v_done"), bk, b, off, c.tok(kv)))
 
 
 # The order in which a dk, dv step lets go of its streamed inputs.
@@ -970,13 +1003,13 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
   t = geo.kept
   b, wg = lax.axis_index("batch"), lax.axis_index("wg")
   kv = geo.heads[0] // g + lax.axis_index("heads")
-  off = c.off(kv)
+  off, tok = c.off(kv), c.tok(kv)
   pair = lax.axis_index("k_seq")
   m_pair = pair * (_COMPUTE * bk)
   seg = lax.div(m_pair, jnp.int32(t)) * t
   t_pair = m_pair - seg
   # query tiles [q_lo, q_hi) of every head: from the pair's diagonal on
-  q_lo, q_hi, impure = _span(ins.get("span"), b, off, pair,
+  q_lo, q_hi, impure = _span(ins.get("span"), b, tok, pair,
                              lax.div(t_pair, jnp.int32(bq)) if geo.causal else 0, t // bq,
                              c.masks)
   n_q = q_hi - q_lo
@@ -1000,9 +1033,9 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
 
     def own(*names):  # token vectors of the own keys (ids, validity: only where impure)
       for name, vec in names:
-        plgpu.copy_gmem_to_smem(ins[vec].at[b, off, pl.ds(m0, bk)], scr[name].at[wg],
+        plgpu.copy_gmem_to_smem(ins[vec].at[b, tok, pl.ds(m0, bk)], scr[name].at[wg],
                                 scr[f"{name}_bar"].at[wg])
-    pl.when(impure)(functools.partial(own, ("kid", "ids"), ("kval", "valid")))
+    pl.when(impure)(functools.partial(own, ("kid", "k_ids"), ("kval", "valid")))
     if c.rate:
       own(("kh", "kh"))
     with jax.named_scope("dkv_begin"):
@@ -1114,8 +1147,8 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
       if c.masks:
         @pl.when(impure)
         def _():
-          plgpu.copy_gmem_to_smem(ins["ids"].at[b, off, pl.ds(first, bq)], scr["qid"].at[slot],
-                                  scr["qid_bar"].at[slot])
+          plgpu.copy_gmem_to_smem(ins["q_ids"].at[b, tok, pl.ds(first, bq)],
+                                  scr["qid"].at[slot], scr["qid_bar"].at[slot])
 
 
 def forms_every_row(geo: StridedBranch, heads: int) -> bool:
@@ -1169,7 +1202,8 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
   stat = lambda n, rows, dtype=_F32: plgpu.SMEM((n, rows), dtype)  # noqa: E731
 
   masks = _mask_inputs(vis, r, geo.kept, _COMPUTE * _BQ, tiles.dq_k, own_keys=False)
-  c = _Launch(geo, _BQ, tiles.dq_k, s, q.dtype, d, bool(masks), fresh, rate)
+  c = _Launch(geo, _BQ, tiles.dq_k, s, q.dtype, d, bool(masks), fresh, rate,
+              _per_kv(vis, dropout))
   q_tile, row_stat = tile(_COMPUTE, c.bq), stat(_COMPUTE, c.bq)
   if delta is None:  # the kernel forms delta of its rows from O, in "d"
     own, forming = dict(q=q_tile, do=q_tile, o=q_tile, l=row_stat), dict(d=row_stat)
@@ -1193,7 +1227,8 @@ def backward(geo: StridedBranch, tiles: MosaicTiles, q: Array, k: Array, v: Arra
     d_rows, delta = formed[0], (_unrows(formed[0]) if forms_every_row(geo, h) else None)
 
   masks = _mask_inputs(vis, r, geo.kept, _COMPUTE * _BQ, tiles.dkv_q, own_keys=True)
-  c = _Launch(geo, tiles.dkv_q, _BQ, s, q.dtype, d, bool(masks), fresh, rate)
+  c = _Launch(geo, tiles.dkv_q, _BQ, s, q.dtype, d, bool(masks), fresh, rate,
+              _per_kv(vis, dropout))
   streamed = dict(q=tile(s, c.bq), do=tile(s, c.bq), l=stat(s, c.bq), d=stat(s, c.bq))
   if rate:
     streamed["rh"] = stat(s, c.bq, jnp.int32)
@@ -1229,10 +1264,10 @@ class Mosaic(pallas.Pallas):
 
   Calls whose segments hold a multiple of 128 kept tokens, head dim 64 or
   128, in bf16 or f16, run the Mosaic GPU kernels (with key padding,
-  segment ids and dropout on branches read in place; ring blocks without),
+  segment ids and dropout, on branches read in place and on ring blocks),
   inside ``jax.shard_map`` with either ``check_vma``; every other call runs
-  the Triton kernels of :class:`~.pallas.Pallas` (masked or dropped ring
-  blocks, other shapes), so this backend takes everything that one does.
+  the Triton kernels of :class:`~.pallas.Pallas` (other shapes), so this
+  backend takes everything that one does.
 
   Attributes:
     mosaic: tiles and pipeline depth of the Mosaic GPU kernels, or None for
@@ -1261,30 +1296,29 @@ class Mosaic(pallas.Pallas):
               "causal fwd+bwd: 28.4 ms against 30.2 ms; benchmarks/results/h200.json)")
     return None
 
-  def _takes(self, kept: int, x: Array, vis: Visibility, dropout, in_place: bool) -> bool:
-    """Whether the Mosaic GPU kernels run this call (token masks and dropout:
-    only on branches read in place)."""
-    return (not self.interpret and (in_place or (dropout is None and not vis.has_arrays))
-            and x.dtype in self.dtypes and x.shape[-1] in TUNED
+  def _takes(self, kept: int, x: Array) -> bool:
+    """Whether the Mosaic GPU kernels run this call."""
+    return (not self.interpret and x.dtype in self.dtypes and x.shape[-1] in TUNED
             and kept % self.mosaic_tiles(x.shape[-1]).multiple == 0)
 
   def _block_forward(self, geo, q, k, v, vis, dropout):
-    if not self._takes(geo.kept, q, vis, dropout, in_place=False):
+    if not self._takes(geo.kept, q):
       return super()._block_forward(geo, q, k, v, vis, dropout)
-    return forward(geo, self.mosaic_tiles(q.shape[-1]), q, k, v)
+    return forward(geo, self.mosaic_tiles(q.shape[-1]), q, k, v, vis=vis, dropout=dropout)
 
   def _block_backward(self, geo, q, k, v, vis, dropout, dout, lse, out):
-    if not self._takes(geo.kept, q, vis, dropout, in_place=False):
+    if not self._takes(geo.kept, q):
       return super()._block_backward(geo, q, k, v, vis, dropout, dout, lse, out)
-    return backward(geo, self.mosaic_tiles(q.shape[-1]), q, k, v, dout, lse, out)[0]
+    return backward(geo, self.mosaic_tiles(q.shape[-1]), q, k, v, dout, lse, out, vis=vis,
+                    dropout=dropout)[0]
 
   def branch_forward(self, branch, q, k, v, vis, dropout, out, lse):
-    if not self._takes(branch.kept, q, vis, dropout, in_place=True):
+    if not self._takes(branch.kept, q):
       return super().branch_forward(branch, q, k, v, vis, dropout, out, lse)
     return forward(branch, self.mosaic_tiles(q.shape[-1]), q, k, v, out, lse, vis, dropout)
 
   def branch_backward(self, branch, q, k, v, vis, dropout, dout, lse, out, grads, delta=None):
-    if not self._takes(branch.kept, q, vis, dropout, in_place=True):
+    if not self._takes(branch.kept, q):
       return super().branch_backward(branch, q, k, v, vis, dropout, dout, lse, out, grads,
                                      delta)
     tiles = self.mosaic_tiles(q.shape[-1])
