@@ -1,10 +1,12 @@
 """The Mosaic GPU kernels alone on one Hopper GPU: exactness against the
-Triton kernels (same in-place calls, random running accumulators) and speed
-against cuDNN and the Triton kernels on dense causal attention.
+Triton kernels (same in-place calls, random running accumulators; and ring
+blocks through the backends' block entry points) and speed against cuDNN and
+the Triton kernels on dense causal attention.
 
   python3 benchmarks/mosaic_probe.py            # every case, each in a child
                                                 # process under a timeout
   python3 benchmarks/mosaic_probe.py exact:dense_causal   # one case
+  python3 benchmarks/mosaic_probe.py block:visiting_both  # one ring block case
   JOBS=8 PROBE_GPUS=0,1 python3 benchmarks/mosaic_probe.py  # exactness cases in parallel
 
 A kernel that deadlocks shows as a timeout of its case, not a hung run.
@@ -73,6 +75,22 @@ def _masks(kind, length, seed=1):
   return valid, seg
 
 
+# Ring blocks with their token vectors, one per kv head ([X, T, K]; each kv
+# head's documents cut elsewhere): name -> (T, H, K, D, causal,
+# masks[+drop][+recur]). Causal ones are a device's own (diagonal) block:
+# queries and keys of one chunk; the others a visiting block: keys of the
+# chunk before the queries'. "recur": segment ids as labels that recur (mod
+# 4), so a visiting block's queries see keys of many documents; without it
+# most of them see none (out 0, lse -inf).
+BLOCKS = {
+    "diagonal_docs": (4096, 4, 2, 128, True, "docs"),
+    "visiting_both": (4096, 4, 2, 128, False, "both+recur"),
+    "visiting_both_drop_d64": (4096, 4, 4, 64, False, "both+drop+recur"),
+    "diagonal_pad_drop_gqa4": (2048, 8, 2, 128, True, "pad+drop"),
+    "visiting_docs_unseen": (4096, 4, 2, 128, False, "docs"),
+}
+
+
 # causal, H=16: name -> (length, kept tokens per segment, head dim); dense cases
 # are timed against cuDNN and the Triton kernels, "seg2048" (LongNet's segments
 # of 2048 kept tokens, one branch of rate 1) alone, for tuning
@@ -139,6 +157,45 @@ def exact(name: str, tiles: mosaic.MosaicTiles | None = None) -> dict:
   return rec
 
 
+def block(name: str, tiles: mosaic.MosaicTiles | None = None) -> dict:
+  """A ring block's relative errors against the Triton kernels' (both
+  through the backends' block entry points, which take [X, T, K, G, D])."""
+  t, h, kh, d, causal, opts = BLOCKS[name]
+  opts = opts.split("+")
+  g = h // kh
+  x = _inputs(t, h, kh, d)
+  q, dout = (x[n].reshape(1, t, kh, g, d) for n in ("q", "do"))
+  per_kv = [_masks(opts[0], 2 * t, seed=1 + j) for j in range(kh)]  # 2 chunks of t
+  queries, keys = slice(t, 2 * t), (slice(t, 2 * t) if causal else slice(0, t))
+
+  def tokens(i, side):  # [1, t, K] of the kv heads' vectors, or None
+    vecs = [m[i] for m in per_kv]
+    if vecs[0] is None:
+      return None
+    return jnp.stack([v[:, side] % (4 if i and "recur" in opts else 2 ** 30) for v in vecs], -1)
+  vis = Visibility(tokens(0, keys), tokens(1, queries), tokens(1, keys), causal)
+  drop = None
+  if "drop" in opts:
+    pos = lambda side: jnp.broadcast_to(  # noqa: E731
+        jnp.arange(2 * t, dtype=jnp.int32)[None, side, None], (1, t, kh))
+    drop = Dropout(0.1, jnp.uint32(7654321), np.arange(h).reshape(kh, g), pos(queries),
+                   pos(keys))
+  ours, tri = mosaic.Mosaic(mosaic=tiles), pallas.Pallas()
+  scale = d ** -0.5
+  fwd = lambda be: jax.jit(lambda q, k, v: be.forward(  # noqa: E731
+      q, k, v, vis, scale=scale, dropout=drop))(q, x["k"], x["v"])
+  got, want = fwd(ours), fwd(tri)
+  finite = lambda a: np.where(np.isfinite(a), a, 0.0)  # noqa: E731
+  rec = dict(out=_rel(got[0], want[0]), lse=_rel(finite(got[1]), finite(want[1])),
+             lse_inf_equal=bool(np.array_equal(np.isinf(got[1]), np.isinf(want[1]))),
+             rows_unseen=int(np.isinf(np.asarray(want[1])).sum()),
+             nan=bool(any(np.isnan(np.asarray(a, np.float32)).any() for a in got)))
+  bwd = lambda be: jax.jit(lambda q, k, v, do: be.backward(  # noqa: E731
+      q, k, v, vis, do, want[0], want[1], scale=scale, dropout=drop))(q, x["k"], x["v"], dout)
+  rec.update({n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dv"), bwd(ours), bwd(tri))})
+  return rec
+
+
 def _time(fn, *args, iters=10):
   jax.block_until_ready(fn(*args))
   ts = []
@@ -199,11 +256,11 @@ def main(argv) -> int:
     if kind == "tune":
       rec = speed(name, tiles, False)
     else:
-      rec = (exact if kind == "exact" else speed)(name, tiles)
+      rec = dict(exact=exact, block=block, speed=speed)[kind](name, tiles)
     print("RESULT", json.dumps(rec))
     return 0
   timeout = float(os.environ.get("CASE_TIMEOUT", "120"))
-  exact_cases = [f"exact:{n}" for n in EXACT]
+  exact_cases = [f"exact:{n}" for n in EXACT] + [f"block:{n}" for n in BLOCKS]
   timed = [f"speed:{n}" for n in SPEED]
   if os.environ.get("TUNE"):  # fwd_k,dq_k,dkv_q,stages sets, ";"-separated
     case = os.environ.get("TUNE_CASE", "dense32k")

@@ -18,6 +18,10 @@ and a part per step, from the on-device profiler's ranges;
 ``benchmarks/mock_rings.py``: each ring size's cases once, most wanted
 first; a record holds the compiled peak and bytes sent, or the error.
 
+``benchmarks/mosaic_probe.py``: its ring-block cases build the blocks they
+name (own or visiting chunks, per-kv-head documents) and compare like with
+like.
+
 ``benchmarks/bench.py``: records of earlier runs stay; the SM clock and
 power-cap share sampled while a case runs come from what nvidia-smi printed,
 its mean power from the energy counter.
@@ -358,3 +362,22 @@ def test_kept_sweep_fit_gives_the_fixed_part_and_a_step_per_tile_and_sm():
   steps = [2.5, 4.5, 8.5, 16.5]
   ms = [264 * (3.0 + 2.0 * s) / 1e3 for s in steps]
   assert fit(steps, ms, 264) == dict(fixed_us=pytest.approx(3.0), step_us=pytest.approx(2.0))
+
+
+def test_mosaic_probe_ring_blocks_compare_like_with_like(monkeypatch):
+  """Every ``block:`` case, shortened, with the Triton kernels (interpreted)
+  on both sides: no error; a visiting block of documents leaves most of its
+  queries without a key, an own (causal) block none."""
+  probe = _module("mosaic_probe")
+  interpreted = probe.pallas.Pallas
+  triton = lambda mosaic=None: interpreted(interpret=True)  # noqa: E731
+  monkeypatch.setattr(probe.mosaic, "Mosaic", triton)
+  monkeypatch.setattr(probe.pallas, "Pallas", triton)
+  monkeypatch.setattr(probe, "BLOCKS", {n: (512,) + c[1:] for n, c in probe.BLOCKS.items()})
+  recs = {name: probe.block(name) for name in probe.BLOCKS}
+  for name, rec in recs.items():
+    assert rec["lse_inf_equal"] and not rec["nan"], name
+    assert all(rec[x] == 0.0 for x in ("out", "lse", "dq", "dk", "dv")), (name, rec)
+  total = 512 * 4  # (row, head) pairs of the 4-head cases
+  assert recs["visiting_docs_unseen"]["rows_unseen"] > total // 2
+  assert recs["diagonal_docs"]["rows_unseen"] == 0  # a causal diagonal: every query its own key
