@@ -31,14 +31,16 @@ without them every library variant hung in XLA's compile (240 s, GSPMD too).
 Session 23 (one H200 as two, jax 0.11.2, Shardy): z1 and z2 crash; with the
 old merge back in the library, a_contiguous, m_contiguous and m_fwd_bwd
 crash and compile under GSPMD; with the fix, every a_* and m_* variant run
-compiles (``benchmarks/results/logs/h200_session23_calls.log``).
+compiles (``benchmarks/results/logs/h200_session23_calls.log``); session 26: m_docs_fwd_bwd
+compiles too, all of its kernels the Hopper kernels (``h200_session26_calls.log``).
 
 Variants:
   a_*  the library's minimal case (``backend="pallas"``; m_* the same with
        ``backend="mosaic"``, the Hopper kernels): N=16384, B=1, H=4, D=64, bf16,
        segment_lengths=(2048, 16384), dilation_rates=(1, 2), forward only,
        ring of 2 (contiguous, zigzag, causal), with controls holding only the
-       local branch or only the spanning one, and one forward+backward.
+       local branch or only the spanning one, and one forward+backward (and
+       one with 6 packed documents: segment ids, so masked ring blocks).
   b_*  a_* with XLA_FLAGS ``--xla_gpu_enable_command_buffer=`` (no command buffers).
   c_*  a_* with ``--xla_gpu_enable_latency_hiding_scheduler=false``.
   d*   an upstream-style reproducer without ringdilated: a tiny Pallas Triton
@@ -84,6 +86,8 @@ LIBRARY = {
     "local_only": "control: only the local branch (2048, 1), forward",
     "ring_only": "control: only the spanning branch (16384, 2), forward",
     "fwd_bwd": "local + spanning branch, contiguous, forward+backward",
+    "docs_fwd_bwd": "local + spanning branch, contiguous, causal, 6 packed documents "
+                    "(segment ids: masked ring blocks), forward+backward",
     "generic_only": "a_contiguous with no in-place branch: every kernel fresh, none aliased",
     "ring_only_fwd_bwd": "control: only the spanning branch, forward+backward",
 }
@@ -175,20 +179,26 @@ def child_library(variant: str, smoke: bool, mock: bool) -> int:
     from ringdilated import _ring  # pylint: disable=g-import-not-at-top
     _ring._strided = lambda *a: None  # pylint: disable=protected-access
   layout = "zigzag" if kind == "zigzag" else "contiguous"
-  causal = kind == "causal"
+  causal = kind in ("causal", "docs_fwd_bwd")
   kw = dict(segment_lengths=tuple(w for w, _ in branches),
             dilation_rates=tuple(r for _, r in branches), causal=causal)
   rng = np.random.default_rng(0)
   q, k, v, cot = (rng.standard_normal((B, n, H, D)).astype(jnp.bfloat16) for _ in range(4))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
   backend = "mosaic" if variant.startswith("m_") else "pallas"
-  attend = functools.partial(rd.dilated_attention, axis_name="sp", layout=layout,
-                             backend=backend, **kw)
+  docs = kind == "docs_fwd_bwd"
+  if docs:  # 6 documents; the ids travel sharded as a fourth input
+    kw["segment_ids"] = (np.arange(n)[None] * 6 // n).astype(np.int32)
+  attend = lambda q, k, v, *s: rd.dilated_attention(  # noqa: E731
+      q, k, v, axis_name="sp", layout=layout, backend=backend,
+      **dict(kw, segment_ids=s[0] if s else None))
   # shard_map's varying-axes check mistypes Pallas' interpreter loop (jax 0.10).
-  ring = jax.shard_map(attend, mesh=mesh, in_specs=(P(None, "sp"),) * 3,
+  ring = jax.shard_map(attend, mesh=mesh, in_specs=(P(None, "sp"),) * (3 + docs),
                        out_specs=P(None, "sp"), check_vma=jax.default_backend() == "gpu")
-  if kind in ("fwd_bwd", "ring_only_fwd_bwd"):
-    fn = jax.jit(lambda q, k, v, c: (lambda o, pull: (o,) + pull(c))(*jax.vjp(ring, q, k, v)))
+  extra = (rd.to_layout(kw["segment_ids"], layout, 2),) if docs else ()
+  if kind.endswith("fwd_bwd"):
+    fn = jax.jit(lambda q, k, v, c: (lambda o, pull: (o,) + pull(c))(
+        *jax.vjp(lambda q, k, v: ring(q, k, v, *extra), q, k, v)))
     args = [rd.to_layout(x, layout, 2) for x in (q, k, v, cot)]
   else:
     fn, args = jax.jit(ring), [rd.to_layout(x, layout, 2) for x in (q, k, v)]

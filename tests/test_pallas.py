@@ -355,40 +355,47 @@ def test_linen_module_passes_the_backend():
   assert calls["ringdilated_fwd"] == 2
 
 
-@pytest.mark.parametrize("backend,layout", [("pallas", "contiguous"), ("pallas", "zigzag"),
-                                            ("mosaic", "contiguous")])
+@pytest.mark.parametrize("backend,layout,docs", [("pallas", "contiguous", False),
+                                                 ("pallas", "zigzag", False),
+                                                 ("mosaic", "contiguous", False),
+                                                 ("mosaic", "contiguous", True)])
 def test_a_ring_beside_in_place_kernels_hands_shardy_no_empty_operand(monkeypatch, backend,
-                                                                      layout):
+                                                                      layout, docs):
   """A zero-size constant among a ``shard_map``'s operands segfaults XLA's
   Shardy partitioner, jax's default (jax 0.11.2: ``jnp.zeros_like(x).at[:].set(x)``
   in a ``shard_map`` does; benchmarks/repro_pallas_ring_crash.py). Merging a
   spanning branch back over all heads made one (a scatter with an empty
   index), which crashed every GPU ring beside kernels read in place. Lowered
   for CUDA here, forward and backward: the kernels read the local branch in
-  place, and nothing in the program has a zero-size dimension."""
+  place, and nothing in the program has a zero-size dimension. With
+  packed documents (segment ids) the Hopper kernels also run the ring's
+  blocks, masked: every kernel is theirs."""
   from ringdilated._backends import mosaic  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(_backends, "_platform_problem", lambda backend, request: None)
   monkeypatch.setattr(mosaic, "_hopper_problem", lambda: None)
   n, d = 1024, 128 if backend == "mosaic" else 16
   kw = dict(segment_lengths=(128, 1024), dilation_rates=(1, 2), causal=True)
 
-  def attend(q, k, v, cot):
+  def attend(q, k, v, cot, seg):
     return out_and_grads(lambda q, k, v, *_: rd.dilated_attention(
-        q, k, v, backend=backend, axis_name="sp", layout=layout, **kw),
-                         q, k, v, cot, None, None, compile=False)
+        q, k, v, backend=backend, axis_name="sp", layout=layout,
+        segment_ids=seg if docs else None, **kw), q, k, v, cot, None, None, compile=False)
   spec = P(None, "sp")
-  ring = jax.shard_map(attend, mesh=gpu_mesh(2), in_specs=spec, out_specs=spec,
-                       check_vma=False)
+  ring = jax.shard_map(attend, mesh=gpu_mesh(2), in_specs=(spec,) * 4 + (spec,),
+                       out_specs=spec, check_vma=False)
   x = jax.ShapeDtypeStruct((1, n, 4, d), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((1, n), jnp.int32)
   shardy = jax.config.jax_use_shardy_partitioner
   try:
     jax.config.update("jax_use_shardy_partitioner", True)
-    text = cuda_text(ring, x, x, x, x, devices=2)
+    text = cuda_text(ring, x, x, x, x, seg, devices=2)
   finally:
     jax.config.update("jax_use_shardy_partitioner", shardy)
   assert "sdy.manual_computation" in text
   kernels = re.findall(r"custom_call @(?:__gpu\$xla\.gpu\.triton|mosaic_gpu\w*)\([^\n]*", text)
   assert sum("output_operand_alias" in c for c in kernels) == 3  # fwd, dq, dk/dv in place
+  if docs:  # blocks between devices (forward, dq, dk/dv) on the Hopper kernels too
+    assert len(kernels) > 3 and all("@mosaic_gpu" in c for c in kernels)
   assert re.search(r"tensor<(\d+x)*0x", text) is None
 
 
