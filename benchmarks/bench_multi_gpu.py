@@ -40,6 +40,12 @@ both layouts (zigzag data permuted with ``rd.to_layout``):
                every branch is local (contiguous, no communication), on 1 GPU
                and on P: how far from 1 the ring's efficiency is before it
                has a ring.
+  docs         (only when asked) dense causal over packed documents of 8K
+               tokens (segment ids from each token's global position), at
+               32K against one GPU in float32 and timed at 128K on 1 GPU and
+               on P in both layouts: the ring's masked blocks between devices
+               (the Hopper kernels' since session 26, Triton's before).
+               Its TFLOP/s are nominal: dense causal attention's FLOPs.
 
 LongNet-ring: ``segment_lengths=(2048, 16384, 131072, 1048576, N)``,
 ``dilation_rates=(1, 4, 16, 64, N / 16384)``, mode mix; the branches shorter
@@ -99,6 +105,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as PS  # noqa: E402
 
 import ringdilated as rd  # noqa: E402
+from ringdilated._layout import global_positions  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -116,13 +123,15 @@ CHECK_N = 32768
 STRONG = (("dense", 131072), ("longnet_ring", 2 * M))
 WEAK = (("dense", 65536), ("longnet_ring", M))  # tokens per GPU
 DENSE_1M = 1 * M
+DOC = 8192  # tokens per document of the "dense_docs" workload
+DOCS_N = 131072
 LONGEST_START, LONGEST_MAX = 8 * M, 64 * M
 # The run every record is stamped with (the driver's, inherited by its
 # subprocesses): check_targets.py divides only records of one run.
 RUN = os.environ.setdefault("RINGDILATED_BENCH_RUN", time.strftime("%Y-%m-%dT%H:%M:%S"))
 GROUPS = ("correctness", "strong", "weak", "layouts", "overlap", "longest8m", "dense1m",
-          "longest", "local")
-DEFAULT_GROUPS = GROUPS[:-2]
+          "longest", "local", "docs")
+DEFAULT_GROUPS = GROUPS[:-3]
 SMOKE_GROUPS = ("correctness", "strong", "weak", "layouts", "overlap", "longest8m",
                 "longest")
 
@@ -143,8 +152,9 @@ def _n(nominal: int) -> int:
 
 
 def config(workload: str, n: int) -> dict:
-  """The attention settings of ``workload`` at global length ``n``."""
-  if workload == "dense":
+  """The attention settings of ``workload`` at global length ``n`` (its
+  documents, if any: :func:`doc_length`)."""
+  if workload in ("dense", "dense_docs"):
     return dict(segment_lengths=(n,), dilation_rates=(1,), mode="mix")
   if workload in ("longnet_ring", "longnet_local"):
     base = [(w // SCALE, r) for w, r in RING_BASE if w // SCALE < n]
@@ -152,6 +162,12 @@ def config(workload: str, n: int) -> dict:
     ws, rs = zip(*(base + last))
     return dict(segment_lengths=tuple(ws), dilation_rates=tuple(rs), mode="mix")
   raise ValueError(f"workload={workload!r}")
+
+
+def doc_length(workload: str) -> int | None:
+  """Tokens per packed document of ``workload`` (a token's segment id is its
+  global position // this), or None: no documents."""
+  return DOC // SCALE if workload == "dense_docs" else None
 
 
 def valid(workload: str, n: int, p: int, layout: str) -> str | None:
@@ -266,6 +282,15 @@ def plan(groups, ps, backends, layouts, timing_backends=None, vma: bool = True) 
     for backend in timing_backends:
       for p in ps[::-1]:
         add("timing", "dense", _n(DENSE_1M), p, first, backend)
+  if "docs" in groups:
+    for p in rings:
+      for backend in order:
+        for layout in layouts:
+          add("correctness", "dense_docs", _n(CHECK_N), p, layout, backend)
+    for backend in timing_backends:
+      for p in ps:
+        for layout in layouts:
+          add("timing", "dense_docs", _n(DOCS_N), p, layout, backend)
   seen, unique = set(), []
   for case in out:
     if case.name not in seen:
@@ -286,17 +311,25 @@ def _mesh(p: int):
 def ring_attention(case: Case, mesh):
   """(q, k, v) -> out over the mesh: the ring of ``case``."""
   cfg = config(case.workload, case.n)
-  attn = functools.partial(rd.dilated_attention, causal=True, axis_name="sp",
-                           layout=case.layout, backend=case.backend, **cfg)
+
+  doc = doc_length(case.workload)
+
+  def attn(q, k, v):
+    ids = None if doc is None else global_positions(
+        case.layout, case.p, "sp", q.shape[0], q.shape[1]) // doc
+    return rd.dilated_attention(q, k, v, causal=True, axis_name="sp", layout=case.layout,
+                                backend=case.backend, segment_ids=ids, **cfg)
   return jax.shard_map(attn, mesh=mesh, in_specs=(PS(None, "sp"),) * 3,
                        out_specs=PS(None, "sp"), check_vma=check_vma(case))
 
 
 def check_vma(case: Case) -> bool:
   """shard_map's varying-axes check of the case's ring: on (unless
-  ``--no-check-vma``), except for Pallas in interpret mode (off a GPU),
-  whose grid loop it mistypes (jax 0.10; tests/test_pallas.py)."""
-  return case.vma and (case.backend != "pallas" or jax.default_backend() == "gpu")
+  ``--no-check-vma``), except for the Pallas kernels in interpret mode (off
+  a GPU, where "mosaic" runs the Triton kernels interpreted), whose grid
+  loop it mistypes (jax 0.10; tests/test_pallas.py)."""
+  return case.vma and (case.backend not in ("pallas", "mosaic")
+                       or jax.default_backend() == "gpu")
 
 
 def local_tensor_bytes(case: Case) -> int:
@@ -559,7 +592,10 @@ def _reference(workload: str, n: int, data):
     cfg = config(workload, n)
     dev = jax.devices()[0]
     q, k, v, cot = (jax.device_put(x.astype(np.float32), dev) for x in data)
-    fn = functools.partial(rd.dilated_attention, causal=True, backend="xla", **cfg)
+    doc = doc_length(workload)
+    ids = None if doc is None else jnp.arange(n, dtype=jnp.int32)[None] // doc
+    fn = functools.partial(rd.dilated_attention, causal=True, backend="xla", segment_ids=ids,
+                           **cfg)
 
     @jax.jit
     def run(q, k, v, cot):

@@ -22,6 +22,11 @@
 #   rings        T_RINGS=500    check_gpu.py mosaic on rings (check_vma=True, jax's default), then
 #                               bench_multi_gpu.py LongNet-ring scaling, Hopper kernels
 #                               against cuDNN blocks (log: rings.log)
+#   docs         T_DOCS=400     bench_multi_gpu.py --only docs: dense causal over 8K-token
+#                               documents, the Hopper kernels against the Triton kernels (the
+#                               rings' masked blocks: the Hopper kernels' since session 26),
+#                               checked at 32K, timed at 128K on 1 GPU and on both (log:
+#                               docs.log)
 #   profile      T_PROFILE=200  profile_ring.py: per GPU, where the LongNet-ring 2M (1 GPU,
 #                               a ring of 2 in both layouts) and dense 128K rings' time goes
 #                               (log: profile.log, profile_ring.json; GPU only)
@@ -63,6 +68,7 @@ T_BENCH=${T_BENCH:-120}
 T_LONGEST=${T_LONGEST:-300}
 T_MOSAIC=${T_MOSAIC:-400}
 T_RINGS=${T_RINGS:-500}
+T_DOCS=${T_DOCS:-400}
 T_PROFILE=${T_PROFILE:-200}
 T_SCHED=${T_SCHED:-440}
 T_MOCK=${T_MOCK:-540}
@@ -163,6 +169,10 @@ for step in "${STEPS[@]}"; do
         "$PY" benchmarks/bench_multi_gpu.py --out "$RESULTS/h200x2.json" \
         --only strong,weak,layouts --backends mosaic,cudnn --match longnet_ring \
         --time-budget "$(inner "$((T_RINGS / 2))" 60)" $SMOKE_FLAG ;;
+    docs)
+      run docs "$T_DOCS" docs.log "$PY" benchmarks/bench_multi_gpu.py \
+        --out "$RESULTS/h200x2.json" --only docs --backends mosaic,pallas \
+        --time-budget "$(inner "$T_DOCS" 60)" $SMOKE_FLAG ;;
     profile)
       if [ "$SMOKE" = 1 ]; then
         log "profile: needs a GPU (a CPU trace has no device streams); skipped"

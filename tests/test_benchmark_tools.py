@@ -232,6 +232,33 @@ def test_multi_gpu_local_cases_are_the_ring_config_without_its_ring():
   assert rd.ring_balance(cfg, n, 2) == (1.0, 1.0)
 
 
+def test_multi_gpu_docs_cases_mask_by_global_position(monkeypatch):
+  """``--only docs``: dense causal over 8K-token documents, checked at 32K
+  and timed at 128K in both layouts; each device's segment ids come from
+  its tokens' global positions, so a ring of 2 (zigzag, the XLA blocks, on
+  CPU) gives one device's result."""
+  bmg = _module("bench_multi_gpu")
+  assert "docs" not in bmg.DEFAULT_GROUPS and bmg.doc_length("dense") is None
+  cases = bmg.plan({"docs"}, [1, 2], ["pallas", "mosaic"], ["zigzag", "contiguous"])
+  names = [c.name for c in cases]
+  assert names[:4] == [f"correctness/dense_docs/N32768/P2/{layout}/{backend}"
+                       for backend in ("pallas", "mosaic") for layout in ("zigzag", "contiguous")]
+  assert "timing/dense_docs/N131072/P2/zigzag/mosaic" in names
+  monkeypatch.setattr(bmg, "SCALE", 64)  # (as --smoke: documents of 128 tokens)
+  n, doc = 1024, bmg.doc_length("dense_docs")
+  case = bmg.Case("correctness", "dense_docs", n, 2, "zigzag", "xla")
+  rng = np.random.default_rng(0)
+  data = [rng.standard_normal((1, n, 2, 32)).astype(np.float32) for _ in range(4)]
+  ring = bmg.ring_attention(case, jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",)))
+  got = rd.from_layout(np.asarray(ring(*(rd.to_layout(x, "zigzag", 2) for x in data[:3]))),
+                       "zigzag", 2)
+  want = rd.dilated_attention(*data[:3], segment_lengths=(n,), dilation_rates=(1,),
+                              causal=True, backend="xla",
+                              segment_ids=jnp.arange(n)[None] // doc)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert doc < n  # (several documents, so the ids matter)
+
+
 def test_mock_rings_plan_each_case_once_and_record_compiles_or_errors(monkeypatch):
   """``mock_rings.cases``: the Hopper kernels' LongNet-ring first, the weak
   case that equals the strong one (P=2) once; ``compile_case`` records the
