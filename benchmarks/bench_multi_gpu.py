@@ -45,7 +45,6 @@ both layouts (zigzag data permuted with ``rd.to_layout``):
                32K against one GPU in float32 and timed at 128K on 1 GPU and
                on P in both layouts: the ring's masked blocks between devices
                (the Hopper kernels' since session 26, Triton's before).
-               Its TFLOP/s are nominal: dense causal attention's FLOPs.
 
 LongNet-ring: ``segment_lengths=(2048, 16384, 131072, 1048576, N)``,
 ``dilation_rates=(1, 4, 16, 64, N / 16384)``, mode mix; the branches shorter
@@ -182,7 +181,11 @@ def valid(workload: str, n: int, p: int, layout: str) -> str | None:
 
 
 def flops(workload: str, n: int) -> float:
-  cfg = config(workload, n)
+  """Of the visible pairs: packed documents of ``doc`` tokens see what causal
+  segments of ``doc`` do."""
+  cfg, doc = config(workload, n), doc_length(workload)
+  if doc is not None:
+    cfg = dict(cfg, segment_lengths=(doc,))
   return bench.attention_flops(n, cfg["segment_lengths"], cfg["dilation_rates"], cfg["mode"],
                                True, heads=H, head_dim=D)
 

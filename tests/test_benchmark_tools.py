@@ -244,6 +244,9 @@ def test_multi_gpu_docs_cases_mask_by_global_position(monkeypatch):
   assert names[:4] == [f"correctness/dense_docs/N32768/P2/{layout}/{backend}"
                        for backend in ("pallas", "mosaic") for layout in ("zigzag", "contiguous")]
   assert "timing/dense_docs/N131072/P2/zigzag/mosaic" in names
+  # FLOPs of the visible pairs: 16 causal documents of 8K in 128K
+  np.testing.assert_allclose(bmg.flops("dense_docs", 131072) / bmg.flops("dense", 131072),
+                             8192 / 131072, rtol=1e-3)
   monkeypatch.setattr(bmg, "SCALE", 64)  # (as --smoke: documents of 128 tokens)
   n, doc = 1024, bmg.doc_length("dense_docs")
   case = bmg.Case("correctness", "dense_docs", n, 2, "zigzag", "xla")
