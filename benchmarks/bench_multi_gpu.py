@@ -313,9 +313,7 @@ def _mesh(p: int):
 
 def ring_attention(case: Case, mesh):
   """(q, k, v) -> out over the mesh: the ring of ``case``."""
-  cfg = config(case.workload, case.n)
-
-  doc = doc_length(case.workload)
+  cfg, doc = config(case.workload, case.n), doc_length(case.workload)
 
   def attn(q, k, v):
     ids = None if doc is None else global_positions(

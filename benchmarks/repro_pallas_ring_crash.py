@@ -179,14 +179,14 @@ def child_library(variant: str, smoke: bool, mock: bool) -> int:
     from ringdilated import _ring  # pylint: disable=g-import-not-at-top
     _ring._strided = lambda *a: None  # pylint: disable=protected-access
   layout = "zigzag" if kind == "zigzag" else "contiguous"
-  causal = kind in ("causal", "docs_fwd_bwd")
+  docs = kind == "docs_fwd_bwd"
+  causal = kind == "causal" or docs
   kw = dict(segment_lengths=tuple(w for w, _ in branches),
             dilation_rates=tuple(r for _, r in branches), causal=causal)
   rng = np.random.default_rng(0)
   q, k, v, cot = (rng.standard_normal((B, n, H, D)).astype(jnp.bfloat16) for _ in range(4))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("sp",))
   backend = "mosaic" if variant.startswith("m_") else "pallas"
-  docs = kind == "docs_fwd_bwd"
   if docs:  # 6 documents; the ids travel sharded as a fourth input
     kw["segment_ids"] = (np.arange(n)[None] * 6 // n).astype(np.int32)
   attend = lambda q, k, v, *s: rd.dilated_attention(  # noqa: E731

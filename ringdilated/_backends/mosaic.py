@@ -728,10 +728,9 @@ def _tokens(x: Array, rate: int) -> Array:
   [B, L] (shared by the kv heads) -> [B, r, M], one offset's tokens
   contiguous; [X, T, K] (a ring block's, one per kv head; r = 1) ->
   [X, K, T]."""
-  if x.ndim == 3:
-    return x.astype(jnp.int32).transpose(0, 2, 1)
-  b, length = x.shape
-  return x.astype(jnp.int32).reshape(b, length // rate, rate).transpose(0, 2, 1)
+  if x.ndim == 2:  # [B, M, r]
+    x = x.reshape(x.shape[0], x.shape[1] // rate, rate)
+  return x.astype(jnp.int32).transpose(0, 2, 1)
 
 
 def _per_kv(vis: Visibility | None, dropout: Dropout | None) -> bool:
