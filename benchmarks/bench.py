@@ -57,6 +57,14 @@ Cases (bf16, B=1, H=16, D=128):
              and LongNet cases, with the default backend and the cuDNN /
              strided-slice references at the same lengths.
   mosaic     the same with backend="mosaic" (the Hopper kernels).
+  packed     dense causal attention over packed documents at 32K-512K
+             (documents of 8K tokens, and of varied lengths: :func:`doc_lengths`):
+             ours (``segment_ids``; the Hopper kernels on Hopper, and
+             backend="pallas") against cuDNN's own packed layout (sequence
+             lengths and offsets, what Transformer Engine and MaxText run),
+             one cuDNN call over documents of equal length reshaped into the
+             batch (the strongest by-hand form when they are equal), and
+             unmasked cuDNN. FLOPs count the visible pairs only.
   zigzag     the dense causal case on a 1-device ring in the zigzag layout
              (overhead vs the contiguous ``ours_dense_ring1`` of ``dense``:
              run both groups together), and the attention work of one ring
@@ -182,6 +190,37 @@ def ours_padded(q, k, v, key_padding_mask, **kw):
 def ours_dropout(q, k, v, dropout_rng, *, rate=0.1, **kw):
   """``ours`` with attention dropout: the key is a program input."""
   return ours(q, k, v, dropout_rate=rate, dropout_rng=dropout_rng, **kw)
+
+
+def _packed_ids(seqlen, offsets, n: int):
+  """Document index of each of ``n`` tokens from cuDNN's packed-layout
+  ``offsets`` [B, M + 1] (-1 past the last document)."""
+  del seqlen
+  starts = jnp.where(offsets[:, 1:] >= 0, offsets[:, 1:], n)
+  return jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(n), side="right"))(starts)
+
+
+def cudnn_packed(q, k, v, seqlen, offsets):
+  """cuDNN's packed layout: documents given by their lengths ``seqlen`` [B, M]
+  and first tokens ``offsets`` [B, M + 1], causal inside each; no tile of two
+  documents is computed. jax exposes it only in its internal cuDNN module.
+  With ``--smoke`` (no cuDNN): XLA with the same mask built densely."""
+  if CUDNN is None:
+    ids = _packed_ids(seqlen, offsets, q.shape[1])
+    same = ids[:, None, :, None] == ids[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True)
+  from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=g-import-not-at-top
+  return fa.dot_product_attention(
+      q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
+      scale=q.shape[-1] ** -0.5, mask_type=fa.MaskType.PADDING_CAUSAL)
+
+
+def cudnn_per_doc(q, k, v, *, doc: int):
+  """Documents of ``doc`` tokens each, reshaped into the batch: one causal
+  cuDNN call (the strongest by-hand form where all are equally long)."""
+  b, n = q.shape[:2]
+  fold = lambda x: x.reshape(b * n // doc, doc, *x.shape[2:])  # noqa: E731
+  return cudnn_dense(fold(q), fold(k), fold(v)).reshape(q.shape)
 
 
 def cudnn_block(q, k, v):
@@ -396,6 +435,45 @@ def ringattention_pkg(q, k, v):
 def _documents(doc: int) -> Callable[[int], tuple]:
   """segment_ids [B, N] int32 of packed documents of ``doc`` tokens."""
   return lambda n: (np.broadcast_to((np.arange(n) // doc).astype(np.int32), (B, n)),)
+
+
+def doc_lengths(n: int, doc: int | None) -> np.ndarray:
+  """Lengths of the packed documents of ``n`` tokens: all ``doc`` long, or
+  (``doc=None``) varied: log-normal around 4K tokens (from 1/32 to 8x that),
+  drawn with a fixed seed, the last cut to fit."""
+  if doc is not None:
+    return np.full(n // doc, doc)
+  rng, lengths = np.random.default_rng(0), []
+  mean = 4096 // SCALE
+  while sum(lengths) < n:
+    lengths.append(int(np.clip(rng.lognormal(np.log(mean), 1.0), mean // 32, 8 * mean)))
+  lengths[-1] -= sum(lengths) - n
+  return np.array(lengths)
+
+
+def _segment_ids(doc: int | None) -> Callable[[int], tuple]:
+  """segment_ids [B, N] int32 of the documents of :func:`doc_lengths`."""
+  def make(n):
+    ls = doc_lengths(n, doc)
+    return (np.broadcast_to(np.repeat(np.arange(len(ls), dtype=np.int32), ls), (B, n)),)
+  return make
+
+
+def _packed_layout(doc: int | None) -> Callable[[int], tuple]:
+  """cuDNN's packed layout of the same documents: lengths [B, M], offsets
+  [B, M + 1] (int32)."""
+  def make(n):
+    ls = doc_lengths(n, doc)
+    offsets = np.concatenate([[0], np.cumsum(ls)]).astype(np.int32)
+    return (np.broadcast_to(ls.astype(np.int32), (B, len(ls))),
+            np.broadcast_to(offsets, (B, len(offsets))))
+  return make
+
+
+def packed_flops(n: int, doc: int | None) -> float:
+  """Forward FLOPs of the visible pairs: causal inside each document."""
+  ls = doc_lengths(n, doc).astype(float)
+  return float(np.sum(ls * (ls + 1) / 2)) * H * 4 * D
 
 
 def _padding(fraction: float) -> Callable[[int], tuple]:
@@ -690,6 +768,25 @@ def cases(only):
         yield Case(f"ours_cudnn_longnet_{mode}", functools.partial(
             ours, mode=mode, backend="cudnn", **LONGNET), n, fl, dict(cfg, backend="cudnn"))
         yield Case(f"slice_cudnn_longnet_{mode}", _slice_baseline(mode), n, fl, cfg)
+  if "packed" in only:
+    for n in _ns(32768, 131072, 262144, 524288):
+      cfg, fl = _dense(n)
+      yield Case("cudnn_dense", cudnn_dense, n, fl, cfg)
+      for tag, doc in (("docs8k", 8192 // SCALE), ("docsvar", None)):
+        fl = packed_flops(n, doc)
+        docs = dict(cfg, segment_ids=(f"documents of {doc * SCALE} tokens" if doc else
+                                      "documents of varied length (doc_lengths)"),
+                    documents=len(doc_lengths(n, doc)))
+        base = dict(segment_lengths=(n,), dilation_rates=(1,))
+        yield Case(f"ours_{tag}_dense", functools.partial(ours_docs, **base), n, fl, docs,
+                   _segment_ids(doc))
+        yield Case(f"ours_pallas_{tag}_dense", functools.partial(
+            ours_docs, backend="pallas", **base), n, fl, dict(docs, backend="pallas"),
+                   _segment_ids(doc))
+        yield Case(f"cudnn_packed_{tag}_dense", cudnn_packed, n, fl, docs, _packed_layout(doc))
+        if doc:
+          yield Case(f"cudnn_per_doc_{tag}_dense", functools.partial(cudnn_per_doc, doc=doc),
+                     n, fl, docs)
   if "zigzag" in only:  # run with "dense": its ours_dense_ring1 is the reference
     for n in _ns(8192, 32768, 131072):
       cfg, fl = _dense(n)
@@ -714,7 +811,8 @@ def cases(only):
 SMOKE_ONLY = ("masked,slice_cudnn_longnet_mix,slice_cudnn_longnet_partition,"
               "slice_cudnn_set_longnet_partition")
 SMOKE_SEQS = "262144,524288"
-GROUPS = ("dense", "longnet", "slice", "masked", "ringattn", "zigzag", "pallas", "mosaic")
+GROUPS = ("dense", "longnet", "slice", "masked", "ringattn", "zigzag", "pallas", "mosaic",
+          "packed")
 
 
 def plan(only: set[str], seqs: set[int], max_seq: int) -> list[Case]:

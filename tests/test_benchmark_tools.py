@@ -411,3 +411,35 @@ def test_mosaic_probe_ring_blocks_compare_like_with_like(monkeypatch):
   total = 512 * 4  # (row, head) pairs of the 4-head cases
   assert recs["visiting_docs_unseen"]["rows_unseen"] > total // 2
   assert recs["diagonal_docs"]["rows_unseen"] == 0  # a causal diagonal: every query its own key
+
+
+def test_packed_document_baselines_compute_what_ours_does(monkeypatch):
+  """``bench.py``'s packed group: its three forms of the same documents
+  (``segment_ids``, cuDNN's lengths and offsets, equal documents reshaped
+  into the batch) compute one function, so their times compare like with
+  like. On CPU the packed baseline is its XLA stand-in fed the offsets the
+  cuDNN call gets; the lengths fill the sequence exactly and vary; the
+  FLOPs are the visible pairs'. Fails if ids and offsets disagree by a token."""
+  bench = _module("bench")
+  monkeypatch.setattr(bench, "CUDNN", None)
+  monkeypatch.setattr(bench, "SCALE", 32)  # varied lengths 4 to 1024, mean 128
+  n, d, h = 1024, 16, 2
+  monkeypatch.setattr(bench, "H", h)
+  monkeypatch.setattr(bench, "D", d)
+  varied = bench.doc_lengths(n, None)
+  assert varied.sum() == n and varied.min() >= 1 and len(set(varied.tolist())) > 3
+  q, k, v = (jax.random.normal(key, (1, n, h, d)) for key in jax.random.split(
+      jax.random.key(0), 3))
+  for doc in (128, None):
+    (ids,) = bench._segment_ids(doc)(n)
+    seqlen, offsets = bench._packed_layout(doc)(n)
+    np.testing.assert_array_equal(bench._packed_ids(seqlen, jnp.asarray(offsets), n), ids)
+    ours = bench.ours_docs(q, k, v, jnp.asarray(ids), segment_lengths=(n,),
+                           dilation_rates=(1,), backend="xla")
+    packed = bench.cudnn_packed(q, k, v, seqlen, jnp.asarray(offsets))
+    np.testing.assert_allclose(packed, ours, atol=2e-5)
+    ls = bench.doc_lengths(n, doc)
+    assert bench.packed_flops(n, doc) == 4 * h * d * sum(x * (x + 1) / 2 for x in ls)
+  per_doc = bench.cudnn_per_doc(q, k, v, doc=128)
+  np.testing.assert_allclose(per_doc, bench.cudnn_packed(q, k, v, *bench._packed_layout(128)(n)),
+                             atol=2e-5)
