@@ -164,6 +164,7 @@ def targets(rec, errors=None):
     yield ">= 10x the ringattention package at 32K (fwd+bwd)", v, v >= 10
   yield from hopper_targets(rec)
   yield from masked_targets(rec, errors)
+  yield from packed_context(rec, errors)
 
 
 def hopper_targets(rec):
@@ -220,6 +221,30 @@ def masked_targets(rec, errors):
            time_ratio(f"ours_{tag}_longnet_mix", unmasked="ours_pallas_longnet_mix"), None)
     yield (f"masked: LongNet partition 1M {tag} vs unmasked",
            time_ratio(f"ours_{tag}_longnet_partition", "partition"), None)
+
+
+def packed_context(rec, errors):
+  """Context, no issue's target: dense causal attention over packed
+  documents (``bench.py --only packed``), ours against cuDNN's packed layout
+  (what Transformer Engine runs) and, for equal documents, one cuDNN call
+  over them reshaped into the batch. Throughput ratios (> 1: ours faster)
+  and ours' compiled peak over the baseline's."""
+  for n in (131072, 262144, 524288):
+    for tag, what in (("docs8k", "8K-token documents"), ("docsvar", "varied documents")):
+      ours = (f"ours_{tag}_dense", n)
+      for base, how in ((f"cudnn_packed_{tag}_dense", "cuDNN packed layout"),
+                        (f"cudnn_per_doc_{tag}_dense", "cuDNN per document")):
+        if (base, n) not in rec:
+          oom = baseline_out_of_memory(rec, errors, [base], n)
+          if oom and ours in rec:
+            yield f"packed: dense {n // 1024}K {what}: {how} failed [{oom}]; ours ms", \
+                rec.get(ours)["fwd_bwd_ms"], None
+          continue
+        yield f"packed: dense {n // 1024}K {what} vs {how} fwd+bwd throughput", \
+            rec.ratio((base, n), ours), None
+        both = rec.same_run(ours, (base, n))
+        yield f"packed: dense {n // 1024}K {what} peak vs {how}", \
+            None if both is None else both[0]["peak_bytes"] / both[1]["peak_bytes"], None
 
 
 # ----------------------------------------------------------------------------

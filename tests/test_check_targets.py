@@ -251,6 +251,28 @@ def test_skipped_cases_are_reported_not_measured(records, tmp_path, capsys):
   assert "FAIL  masked: LongNet mix 1M dropout 0.1 fwd+bwd <= 1.35x unmasked: missing" in out
 
 
+def test_packed_documents_are_context_from_one_run(records, tmp_path, capsys):
+  """``bench.py --only packed``: throughput and peak ratios against cuDNN's
+  packed layout from one run, its out-of-memory failure with ours' time;
+  context lines, never a failure."""
+  n, big = 262144, 524288
+  records += [_rec("ours_docs8k_dense", n, 64.0, 1.0),
+              _rec("cudnn_packed_docs8k_dense", n, 72.0, 10.0),
+              dict(_rec("cudnn_packed_docs8k_dense", n, 1.0, 1.0), run="old"),
+              _rec("ours_docsvar_dense", big, 230.0, 1.0),
+              dict(name="cudnn_packed_docsvar_dense", seq_len=big,
+                   error="JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory")]
+  assert _run(records, tmp_path) == 0
+  out = capsys.readouterr().out
+  assert ("info  packed: dense 256K 8K-token documents vs cuDNN packed layout fwd+bwd "
+          "throughput: 1.125") in out
+  assert "info  packed: dense 256K 8K-token documents peak vs cuDNN packed layout: 0.100" in out
+  assert ("info  packed: dense 512K varied documents: cuDNN packed layout failed "
+          "[cudnn_packed_docsvar_dense: RESOURCE_EXHAUSTED: Out of memory]; ours ms: 230.000"
+          ) in out
+  assert "cuDNN per document" not in out
+
+
 # ----------------------------------------------------------------------------
 # Multi-GPU results (bench_multi_gpu.py).
 # ----------------------------------------------------------------------------
