@@ -40,9 +40,9 @@ def _longnet(impl, extra=None):
   return lambda mode: (functools.partial(impl, mode=mode, **bench.LONGNET), extra)
 
 
-def _dense(impl):
-  return lambda mode: (lambda q, k, v: impl(q, k, v, segment_lengths=(q.shape[1],),
-                                            dilation_rates=(1,)), None)
+def _dense(impl, extra=None):
+  return lambda mode: (lambda q, k, v, *x: impl(q, k, v, *x, segment_lengths=(q.shape[1],),
+                                                dilation_rates=(1,)), extra)
 
 
 # case -> mode -> (impl(q, k, v, *extra), extra(n) -> tuple or None)
@@ -53,6 +53,8 @@ CASES = {
     "pad10": _longnet(bench.ours_padded, bench._padding(0.1)),
     "dropout": _longnet(bench.ours_dropout, bench._dropout_key(0)),
     "dense": _dense(bench.ours),
+    "dense_docs8k": _dense(bench.ours_docs, bench._segment_ids(8192)),
+    "dense_docsvar": _dense(bench.ours_docs, bench._segment_ids(None)),  # bench.doc_lengths
     "cudnn_dense": lambda mode: (bench.cudnn_dense, None),
     "mosaic_dense": _dense(functools.partial(bench.ours, backend="mosaic")),
 }
