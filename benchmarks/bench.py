@@ -48,7 +48,8 @@ Cases (bf16, B=1, H=16, D=128):
   slice      the honest-baseline subset at 512K and 1M: slice + cuDNN (both
              write-backs in partition mode), ours (default and Pallas).
   masked     issue 15, LongNet at 256K and 1M, both modes: unmasked,
-             ``segment_ids`` with documents of 64K and 8K tokens, the last
+             ``segment_ids`` with documents of 64K and 8K tokens and of
+             varied length (:func:`doc_lengths`: most start inside a tile), the last
              10% of keys padded, dropout 0.1 (masks and key are inputs of
              the jitted program); plus the portable block (backend="xla")
              with 64K documents in mix mode.
@@ -737,6 +738,9 @@ def cases(only):
           yield Case(f"ours_{tag}_longnet_{mode}", functools.partial(ours_docs, **base), n,
                      fl, dict(cfg, segment_ids=f"documents of {doc} tokens"),
                      _documents(doc // SCALE))
+        yield Case(f"ours_docsvar_longnet_{mode}", functools.partial(ours_docs, **base), n,
+                   fl, dict(cfg, segment_ids="documents of varied length (doc_lengths)"),
+                   _segment_ids(None))
         yield Case(f"ours_pad10_longnet_{mode}", functools.partial(ours_padded, **base), n,
                    fl, dict(cfg, key_padding_mask="last 10% of tokens padded"),
                    _padding(0.1))

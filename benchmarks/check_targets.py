@@ -216,7 +216,7 @@ def masked_targets(rec, errors):
   yield ("masked: portable block (backend='xla') LongNet mix 1M with 64K documents runs"
          + (f" [{err[:80]}]" if err else "") + " (value: fwd+bwd ms)"), \
       None if r is None else r["fwd_bwd_ms"], r is not None
-  for tag in ("docs64k", "pad10", "dropout", "docs8k"):
+  for tag in ("docs64k", "pad10", "dropout", "docs8k", "docsvar"):
     yield (f"masked: LongNet mix 1M {tag} vs unmasked backend='pallas'",
            time_ratio(f"ours_{tag}_longnet_mix", unmasked="ours_pallas_longnet_mix"), None)
     yield (f"masked: LongNet partition 1M {tag} vs unmasked",

@@ -50,6 +50,7 @@ CASES = {
     "unmasked": _longnet(bench.ours),
     "docs64k": _longnet(bench.ours_docs, bench._documents(65536)),
     "docs8k": _longnet(bench.ours_docs, bench._documents(8192)),
+    "docsvar": _longnet(bench.ours_docs, bench._segment_ids(None)),  # bench.doc_lengths
     "pad10": _longnet(bench.ours_padded, bench._padding(0.1)),
     "dropout": _longnet(bench.ours_dropout, bench._dropout_key(0)),
     "dense": _dense(bench.ours),
