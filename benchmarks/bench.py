@@ -193,10 +193,9 @@ def ours_dropout(q, k, v, dropout_rng, *, rate=0.1, **kw):
   return ours(q, k, v, dropout_rate=rate, dropout_rng=dropout_rng, **kw)
 
 
-def _packed_ids(seqlen, offsets, n: int):
+def _packed_ids(offsets, n: int):
   """Document index of each of ``n`` tokens from cuDNN's packed-layout
   ``offsets`` [B, M + 1] (-1 past the last document)."""
-  del seqlen
   starts = jnp.where(offsets[:, 1:] >= 0, offsets[:, 1:], n)
   return jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(n), side="right"))(starts)
 
@@ -207,7 +206,7 @@ def cudnn_packed(q, k, v, seqlen, offsets):
   documents is computed. jax exposes it only in its internal cuDNN module.
   With ``--smoke`` (no cuDNN): XLA with the same mask built densely."""
   if CUDNN is None:
-    ids = _packed_ids(seqlen, offsets, q.shape[1])
+    ids = _packed_ids(offsets, q.shape[1])
     same = ids[:, None, :, None] == ids[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True)
   from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=g-import-not-at-top
@@ -433,27 +432,20 @@ def ringattention_pkg(q, k, v):
 # ----------------------------------------------------------------------------
 
 
-def _documents(doc: int) -> Callable[[int], tuple]:
-  """segment_ids [B, N] int32 of packed documents of ``doc`` tokens."""
-  return lambda n: (np.broadcast_to((np.arange(n) // doc).astype(np.int32), (B, n)),)
-
-
 def doc_lengths(n: int, doc: int | None) -> np.ndarray:
-  """Lengths of the packed documents of ``n`` tokens: all ``doc`` long, or
+  """Lengths of the packed documents of ``n`` tokens: ``doc`` long, or
   (``doc=None``) varied: log-normal around 4K tokens (from 1/32 to 8x that),
-  drawn with a fixed seed, the last cut to fit."""
-  if doc is not None:
-    return np.full(n // doc, doc)
+  drawn with a fixed seed; the last cut to fit."""
   rng, lengths = np.random.default_rng(0), []
   mean = 4096 // SCALE
   while sum(lengths) < n:
-    lengths.append(int(np.clip(rng.lognormal(np.log(mean), 1.0), mean // 32, 8 * mean)))
+    lengths.append(doc or int(np.clip(rng.lognormal(np.log(mean), 1.0), mean // 32, 8 * mean)))
   lengths[-1] -= sum(lengths) - n
   return np.array(lengths)
 
 
-def _segment_ids(doc: int | None) -> Callable[[int], tuple]:
-  """segment_ids [B, N] int32 of the documents of :func:`doc_lengths`."""
+def _documents(doc: int | None) -> Callable[[int], tuple]:
+  """segment_ids [B, N] int32 of the packed documents of :func:`doc_lengths`."""
   def make(n):
     ls = doc_lengths(n, doc)
     return (np.broadcast_to(np.repeat(np.arange(len(ls), dtype=np.int32), ls), (B, n)),)
@@ -740,7 +732,7 @@ def cases(only):
                      _documents(doc // SCALE))
         yield Case(f"ours_docsvar_longnet_{mode}", functools.partial(ours_docs, **base), n,
                    fl, dict(cfg, segment_ids="documents of varied length (doc_lengths)"),
-                   _segment_ids(None))
+                   _documents(None))
         yield Case(f"ours_pad10_longnet_{mode}", functools.partial(ours_padded, **base), n,
                    fl, dict(cfg, key_padding_mask="last 10% of tokens padded"),
                    _padding(0.1))
@@ -783,10 +775,10 @@ def cases(only):
                     documents=len(doc_lengths(n, doc)))
         base = dict(segment_lengths=(n,), dilation_rates=(1,))
         yield Case(f"ours_{tag}_dense", functools.partial(ours_docs, **base), n, fl, docs,
-                   _segment_ids(doc))
+                   _documents(doc))
         yield Case(f"ours_pallas_{tag}_dense", functools.partial(
             ours_docs, backend="pallas", **base), n, fl, dict(docs, backend="pallas"),
-                   _segment_ids(doc))
+                   _documents(doc))
         yield Case(f"cudnn_packed_{tag}_dense", cudnn_packed, n, fl, docs, _packed_layout(doc))
         if doc:
           yield Case(f"cudnn_per_doc_{tag}_dense", functools.partial(cudnn_per_doc, doc=doc),

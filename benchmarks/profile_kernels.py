@@ -50,12 +50,12 @@ CASES = {
     "unmasked": _longnet(bench.ours),
     "docs64k": _longnet(bench.ours_docs, bench._documents(65536)),
     "docs8k": _longnet(bench.ours_docs, bench._documents(8192)),
-    "docsvar": _longnet(bench.ours_docs, bench._segment_ids(None)),  # bench.doc_lengths
+    "docsvar": _longnet(bench.ours_docs, bench._documents(None)),  # bench.doc_lengths
     "pad10": _longnet(bench.ours_padded, bench._padding(0.1)),
     "dropout": _longnet(bench.ours_dropout, bench._dropout_key(0)),
     "dense": _dense(bench.ours),
-    "dense_docs8k": _dense(bench.ours_docs, bench._segment_ids(8192)),
-    "dense_docsvar": _dense(bench.ours_docs, bench._segment_ids(None)),  # bench.doc_lengths
+    "dense_docs8k": _dense(bench.ours_docs, bench._documents(8192)),
+    "dense_docsvar": _dense(bench.ours_docs, bench._documents(None)),  # bench.doc_lengths
     "cudnn_dense": lambda mode: (bench.cudnn_dense, None),
     "mosaic_dense": _dense(functools.partial(bench.ours, backend="mosaic")),
 }

@@ -431,9 +431,9 @@ def test_packed_document_baselines_compute_what_ours_does(monkeypatch):
   q, k, v = (jax.random.normal(key, (1, n, h, d)) for key in jax.random.split(
       jax.random.key(0), 3))
   for doc in (128, None):
-    (ids,) = bench._segment_ids(doc)(n)
+    (ids,) = bench._documents(doc)(n)
     seqlen, offsets = bench._packed_layout(doc)(n)
-    np.testing.assert_array_equal(bench._packed_ids(seqlen, jnp.asarray(offsets), n), ids)
+    np.testing.assert_array_equal(bench._packed_ids(jnp.asarray(offsets), n), ids)
     ours = bench.ours_docs(q, k, v, jnp.asarray(ids), segment_lengths=(n,),
                            dilation_rates=(1,), backend="xla")
     packed = bench.cudnn_packed(q, k, v, seqlen, jnp.asarray(offsets))
