@@ -208,7 +208,7 @@ def test_spans_cover_every_visible_pair(own, tile, own_keys):
   (the keys' ids of another chunk: an earlier one's, or in reverse order,
   or unordered)."""
   rng = np.random.default_rng(own + tile + own_keys)
-  t, checked, pure_seen = 512, 0, 0
+  t, checked, pure_seen, impure_seen = 512, 0, 0, 0
   for trial in range(9):
     b, r = 1, (1, 2)[trial % 2]
     m = 4 * t
@@ -228,18 +228,20 @@ def test_spans_cover_every_visible_pair(own, tile, own_keys):
       for c in range(m // own):
         s0 = c * own // t * t
         o = slice(c * own, (c + 1) * own)
-        lo, hi, pure = spans[0, ri, c]
+        lo, hi, plo, phi = spans[0, ri, c]
+        assert plo <= phi <= t // tile
         for j in range(t // tile):
           s = slice(s0 + j * tile, s0 + (j + 1) * tile)
           vis = _visible(own_ids[o], (val if own_keys else ones)[o], ids[s],
                          (ones if own_keys else val)[s])
           if vis.any():
             assert lo <= j < hi, (trial, c, j, lo, hi)
-          if pure and lo <= j < hi:
-            assert vis.all(), (trial, c, j)
+          if plo <= j < phi:  # no token mask needed
+            assert lo <= j < hi and vis.all(), (trial, c, j)
           checked += 1
-        pure_seen += int(pure)
-  assert checked > 0 and pure_seen > 0  # both kinds of program occurred
+        pure_seen += int(plo < phi)
+        impure_seen += int(lo < hi and (plo > lo or phi < hi))
+  assert checked > 0 and pure_seen > 0 and impure_seen > 0  # all kinds of program occurred
 
 
 def test_spans_skip_other_documents():
@@ -247,7 +249,27 @@ def test_spans_skip_other_documents():
   t = 512
   seg = jnp.asarray(np.repeat([0, 1], t // 2)[None, None], jnp.int32)
   spans = np.asarray(mosaic._spans(seg, seg, jnp.ones_like(seg), t, 128, 64, False))
-  np.testing.assert_array_equal(spans[0, 0], [[0, 4, 1], [0, 4, 1], [4, 8, 1], [4, 8, 1]])
+  np.testing.assert_array_equal(spans[0, 0], [[0, 4, 0, 4], [0, 4, 0, 4], [4, 8, 4, 8],
+                                              [4, 8, 4, 8]])
+
+
+@pytest.mark.parametrize("own_keys", [False, True])
+def test_spans_mask_only_the_tiles_a_document_boundary_cuts(own_keys):
+  """A document that starts (queries' side) or ends (keys' side) inside a
+  tile: the programs wholly inside it need token masks in that tile only,
+  not in every tile of their range (as when a program was masked whole:
+  with documents of varied length nearly every program). A program that
+  holds the boundary itself needs them everywhere (``plo = phi = t / tile``)."""
+  t = 512
+  cut = 100 if not own_keys else 412  # inside key (query) tile 1 (6) of 64
+  seg = jnp.asarray((np.arange(t) >= cut).astype(np.int32)[None, None])
+  spans = np.asarray(mosaic._spans(seg, seg, jnp.ones_like(seg), t, 128, 64, own_keys))[0, 0]
+  if not own_keys:  # queries 128-255 see keys 100-255: tile 1 mixes the documents
+    np.testing.assert_array_equal(spans[0], [0, 8, 8, 8])
+    np.testing.assert_array_equal(spans[1], [1, 8, 2, 8])
+  else:  # keys 256-383 are seen by queries 256-411: tile 6 mixes them
+    np.testing.assert_array_equal(spans[2], [0, 7, 0, 6])
+    np.testing.assert_array_equal(spans[3], [0, 8, 8, 8])
 
 
 # ----------------------------------------------------------------------------
@@ -318,7 +340,7 @@ def test_ring_block_token_vectors_are_per_kv_head():
   ins = mosaic._mask_inputs(vis, 1, t, 8, 4, own_keys=False)
   for name, want in (("q_ids", q_seg), ("k_ids", k_seg), ("valid", valid)):
     np.testing.assert_array_equal(ins[name], np.asarray(want).transpose(0, 2, 1), name)
-  assert ins["span"].shape == (x, kh, t // 8, 3)
+  assert ins["span"].shape == (x, kh, t // 8, 4)
   hashes = mosaic._dropout_inputs(drop, geo, h)
   rh, khash = np.asarray(hashes["rh"]), np.asarray(hashes["kh"])  # [X, H, 1, T], [X, K, T]
   assert rh.shape == (x, h, 1, t) and khash.shape == (x, kh, t)
