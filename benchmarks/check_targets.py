@@ -216,6 +216,8 @@ def masked_targets(rec, errors):
   yield ("masked: portable block (backend='xla') LongNet mix 1M with 64K documents runs"
          + (f" [{err[:80]}]" if err else "") + " (value: fwd+bwd ms)"), \
       None if r is None else r["fwd_bwd_ms"], r is not None
+  yield "masked: LongNet mix 1M varied documents (bench.doc_lengths) vs unmasked", \
+      time_ratio("ours_docsvar_longnet_mix"), None
   for tag in ("docs64k", "pad10", "dropout", "docs8k", "docsvar"):
     yield (f"masked: LongNet mix 1M {tag} vs unmasked backend='pallas'",
            time_ratio(f"ours_{tag}_longnet_mix", unmasked="ours_pallas_longnet_mix"), None)
