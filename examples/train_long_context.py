@@ -21,6 +21,12 @@ clipping) on the cross entropy of the answer token only.
     python examples/train_long_context.py                 # one device
     python examples/train_long_context.py --mesh 4        # ring over 4 devices
     python examples/train_long_context.py --mesh 4 --layout zigzag   # balanced ring
+    python examples/train_long_context.py --docs 4        # 4 packed documents per row
+
+``--docs K`` packs ``K`` passkey documents of ``N / K`` tokens into each row,
+as training on packed data does: positions restart in every document,
+``segment_ids`` (the document index) keep attention inside each document,
+and the loss is taken at every document's query marker.
 
 ``--mesh P`` shards the sequence over ``P`` devices with ``jax.shard_map``
 (parameters replicated, tokens split on the sequence axis, attention as a
@@ -79,8 +85,13 @@ QUERY, MARK, FIRST_VALUE = 0, 1, 2
 # --------------------------------------------------------------------- data
 
 def make_batch(rng: np.random.Generator, batch: int, seq_len: int, num_values: int,
-               vocab: int, key_window: int, repeat: int = 1):
-  """Passkey sequences ``[B, N]`` int32 and their answers ``[B]`` (0-based value ids)."""
+               vocab: int, key_window: int, repeat: int = 1, docs: int = 1):
+  """Rows ``[B, N]`` int32 of ``docs`` passkey documents of ``N / docs``
+  tokens each, and their answers ``[B, docs]`` (0-based value ids)."""
+  if docs > 1:
+    tokens, answers = make_batch(rng, batch * docs, seq_len // docs, num_values, vocab,
+                                 key_window, repeat)
+    return tokens.reshape(batch, seq_len), answers.reshape(batch, docs)
   first_filler = FIRST_VALUE + num_values
   tokens = rng.integers(first_filler, vocab, size=(batch, seq_len), dtype=np.int32)
   answers = rng.integers(0, num_values, size=batch, dtype=np.int32)
@@ -90,7 +101,15 @@ def make_batch(rng: np.random.Generator, batch: int, seq_len: int, num_values: i
   for j in range(1, repeat + 1):  # "the pass key is v. v. v. v."
     tokens[rows, where + j] = FIRST_VALUE + answers
   tokens[:, -1] = QUERY
-  return tokens, answers
+  return tokens, answers[:, None]
+
+
+def document_layout(seq_len: int, docs: int):
+  """Positions ``[N]`` (restarting in each document) and ``segment_ids``
+  ``[N]`` (the document index, None for one document) of a packed row."""
+  doc_len = seq_len // docs
+  ids = np.arange(seq_len, dtype=np.int32)
+  return ids % doc_len, (ids // doc_len if docs > 1 else None)
 
 
 # -------------------------------------------------------------------- model
@@ -120,13 +139,13 @@ class Block(nn.Module):
   layout: str = "contiguous"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, segment_ids=None):
     e = x.shape[-1]
     y = nn.LayerNorm(name="ln_attn")(x)
     x = x + rd.MultiHeadDilatedAttention(
         num_heads=self.num_heads, segment_lengths=self.segment_lengths,
         dilation_rates=self.dilation_rates, causal=True, axis_name=self.axis_name,
-        layout=self.layout, name="attn")(y)
+        layout=self.layout, name="attn")(y, segment_ids=segment_ids)
     y = nn.LayerNorm(name="ln_mlp")(x)
     y = nn.Dense(4 * e, name="mlp_in")(y)
     y = nn.Dense(e, name="mlp_out")(nn.gelu(y))
@@ -136,8 +155,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
   """Decoder-only transformer; under ``axis_name`` it sees one sequence shard.
 
-  Called on token ids and their global positions, both [B, T] (the shard of
-  the sequence in ``layout`` under ``axis_name``).
+  Called on token ids, their positions (within their document) and, for
+  packed documents, their document ids, all [B, T] (the shard of the
+  sequence in ``layout`` under ``axis_name``).
   """
 
   vocab: int
@@ -152,30 +172,33 @@ class Transformer(nn.Module):
   layout: str = "contiguous"
 
   @nn.compact
-  def __call__(self, tokens, positions):  # [B, T] each -> logits [B, T, num_outputs]
+  def __call__(self, tokens, positions, segment_ids=None):  # -> logits [B, T, num_outputs]
     pos_table = self.param("pos_embed", nn.initializers.normal(0.02),
                            (self.seq_len, self.d_model))
     x = nn.Embed(self.vocab, self.d_model, name="embed")(tokens) + pos_table[positions]
     for i in range(self.num_layers):
       x = Block(self.num_heads, self.segment_lengths, self.dilation_rates,
-                self.axis_name, self.layout, name=f"block_{i}")(x)
+                self.axis_name, self.layout, name=f"block_{i}")(x, segment_ids)
     x = nn.LayerNorm(name="ln_final")(x)
     return nn.Dense(self.num_outputs, name="head")(x)
 
 
-def positions_of(tokens):
-  return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-
-
 def build_logits_fn(args, mesh_size: int):
-  """``(model, logits_fn(params, tokens) -> [B, N, V])``, natural token order."""
+  """``(model, logits_fn(params, tokens) -> [B, N, V])``, natural token order,
+  over rows of ``args.docs`` packed documents."""
   ws, rs = longnet_config(args.seq_len, args.first_segment, args.heads)
   kw = dict(vocab=args.vocab, seq_len=args.seq_len, num_outputs=args.num_values,
             d_model=args.d_model, num_heads=args.heads, num_layers=args.layers,
             segment_lengths=ws, dilation_rates=rs)
   model = Transformer(**kw)
+  positions, segment_ids = document_layout(args.seq_len, args.docs)
+
+  def rows(tokens, x):  # x [N] broadcast to the rows of tokens, or None
+    return None if x is None else jnp.broadcast_to(jnp.asarray(x), tokens.shape)
+
   if mesh_size <= 1:
-    return model, lambda params, tokens: model.apply(params, tokens, positions_of(tokens))
+    return model, lambda params, tokens: model.apply(
+        params, tokens, rows(tokens, positions), rows(tokens, segment_ids))
   if len(jax.devices()) < mesh_size:
     raise SystemExit(
         f"--mesh {mesh_size} needs {mesh_size} devices, {len(jax.devices())} visible "
@@ -184,12 +207,15 @@ def build_logits_fn(args, mesh_size: int):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:mesh_size]), ("sp",))
   # Parameters replicated, tokens sharded on the sequence axis; the logits come
   # back sharded the same way, the loss is taken outside.
+  spec = PS(None, "sp")
   sharded = jax.shard_map(ring_model.apply, mesh=mesh,
-                          in_specs=(PS(), PS(None, "sp"), PS(None, "sp")),
-                          out_specs=PS(None, "sp"))
+                          in_specs=(PS(),) + (spec,) * (2 if segment_ids is None else 3),
+                          out_specs=spec)
 
   def logits_fn(params, tokens):
-    laid = (rd.to_layout(x, args.layout, mesh_size) for x in (tokens, positions_of(tokens)))
+    laid = [rd.to_layout(x, args.layout, mesh_size)
+            for x in (tokens, rows(tokens, positions), rows(tokens, segment_ids))
+            if x is not None]
     return rd.from_layout(sharded(params, *laid), args.layout, mesh_size)
   return model, logits_fn
 
@@ -197,7 +223,11 @@ def build_logits_fn(args, mesh_size: int):
 # -------------------------------------------------------------- train / eval
 
 def answer_loss(logits_fn, params, tokens, answers):
-  logits = logits_fn(params, tokens)[:, -1].astype(jnp.float32)  # query position
+  """Cross entropy and accuracy at every document's query marker (its last
+  token); ``answers`` [B, docs]."""
+  docs = answers.shape[1]
+  ends = jnp.arange(1, docs + 1) * (tokens.shape[1] // docs) - 1
+  logits = logits_fn(params, tokens)[:, ends].astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, answers).mean()
   acc = jnp.mean(jnp.argmax(logits, -1) == answers)
   return loss, acc
@@ -207,7 +237,7 @@ def evaluate(eval_step, params, rng, args, batches: int) -> float:
   correct = 0.0
   for _ in range(batches):
     tokens, answers = make_batch(rng, args.batch, args.seq_len, args.num_values,
-                                 args.vocab, args.key_window, args.repeat)
+                                 args.vocab, args.key_window, args.repeat, args.docs)
     _, acc = eval_step(params, tokens, answers)
     correct += float(acc)
   return correct / batches
@@ -270,6 +300,8 @@ def parse_args(argv=None):
   p.add_argument("--seq-len", type=int, default=512, help="global sequence length N")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--mesh", type=int, default=1, help="shard the sequence over this many devices")
+  p.add_argument("--docs", type=int, default=1,
+                 help="pack this many passkey documents into each row (segment_ids)")
   p.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous",
                  help="how the sequence lies on the devices (zigzag: balanced causal work)")
   p.add_argument("--out-dir", default="runs")
@@ -289,8 +321,12 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if args.vocab < FIRST_VALUE + args.num_values + 1:
     p.error(f"--vocab={args.vocab} must exceed num_values + 2 = {args.num_values + 2}")
-  if not 1 <= args.repeat < args.key_window <= args.seq_len - 1:
-    p.error(f"need 1 <= --repeat={args.repeat} < --key-window={args.key_window} <= seq_len - 1")
+  if args.docs < 1 or args.seq_len % args.docs:
+    p.error(f"--docs={args.docs} must be positive and divide --seq-len={args.seq_len}")
+  doc_len = args.seq_len // args.docs
+  if not 1 <= args.repeat < args.key_window <= doc_len - 1:
+    p.error(f"need 1 <= --repeat={args.repeat} < --key-window={args.key_window} <= "
+            f"seq_len / docs - 1 = {doc_len - 1}")
   return args
 
 
@@ -301,7 +337,8 @@ def main(argv=None) -> dict:
   model, logits_fn = build_logits_fn(args, args.mesh)
   ws, rs = longnet_config(args.seq_len, args.first_segment, args.heads)
   chance = 1.0 / args.num_values
-  print(f"N={args.seq_len} batch={args.batch} mesh={args.mesh} layout={args.layout} "
+  print(f"N={args.seq_len} docs={args.docs} batch={args.batch} mesh={args.mesh} "
+        f"layout={args.layout} "
         f"segment_lengths={ws} dilation_rates={rs} layers={args.layers} "
         f"d_model={args.d_model} heads={args.heads}; chance accuracy {chance:.3f}")
 
@@ -309,7 +346,7 @@ def main(argv=None) -> dict:
   blank = jnp.zeros((1, args.seq_len), jnp.int32)
   # Under jit: one compile, not one per operation of an eager forward pass.
   init = jax.jit(model.init)
-  params = init(jax.random.key(args.seed), blank, positions_of(blank))
+  params = init(jax.random.key(args.seed), blank, blank)  # tokens, positions
   n_params = sum(x.size for x in jax.tree.leaves(params))
   warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
   schedule = optax.warmup_cosine_decay_schedule(
@@ -333,7 +370,7 @@ def main(argv=None) -> dict:
   progress = _Progress(args.steps, every=max(1, args.steps // 20)) if not args.quiet else None
   for step in range(1, args.steps + 1):
     tokens, answers = make_batch(rng, args.batch, args.seq_len, args.num_values,
-                                 args.vocab, args.key_window, args.repeat)
+                                 args.vocab, args.key_window, args.repeat, args.docs)
     params, opt_state, loss, acc = train_step(params, opt_state, tokens, answers)
     if step == 1:
       print(f"first step (compile) {time.perf_counter() - t_start:.1f} s", flush=True)
@@ -354,15 +391,16 @@ def main(argv=None) -> dict:
     f.write(flax.serialization.to_bytes(params))
 
   # Reload into a freshly initialized template and evaluate on new sequences.
-  template = init(jax.random.key(args.seed + 1), blank, positions_of(blank))
+  template = init(jax.random.key(args.seed + 1), blank, blank)
   with open(ckpt_path, "rb") as f:
     restored = flax.serialization.from_bytes(template, f.read())
   eval_rng = np.random.default_rng(args.seed + 12345)
   accuracy = evaluate(eval_step, restored, eval_rng, args, args.eval_batches)
   total_time = time.perf_counter() - t_start
   print(f"checkpoint {ckpt_path}" + (f", plot {plot_path}" if plot_path else ""))
-  print(f"final accuracy of the reloaded checkpoint on {args.eval_batches * args.batch} "
-        f"fresh sequences: {accuracy:.3f} (chance {chance:.3f}); "
+  print(f"final accuracy of the reloaded checkpoint on "
+        f"{args.eval_batches * args.batch * args.docs} fresh passkey documents: "
+        f"{accuracy:.3f} (chance {chance:.3f}); "
         f"train {train_time:.1f} s, total {total_time:.1f} s")
   return dict(losses=losses, accs=accs, accuracy=accuracy, chance=chance,
               params=params, restored=restored, checkpoint=ckpt_path, plot=plot_path,

@@ -68,6 +68,53 @@ def test_train_long_context_ring(tmp_path):
                              rtol=1e-4, atol=1e-4)
 
 
+def test_train_long_context_packed_documents(tmp_path):
+  """--docs 2: two passkey documents per row, a loss at each one's query."""
+  train = _load("train_long_context")
+  result = train.main(TINY + ["--docs", "2", "--out-dir", str(tmp_path)])
+  _check_run(result, tmp_path)
+
+
+@pytest.mark.parametrize("mesh", [1, 2])
+def test_packed_documents_do_not_see_each_other(mesh):
+  """With --docs 2 the logits of one document do not depend on the tokens of
+  the other (segment_ids reach attention, positions restart), on one device
+  and on a 2-device zigzag ring, which equals one device."""
+  if len(jax.devices()) < mesh:
+    pytest.skip(f"needs {mesh} devices")
+  train = _load("train_long_context")
+  args = train.parse_args(TINY + ["--docs", "2", "--mesh", str(mesh), "--layout", "zigzag"])
+  model, logits_fn = train.build_logits_fn(args, mesh)
+  tokens, answers = train.make_batch(np.random.default_rng(0), 2, args.seq_len,
+                                     args.num_values, args.vocab, args.key_window,
+                                     args.repeat, args.docs)
+  assert tokens.shape == (2, 128) and answers.shape == (2, 2)
+  params = model.init(jax.random.key(0), tokens, tokens)
+  half = args.seq_len // 2
+  other = tokens.copy()
+  other[:, :half] = np.random.default_rng(1).permutation(other[:, :half], axis=1)
+  assert np.any(other[:, :half] != tokens[:, :half])
+  logits = np.asarray(jax.jit(logits_fn)(params, tokens))
+  changed = np.asarray(jax.jit(logits_fn)(params, other))
+  np.testing.assert_allclose(changed[:, half:], logits[:, half:], rtol=1e-5, atol=1e-5)
+  assert np.abs(changed[:, :half] - logits[:, :half]).max() > 1e-3  # the first one did change
+  # The second document's first token sits at position 0, like the first's.
+  first = np.asarray(jax.jit(logits_fn)(params, np.concatenate([tokens[:, :half]] * 2, 1)))
+  np.testing.assert_allclose(first[:, half], first[:, 0], rtol=1e-5, atol=1e-5)
+  if mesh > 1:
+    _, single = train.build_logits_fn(args, 1)
+    np.testing.assert_allclose(logits, np.asarray(jax.jit(single)(params, tokens)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_train_long_context_rejects_documents_that_do_not_fit():
+  train = _load("train_long_context")
+  with pytest.raises(SystemExit):
+    train.parse_args(TINY + ["--docs", "3"])  # 128 tokens are not 3 documents
+  with pytest.raises(SystemExit):
+    train.parse_args(TINY + ["--docs", "8"])  # 16-token documents, a 16-token key window
+
+
 def test_plot_pattern(tmp_path):
   pytest.importorskip("matplotlib")
   plot = _load("plot_pattern")
