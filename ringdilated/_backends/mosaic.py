@@ -380,7 +380,7 @@ def _per_program(impure, pure, loops, carry):
   only). Measured on the H200 against the whole-program form (interleaved
   A/B, session 28 log): dense causal 128K over documents of varied length
   39.79 -> 35.31 ms fwd+bwd, LongNet mix 1M over them 133.5 -> 130.1 ms;
-  with 8K- and 64K-token documents, whose programs are mostly pure, 1.4%
+  with 8K- and 64K-token documents, where no program needs a mask, 1.4%
   and 0.5% slower, about one round's spread. Cutting the ranges of every
   program, pure ones too, cost 2.2% with 8K-token documents (session 27)."""
   def whole(run, lo, hi, carry):
