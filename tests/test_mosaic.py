@@ -272,6 +272,54 @@ def test_spans_mask_only_the_tiles_a_document_boundary_cuts(own_keys):
     np.testing.assert_array_equal(spans[3], [0, 8, 8, 8])
 
 
+def test_programs_run_each_tile_once_in_order_masked_only_outside_the_pure_run():
+  """The loop nest a query-tile program runs (:func:`mosaic._span`, then
+  :func:`mosaic._per_program` over :func:`mosaic._query_loops`), with a step
+  that records what it is called with: every tile of the program's range
+  once, in increasing order (the order the memory warpgroup streams them),
+  on the diagonal from ``full`` on, with a token mask exactly outside the
+  pure run, and none at all in a program whose tiles all are pure."""
+  n = 8  # tiles of a segment
+
+  def step(j, carry, diagonal, masked):
+    seen, order, count = carry
+    return (seen.at[j].add(1 + 2 * diagonal + 4 * masked), order.at[j].set(count), count + 1)
+
+  @jax.jit
+  def nest(row, clo, chi, full):
+    lo, hi, pure, impure = mosaic._span(row[None, None, None], 0, 0, 0, clo, chi, masks=True)
+    full = mosaic._clip(full, lo, hi)
+    carry = (jnp.zeros(n, jnp.int32), jnp.full(n, -1, jnp.int32), jnp.int32(0))
+    seen, order, _ = mosaic._per_program(impure, pure, functools.partial(
+        mosaic._query_loops, step, lo, full, hi, True), carry)
+    return seen, order, lo, hi, pure[0], pure[1], impure
+
+  rng = np.random.default_rng(0)
+  kinds = set()
+  for _ in range(300):
+    lo, hi = np.sort(rng.integers(0, n + 1, 2))
+    plo = rng.integers(lo, hi + 1) if rng.random() < 0.8 else n  # n: no pure tile
+    phi = n if plo == n else rng.integers(plo, hi + 1)
+    clo, chi = np.sort(rng.integers(0, n + 1, 2))
+    full = rng.integers(0, n + 1)
+    seen, order, a, z, p0, p1, impure = (np.asarray(x) for x in nest(
+        jnp.asarray([lo, hi, plo, phi], jnp.int32), clo, chi, full))
+    assert (a, z) == (max(lo, clo), max(min(hi, chi), max(lo, clo)))
+    tiles = np.arange(n)
+    inside = (tiles >= a) & (tiles < z)
+    np.testing.assert_array_equal(seen > 0, inside)
+    diagonal = (seen - 1) % 4 // 2
+    masked = (seen - 1) // 4
+    np.testing.assert_array_equal(diagonal[inside], tiles[inside] >= min(max(full, a), z))
+    in_pure_run = (tiles >= plo) & (tiles < phi)
+    expect = ~in_pure_run[inside] if impure else np.zeros(inside.sum(), bool)
+    np.testing.assert_array_equal(masked[inside], expect)
+    assert bool(impure) == bool(np.any(~in_pure_run[inside])), (lo, hi, plo, phi, clo, chi)
+    np.testing.assert_array_equal(order[inside], np.arange(inside.sum()))
+    kinds.add((bool(impure), bool(p0 < p1), bool(a < z)))
+  assert {(True, True, True), (True, False, True), (False, True, True)} <= kinds
+
+
 # ----------------------------------------------------------------------------
 # Layouts.
 # ----------------------------------------------------------------------------
