@@ -1051,10 +1051,13 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
   streamed = ("q", "do", "l", "d") + ("rh",) * bool(c.rate)  # rh: as a row statistic
   dones = tuple(f"{x}_done" for x in streamed)
 
+  def tile_of(n):
+    """The query tile of streamed step ``n`` (every head runs ``[q_lo, q_hi)``)."""
+    return q_lo + lax.rem(n, jnp.maximum(n_q, 1))
+
   def source(n):
     """(first row, query head) of streamed step ``n``."""
-    i = q_lo + lax.rem(n, jnp.maximum(n_q, 1))
-    return seg + i * bq, kv * g + lax.div(n, jnp.maximum(n_q, 1))
+    return seg + tile_of(n) * bq, kv * g + lax.div(n, jnp.maximum(n_q, 1))
 
   slot_of = functools.partial(_slot, c)
 
@@ -1102,7 +1105,7 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
       dk, dv = carry
       q_s, do_s = scr["q"].at[slot], scr["do"].at[slot]
       s = _mma(None, k_s, plgpu.transpose_ref(q_s, (1, 0)), (bk, bq))
-      q0 = (q_lo + lax.rem(n, jnp.maximum(n_q, 1))) * bq
+      q0 = tile_of(n) * bq
       vis = _visible(s.shape, diagonal=mode == "diagonal", q0=q0, k0=s0,
                      rows_are_queries=False)
       lse = _row_lse(scr["l"].at[slot], 1)
@@ -1184,7 +1187,7 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
         plgpu.copy_gmem_to_smem(ins[name].at[where[name]], scr[name].at[slot],
                                 scr[f"{name}_bar"].at[slot])
       if c.masks:
-        @pl.when(_masked_tile(pure, q_lo + lax.rem(n, jnp.maximum(n_q, 1))))
+        @pl.when(_masked_tile(pure, tile_of(n)))
         def _():
           plgpu.copy_gmem_to_smem(ins["q_ids"].at[b, tok, pl.ds(first, bq)],
                                   scr["qid"].at[slot], scr["qid_bar"].at[slot])
