@@ -459,17 +459,23 @@ def _key_tokens(scr, wg, slot) -> tuple[Array, Array, Array]:
           _vector(scr["kval"].at[wg], 0))
 
 
+def _loop(step, first=None, **kind):
+  """A loop over steps ``[first + a, first + z)`` of ``step(n, carry,
+  masked=..., **kind)``, as :func:`_per_program`'s ``by_masks`` runs one."""
+  if first is None:
+    return lambda a, z, masked, carry: lax.fori_loop(
+        a, z, functools.partial(step, masked=masked, **kind), carry)
+  return lambda a, z, masked, carry: lax.fori_loop(
+      first + a, first + z, functools.partial(step, masked=masked, **kind), carry)
+
+
 def _query_loops(step, lo, full, steps, causal: bool, carry, by_masks):
   """The key tiles of a query-tile warpgroup (forward, dq): ``[lo, full)``
   off the causal diagonal, then ``[full, steps)`` on it, each run through
   ``by_masks`` (:func:`_per_program`)."""
-  def run(diagonal: bool):
-    return lambda a, z, masked, carry: lax.fori_loop(
-        a, z, functools.partial(step, diagonal=diagonal, masked=masked), carry)
-
-  carry = by_masks(run(False), lo, full, carry)
+  carry = by_masks(_loop(step, diagonal=False), lo, full, carry)
   if causal:
-    carry = by_masks(run(True), full, steps, carry)
+    carry = by_masks(_loop(step, diagonal=True), full, steps, carry)
   return carry
 
 
@@ -1140,9 +1146,7 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
       base = h * n_q - q_lo  # step of query tile i is base + i
 
       def run_(lo, hi, mode, carry):  # query tiles [lo, hi)
-        return by_masks(lambda a, z, masked, carry: lax.fori_loop(
-            base + a, base + z, functools.partial(step, mode=mode, masked=masked), carry),
-                        lo, hi, carry)
+        return by_masks(_loop(step, base, mode=mode), lo, hi, carry)
 
       if not geo.causal:
         return run_(q_lo, q_hi, "full", carry)
