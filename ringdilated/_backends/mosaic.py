@@ -278,9 +278,10 @@ def _zeros(shape, layout) -> Array:
 
 def _load(ref, layout) -> Array:
   """All of ``ref`` in registers, laid out as ``layout`` (jax 0.10 asks for
-  the index ``()``, jax 0.12 takes none)."""
+  the index ``()``; 0.11 deprecates passing it, 0.12 takes none)."""
   _, plgpu = _modules()
-  if "idx" in inspect.signature(plgpu.load).parameters:
+  idx = inspect.signature(plgpu.load).parameters.get("idx")
+  if idx is not None and idx.default is inspect.Parameter.empty:
     return plgpu.load(ref, (), layout=layout)
   return plgpu.load(ref, layout=layout)
 
@@ -553,7 +554,7 @@ def _forward_kernel(ins, accs, scr, *, c: _Launch):
       slot = slot_of(j)
 
       def qk(ref):
-        plgpu.wgmma(ref, q_a, plgpu.transpose_ref(scr["k"].at[slot], (1, 0)))
+        plgpu.wgmma(ref, q_a, scr["k"].at[slot].transpose((1, 0)))
         _schedule(sched)
         return ref[...]
 
@@ -995,8 +996,8 @@ def _dq_kernel(ins, accs, scr, *, c: _Launch):
       with jax.named_scope("dq_wait"):
         plgpu.barrier_wait(scr["k_bar"].at[slot])
         plgpu.barrier_wait(scr["v_bar"].at[slot])
-      s, dp = _mmas((None, q_a, plgpu.transpose_ref(k_s, (1, 0)), (bq, bk)),
-                    (None, do_a, plgpu.transpose_ref(v_s, (1, 0)), (bq, bk)))
+      s, dp = _mmas((None, q_a, k_s.transpose((1, 0)), (bq, bk)),
+                    (None, do_a, v_s.transpose((1, 0)), (bq, bk)))
       plgpu.barrier_arrive(scr["v_done"].at[slot])
       vis = _visible(s.shape, diagonal=diagonal, q0=t0, k0=j * bk, rows_are_queries=True)
       p = _hide(jnp.exp2(s * c.log2_scale - lax.broadcast_in_dim(lse, s.shape, [0])),
@@ -1110,7 +1111,7 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
         return carry
       dk, dv = carry
       q_s, do_s = scr["q"].at[slot], scr["do"].at[slot]
-      s = _mma(None, k_s, plgpu.transpose_ref(q_s, (1, 0)), (bk, bq))
+      s = _mma(None, k_s, q_s.transpose((1, 0)), (bk, bq))
       q0 = tile_of(n) * bq
       vis = _visible(s.shape, diagonal=mode == "diagonal", q0=q0, k0=s0,
                      rows_are_queries=False)
@@ -1129,7 +1130,7 @@ def _dkv_kernel(ins, accs, scr, *, c: _Launch):
       # dV and dP^T together; dK alone (pairing it with dV, so the products
       # of S^T and dP^T go together, was 2% slower on the H200)
       dv, dp = _mmas((dv, p_drop.astype(c.dtype), do_s, (bk, c.d)),
-                     (None, v_s, plgpu.transpose_ref(do_s, (1, 0)), (bk, bq)))
+                     (None, v_s, do_s.transpose((1, 0)), (bk, bq)))
       plgpu.barrier_arrive(scr["do_done"].at[slot])
       if c.rate:
         dp = _hide(dp, keep, 0.0) * (1.0 / (1.0 - c.rate))
