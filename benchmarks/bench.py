@@ -332,7 +332,7 @@ def _offset_unslice(y, b: int, n: int, w: int, r: int, o: int, fill, writeback: 
 
 
 def slice_cudnn_partition(q, k, v, *, segment_lengths, dilation_rates, causal=True,
-                          writeback="pad"):
+                          writeback="pad", attend: Callable | None = None):
   """The strongest hand-written partition baseline: strided slices + cuDNN.
 
   Branch ``i`` (head group ``g_i``, the first ``H mod k`` groups one head
@@ -342,7 +342,9 @@ def slice_cudnn_partition(q, k, v, *, segment_lengths, dilation_rates, causal=Tr
   [B * N / w, w / r, g, D], write the result back (``writeback``, see
   :func:`_offset_unslice`; default ``"pad"``: one pad per branch whose
   backward is a slice, where ``"set"`` also reads and writes a zeros buffer),
-  concatenate the groups. Gradients are exact.
+  concatenate the groups. Gradients are exact. ``attend(q, k, v,
+  is_causal=...)`` replaces cuDNN's call (``bench_competitors.py``: the same
+  baseline on another library's kernel).
   """
   b, n, h, d = q.shape
   hkv = k.shape[2]
@@ -357,7 +359,8 @@ def slice_cudnn_partition(q, k, v, *, segment_lengths, dilation_rates, causal=Tr
     else:
       ks, vs = (jnp.repeat(x, g, axis=2)[:, :, s:e] for x in (k, v))
     qb, kb, vb = (_offset_slice(x, w, r, o) for x in (q[:, :, s:e], ks, vs))
-    ob = jax.nn.dot_product_attention(qb, kb, vb, is_causal=causal, implementation=CUDNN)
+    ob = (attend(qb, kb, vb, is_causal=causal) if attend else
+          jax.nn.dot_product_attention(qb, kb, vb, is_causal=causal, implementation=CUDNN))
     outs.append(_offset_unslice(ob, b, n, w, r, o, 0, writeback))
   return jnp.concatenate(outs, axis=2)
 

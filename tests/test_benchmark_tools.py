@@ -22,6 +22,10 @@ first; a record holds the compiled peak and bytes sent, or the error.
 name (own or visiting chunks, per-kv-head documents) and compare like with
 like.
 
+``benchmarks/bench_competitors.py``: each implementation gets the same
+documents in its own form, and its check against float32 attention fails
+one that does not.
+
 ``benchmarks/bench.py``: records of earlier runs stay; the SM clock and
 power-cap share sampled while a case runs come from what nvidia-smi printed,
 its mean power from the energy counter.
@@ -443,3 +447,30 @@ def test_packed_document_baselines_compute_what_ours_does(monkeypatch):
   per_doc = bench.cudnn_per_doc(q, k, v, doc=128)
   np.testing.assert_allclose(per_doc, bench.cudnn_packed(q, k, v, *bench._packed_layout(128)(n)),
                              atol=2e-5)
+
+
+def test_competitors_check_catches_an_implementation_given_other_documents(monkeypatch):
+  """``bench_competitors.py``: every implementation of a documents group
+  gets the same documents in its own form (segment ids, cuDNN's offsets,
+  tokamax's ``k_start``), so its check against float32 attention passes;
+  with ``k_start`` of one document instead (no boundary) the check fails
+  that one. The partition baseline on another kernel (``attend``) computes
+  what the cuDNN one does. On CPU XLA stands in for cuDNN and tokamax."""
+  bc = _module("bench_competitors")
+  for name, value in (("CUDNN", None), ("SCALE", 128), ("H", 4), ("D", 16)):
+    monkeypatch.setattr(bc.bench, name, value)
+  device = jax.devices()[0]
+  for group in ("docs8k", "docsvar"):
+    errors = bc.check(group, device)
+    assert set(errors) == {"cudnn_packed", "ours", "tokamax"}
+    assert all(e < bc.TOLERANCE for e in errors.values()), errors
+  monkeypatch.setattr(bc, "doc_starts", lambda n, doc: np.zeros((1, n), np.int32))
+  errors = bc.check("docs8k", device)
+  assert errors["tokamax"] > 10 * bc.TOLERANCE and errors["ours"] < bc.TOLERANCE, errors
+  n, h, d = 512, 4, 16
+  q, k, v = (jax.random.normal(key, (1, n, h, d)) for key in jax.random.split(
+      jax.random.key(1), 3))
+  cfg = dict(segment_lengths=(64, 128), dilation_rates=(1, 2))
+  np.testing.assert_allclose(
+      bc.bench.slice_cudnn_partition(q, k, v, attend=bc.tokamax_attend, **cfg),
+      bc.bench.slice_cudnn_partition(q, k, v, **cfg), atol=1e-6)
