@@ -22,9 +22,11 @@ is its energy per step divided by the cap. Where ``nvidia-smi`` exists, it
 samples the SM clock and the clock's limiting reasons every 20 ms while a
 case's forward+backward runs: each record keeps the clock's median
 (``sm_clock_mhz``) and the share of samples the software power cap held
-(``power_capped``); where NVML's library loads, the GPU's energy counter
-gives the mean power over those runs (``power_w``; ``nvidia-smi``'s
-``power.draw`` is a one-second average, too slow for runs of 0.4 s).
+(``power_capped``); where NVML's library loads and the runs last at least
+:data:`POWER_WINDOW_S`, the GPU's energy counter gives their mean power
+(``power_w``; over shorter runs it read 118-789 W against the 700 W cap in
+sessions 17-32, so no figure is kept for them; ``nvidia-smi``'s
+``power.draw`` is a one-second average).
 
 Runtime memory: the device's ``peak_bytes_in_use`` is a high-water mark of
 the whole process (JAX cannot reset it). Each record keeps it before and
@@ -547,13 +549,17 @@ def nvml_energy(index: int) -> Callable[[], float] | None:
   return read
 
 
+POWER_WINDOW_S = 2.0  # shortest run whose mean power the energy counter gives
+
+
 @contextlib.contextmanager
-def sampled_clocks(device, rec: dict):
+def sampled_clocks(device, rec: dict, power_window_s: float = POWER_WINDOW_S):
   """Records in ``rec`` what the GPU ``device`` ran at while the block
   runs: :func:`clock_medians` of ``nvidia-smi`` samples every 20 ms (its
   GPU index taken as the device's id: CUDA's and nvidia-smi's orders agree
   on a host of equal GPUs), and the mean power ``power_w`` from
-  :func:`nvml_energy`'s counter. Nothing where neither exists (CPU)."""
+  :func:`nvml_energy`'s counter if the block ran ``power_window_s`` or
+  longer. Nothing where neither exists (CPU)."""
   if device.platform != "gpu":
     yield
     return
@@ -566,8 +572,9 @@ def sampled_clocks(device, rec: dict):
     try:
       yield
     finally:
-      if start:
-        rec["power_w"] = (energy() - start[0]) / 1e3 / (time.perf_counter() - start[1])
+      seconds = start and time.perf_counter() - start[1]
+      if start and seconds >= power_window_s:
+        rec["power_w"] = (energy() - start[0]) / 1e3 / seconds
       if proc:
         proc.terminate()
         proc.wait()

@@ -65,7 +65,9 @@ def main(argv=None) -> int:
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--head-dim", type=int, default=128)
   p.add_argument("--kept", default="512,1024,2048,4096,8192")
-  p.add_argument("--seconds", type=float, default=1.0)
+  p.add_argument("--seconds", type=float, default=3.0,
+                 help="of each loop (aimed; no mean power where a loop runs under "
+                 "bench.POWER_WINDOW_S)")
   p.add_argument("--json")
   args = p.parse_args(argv)
 

@@ -320,8 +320,9 @@ def test_sampled_clocks_record_the_samples_taken_while_the_block_runs(tmp_path, 
   """With a stand-in ``nvidia-smi`` on PATH (it prints two samples of the
   GPU it was asked for, then waits to be stopped) and a stand-in energy
   counter (700 mJ over the block) the record gets the clock's median, the
-  share of samples under the power cap and the mean power; on CPU devices
-  nothing is sampled."""
+  share of samples under the power cap and the mean power, but no power
+  from a block shorter than the counter's window; on CPU devices nothing is
+  sampled."""
   bench = _module("bench")
   smi = tmp_path / "nvidia-smi"
   smi.write_text('#!/bin/sh\n[ "$2" = 3 ] || exit 1\necho "1500, 0x4"\necho "1700, 0x0"\n'
@@ -331,13 +332,19 @@ def test_sampled_clocks_record_the_samples_taken_while_the_block_runs(tmp_path, 
   counter = iter([5000.0, 5700.0])
   monkeypatch.setattr(bench, "nvml_energy", lambda index: (lambda: next(counter))
                       if index == 3 else None)
+  gpu = types.SimpleNamespace(platform="gpu", id=3)
   rec = {}
   t0 = time.perf_counter()
-  with bench.sampled_clocks(types.SimpleNamespace(platform="gpu", id=3), rec):
+  with bench.sampled_clocks(gpu, rec, power_window_s=0.5):
     time.sleep(1.0)  # (the stand-in prints at once)
   elapsed = time.perf_counter() - t0
   assert rec.pop("power_w") == pytest.approx(0.7 / elapsed, rel=0.1)
   assert rec == dict(sm_clock_mhz=1600.0, power_capped=0.5)
+  counter = iter([5000.0, 5700.0])
+  short = {}
+  with bench.sampled_clocks(gpu, short, power_window_s=5.0):
+    time.sleep(1.0)
+  assert short == dict(sm_clock_mhz=1600.0, power_capped=0.5)
   cpu = {}
   with bench.sampled_clocks(jax.devices()[0], cpu):
     pass
