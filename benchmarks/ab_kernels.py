@@ -10,9 +10,10 @@ turn, round after round, so clock and temperature drift fall on all::
   python benchmarks/ab_kernels.py --base ab_base_mosaic.py [--base ab_variant.py] \\
       --n 262144 --cases unmasked,docs64k,docs8k
 
-``--module`` names the module the files replace (default
-``ringdilated._backends.mosaic``; its ``forward`` and ``backward`` are
-swapped while a version's program is traced). Cases are those of
+``--forward`` times the forward alone (a change to the forward kernel,
+undiluted by the backward's time). ``--module`` names the module the files
+replace (default ``ringdilated._backends.mosaic``; its ``forward`` and
+``backward`` are swapped while a version's program is traced). Cases are those of
 ``profile_kernels.py``. Prints per case and version the median of each
 round, the ratio to the first ``--base`` and the compiled program's peak.
 Versions whose programs lower to the same text (without locations; the
@@ -52,13 +53,15 @@ def load_base(path: str, module: str):
   return base
 
 
-def lower_with(target, source, impl, args):
-  """``fwd_bwd(*args)`` lowered while ``target``'s forward and backward are
-  ``source``'s."""
+def lower_with(target, source, impl, args, forward: bool = False):
+  """``fwd_bwd(*args)`` (``forward``: the forward alone, ``dout`` unused)
+  lowered while ``target``'s forward and backward are ``source``'s."""
   saved = target.forward, target.backward
   target.forward, target.backward = source.forward, source.backward
+  program = (jax.jit(lambda q, k, v, dout, *extra: impl(q, k, v, *extra)) if forward
+             else bench.fwd_bwd(impl))
   try:
-    return bench.fwd_bwd(impl).lower(*args)
+    return program.lower(*args)
   finally:
     target.forward, target.backward = saved
 
@@ -81,6 +84,7 @@ def main(argv=None) -> int:
                  help=f"comma-separated: {', '.join(profile_kernels.CASES)}")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--iters", type=int, default=8)
+  p.add_argument("--forward", action="store_true", help="time the forward alone")
   p.add_argument("--smoke", action="store_true", help="bench.py's tiny sizes (CPU)")
   args = p.parse_args(argv)
   bench._configure(args.smoke)  # pylint: disable=protected-access
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
     inputs = (q, k, v, dout, *extra)
     compiled, names = {}, {}  # digest -> program, version names
     for name, mod in versions.items():
-      lowered = lower_with(target, mod, impl, inputs)
+      lowered = lower_with(target, mod, impl, inputs, args.forward)
       digest = _digest(lowered)
       if digest not in compiled:
         compiled[digest] = lowered.compile()

@@ -58,6 +58,9 @@ CASES = {
     "dense_docsvar": _dense(bench.ours_docs, bench._documents(None)),  # bench.doc_lengths
     "cudnn_dense": lambda mode: (bench.cudnn_dense, None),
     "mosaic_dense": _dense(functools.partial(bench.ours, backend="mosaic")),
+    # segments of 2048 at rate 1, every head: LongNet partition's rate-1 work
+    "seg2048": lambda mode: (functools.partial(bench.ours, segment_lengths=(2048,),
+                                               dilation_rates=(1,), backend="mosaic"), None),
 }
 
 
