@@ -202,15 +202,20 @@ def _packed_ids(offsets, n: int):
   return jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(n), side="right"))(starts)
 
 
+def same_document(ids):
+  """[B, 1, N, N] bool: query ``i`` and key ``j`` share a document of the
+  segment ids ``ids`` [B, N] (the dense mask of the XLA stand-ins and oracles)."""
+  return ids[:, None, :, None] == ids[:, None, None, :]
+
+
 def cudnn_packed(q, k, v, seqlen, offsets):
   """cuDNN's packed layout: documents given by their lengths ``seqlen`` [B, M]
   and first tokens ``offsets`` [B, M + 1], causal inside each; no tile of two
   documents is computed. jax exposes it only in its internal cuDNN module.
   With ``--smoke`` (no cuDNN): XLA with the same mask built densely."""
   if CUDNN is None:
-    ids = _packed_ids(offsets, q.shape[1])
-    same = ids[:, None, :, None] == ids[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=same_document(_packed_ids(offsets, q.shape[1])), is_causal=True)
   from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=g-import-not-at-top
   return fa.dot_product_attention(
       q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
@@ -572,8 +577,7 @@ def sampled_clocks(device, rec: dict, power_window_s: float = POWER_WINDOW_S):
     try:
       yield
     finally:
-      seconds = start and time.perf_counter() - start[1]
-      if start and seconds >= power_window_s:
+      if start and (seconds := time.perf_counter() - start[1]) >= power_window_s:
         rec["power_w"] = (energy() - start[0]) / 1e3 / seconds
       if proc:
         proc.terminate()

@@ -143,10 +143,6 @@ def _k_start_mask(k_start, n: int):
   return (jnp.arange(n)[None, None, None, :] >= k_start[:, None, :, None])
 
 
-def _docs_mask(ids):
-  return ids[:, None, :, None] == ids[:, None, None, :]
-
-
 def _ours_backend() -> str:
   """The Hopper kernels; XLA with ``--smoke`` (no GPU)."""
   return "xla" if bench.CUDNN is None else "mosaic"
@@ -181,7 +177,7 @@ def _group(name: str, small: bool, tuned: tuple | None = None):
                  bench._documents(doc)),  # pylint: disable=protected-access
         "tokamax": (lambda q, k, v, s: tokamax_attend(q, k, v, k_start=s),
                     lambda n: (doc_starts(n, doc),)),
-    }, bench.packed_flops(n, doc), (bench._documents(doc), _docs_mask)  # pylint: disable=protected-access
+    }, bench.packed_flops(n, doc), (bench._documents(doc), bench.same_document)  # pylint: disable=protected-access
   if name == "partition":
     n = 1048576 // bench.SCALE
     cfg = dict(bench.LONGNET)
